@@ -1,0 +1,64 @@
+"""The ``pytest-repro`` command: print this machine's manifest, or diff two manifests."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _load(path: str) -> dict[str, Any]:
+    """Load a manifest from YAML/JSON, or the manifest.yaml inside a reference folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "manifest.yaml"
+    data = yaml.safe_load(p.read_text(encoding="utf-8"))  # JSON is YAML too
+    if not isinstance(data, dict):
+        raise SystemExit(f"pytest-repro: {p} does not hold a manifest (a mapping)")
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (diff: 1 when numeric drift was found)."""
+    parser = argparse.ArgumentParser(prog="pytest-repro", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("manifest", help="print this machine's environment manifest (YAML)")
+    m.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    d = sub.add_parser("diff", help="classified drift between two manifests (files or reference folders)")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
+    args = parser.parse_args(argv)
+
+    if args.command == "manifest":
+        from .manifest import collect_manifest
+
+        manifest = collect_manifest()
+        if args.json:
+            print(json.dumps(manifest, sort_keys=True, indent=2))
+        else:
+            print(yaml.safe_dump(manifest, sort_keys=True), end="")
+        return 0
+
+    from .manifest import diff_manifests
+
+    drifts = diff_manifests(_load(args.a), _load(args.b))
+    numeric = any(x.category == "numeric" for x in drifts)
+    if args.json:
+        rows = [{"path": x.path, "old": x.old, "new": x.new, "category": x.category} for x in drifts]
+        print(json.dumps({"numeric_drift": numeric, "changes": rows}, sort_keys=True, indent=2, default=str))
+    elif not drifts:
+        print("no drift: the manifests are identical")
+    else:
+        for x in drifts:
+            print(x.describe())
+        print(f"{len(drifts)} change(s); numeric drift: {'yes' if numeric else 'no'}")
+    return 1 if numeric else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""The ``repro`` fixture's work: run a job N times, compare run-to-run and with the reference, regenerate."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .compare import Comparison, compare_records
+from .record import CorruptRecordError, Record, first_non_finite, load_record
+from .runner import MANIFEST_FILE, JobRef, JobReferenceError, Runner, RunOutcome, RunSpec
+from .seeding import derive_seed
+from .settings import Settings
+from .storage import MissingReferenceError, Reference, load_reference, reference_path, write_reference
+
+
+@dataclass
+class CheckOutcome:
+    """What one ``repro.check`` concluded, for the terminal summary."""
+
+    nodeid: str
+    name: str | None
+    verdict: str  # passed, diverged, differs, written, unchanged, missing, corrupt, error, timeout, non-finite
+    path: Path | None = None
+    detail: str = ""
+    seconds: list[float] = field(default_factory=list)
+
+
+class ReproSession:
+    """Session-wide state: the runner (warm workers), the outcomes, and a scratch folder."""
+
+    def __init__(self, settings: Settings, rootdir: Path, invocation: list[str]) -> None:
+        self.settings = settings
+        self.rootdir = rootdir
+        self.invocation = invocation
+        self.scratch = Path(tempfile.mkdtemp(prefix="pytest-repro-"))
+        self.runner = Runner(settings.isolation, self.scratch)
+        self.outcomes: list[CheckOutcome] = []
+        self._counter = 0
+
+    def warm_up(self) -> None:
+        """Start the default worker now so that its imports overlap with collection."""
+        self.runner.warm_up(self.settings.deterministic, self.settings.base_seed)
+
+    def next_workdir(self, label: str) -> Path:
+        """Return a fresh scratch folder for one run."""
+        self._counter += 1
+        path = self.scratch / f"{self._counter:04d}-{label}"
+        path.mkdir(parents=True)
+        return path
+
+    def close(self) -> None:
+        """Stop workers and remove scratch files."""
+        self.runner.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def resolve_device(requested: str) -> str:
+    """Turn 'auto' into cuda or cpu; fail clearly when CUDA is asked for but absent."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        raise pytest.UsageError(
+            f"--repro-device={requested} was requested but CUDA is not available on this machine "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+            "Fix the runner's GPU setup, or use --repro-device=cpu."
+        )
+    return requested
+
+
+def _regen_command(nodeid: str, mode: str = "") -> str:
+    flag = "--repro-regen" + (f"={mode}" if mode else "")
+    return f"pytest --repro {flag} {shlex.quote(nodeid)}"
+
+
+def _fail(message: str) -> None:
+    pytest.fail(message, pytrace=False)
+
+
+class Repro:
+    """The ``repro`` fixture: run a job reproducibly and check it against its reference."""
+
+    def __init__(self, session: ReproSession, settings: Settings, nodeid: str, test_path: Path) -> None:
+        self._session = session
+        self._settings = settings
+        self._nodeid = nodeid
+        self._test_dir = test_path.parent
+        self._names: set[str | None] = set()
+        self._device: str | None = None
+        self._run1_manifest: dict[str, Any] = {}
+        self.records: list[Record] = []
+
+    @property
+    def seed(self) -> int:
+        """The seed this test's runs use: the marker's seed, or one derived from the base seed and node id."""
+        s = self._settings
+        return s.seed if s.seed is not None else derive_seed(s.base_seed, self._nodeid)
+
+    @property
+    def device(self) -> str:
+        """The device the runs use (cuda when available and not overridden, else cpu)."""
+        if self._device is None:
+            self._device = resolve_device(self._settings.device)
+        return self._device
+
+    @property
+    def settings(self) -> Settings:
+        """The effective settings for this test."""
+        return self._settings
+
+    def reference_dir(self, name: str | None = None) -> Path:
+        """Return where this test's reference (for the check called ``name``) lives."""
+        return reference_path(self._settings.reference_dir, self._nodeid, name)
+
+    def _load_config(self, config: str | Path | Mapping[str, Any] | None) -> tuple[dict[str, Any], str | None]:
+        if config is None:
+            return {}, None
+        if isinstance(config, Mapping):
+            data = dict(config)
+            try:
+                json.dumps(data)
+            except (TypeError, ValueError) as exc:
+                raise pytest.UsageError(f"{self._nodeid}: config must be JSON-serializable ({exc})") from None
+            return data, None
+        path = Path(config)
+        candidates = [path] if path.is_absolute() else [self._session.rootdir / path, self._test_dir / path]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            tried = ", ".join(str(p) for p in candidates)
+            _fail(f"config file {str(config)!r} not found (looked in: {tried})")
+            raise AssertionError  # unreachable: pytest.fail raises
+        try:
+            data = yaml.safe_load(found.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            _fail(f"config file {found} is not valid YAML: {exc}")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            _fail(f"config file {found} must hold a YAML mapping, got {type(data).__name__}")
+        return data, str(found.parent)
+
+    def check(
+        self,
+        job: Callable[..., Any] | str,
+        config: str | Path | Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> Record:
+        """Run ``job`` N times in fresh seeded processes, compare the runs and the reference; return run 1's record."""
+        if name in self._names:
+            raise pytest.UsageError(
+                f"{self._nodeid}: repro.check called twice with name={name!r}; give each check its own name="
+            )
+        self._names.add(name)
+        s = self._settings
+        try:
+            ref = JobRef.from_callable(job)
+        except JobReferenceError as exc:
+            raise pytest.UsageError(f"{self._nodeid}: {exc}") from None
+        cfg, config_dir = self._load_config(config)
+        outcome = CheckOutcome(self._nodeid, name, "passed", self.reference_dir(name))
+        self._session.outcomes.append(outcome)
+        records = self._run_all(ref, cfg, config_dir, outcome)
+        self.records = records
+        self._check_run_to_run(records, outcome)
+        self._check_reference(records[0], cfg, ref, outcome)
+        return records[0]
+
+    def _run_all(self, ref: JobRef, cfg: dict[str, Any], config_dir: str | None, outcome: CheckOutcome) -> list[Record]:
+        s = self._settings
+        records: list[Record] = []
+        for i in range(s.runs):
+            spec = RunSpec(
+                job=ref, config=cfg, seed=self.seed, device=self.device, deterministic=s.deterministic,
+                run_index=i, workdir=str(self._session.next_workdir(f"run{i + 1}")),
+                cwd=str(self._session.rootdir), sys_path=tuple(sys.path), manifest=(i == 0),
+                config_dir=config_dir,
+            )
+            result = self._session.runner.run(spec, s.timeout, s.base_seed)
+            outcome.seconds.append(result.wall_s)
+            records.append(self._record_of(result, i + 1, outcome))
+            if i == 0:
+                self._run1_manifest = self._read_manifest(result.workdir)
+        return records
+
+    def _record_of(self, result: RunOutcome, run: int, outcome: CheckOutcome) -> Record:
+        if result.status != "ok":
+            outcome.verdict = "timeout" if result.status == "timeout" else "error"
+            log = f"\n--- output of run {run} (last lines) ---\n{result.log_tail}" if result.log_tail.strip() else ""
+            if result.status == "timeout":
+                outcome.detail = f"run {run} timed out"
+                _fail(
+                    f"run {run} of {self._nodeid} was {result.detail} and was killed.{log}\n"
+                    "Fix: find why the job hangs, or raise the limit with "
+                    "@pytest.mark.reproducible(timeout=SECONDS), ini repro_timeout or --repro-timeout."
+                )
+            what = "raised an exception" if result.status == "error" else "crashed"
+            outcome.detail = f"run {run} {what}"
+            _fail(
+                f"run {run} of {self._nodeid}: the job {what} in its process:\n{result.detail}{log}\n"
+                "Fix the job (the traceback above is from the job's own process), then rerun: "
+                f"pytest --repro {shlex.quote(self._nodeid)}"
+            )
+        try:
+            record = load_record(result.record_dir)
+        except (CorruptRecordError, FileNotFoundError) as exc:
+            outcome.verdict = "error"
+            _fail(f"run {run} of {self._nodeid} wrote an unreadable record: {exc}")
+            raise AssertionError from exc  # unreachable
+        bad = first_non_finite(record.losses)
+        if bad is not None:
+            outcome.verdict = "non-finite"
+            outcome.detail = f"run {run}: loss {record.losses[bad]} at step {bad}"
+            shown = ", ".join(f"{v:.6g}" for v in record.losses[max(0, bad - 3) : bad + 1])
+            _fail(
+                f"run {run} of {self._nodeid}: the loss is {record.losses[bad]} at step {bad} "
+                f"(first non-finite step; steps {max(0, bad - 3)}..{bad}: {shown}). "
+                "No reference was compared or written.\n"
+                "Fix: lower the learning rate, check the data and loss for division by zero or log(0), "
+                "or use a higher-precision dtype; then rerun: "
+                f"pytest --repro {shlex.quote(self._nodeid)}"
+            )
+        return record
+
+    def _check_run_to_run(self, records: list[Record], outcome: CheckOutcome) -> None:
+        first = records[0]
+        for k, other in enumerate(records[1:], start=2):
+            cmp = compare_records(first, other, self._settings.tolerance)
+            if not cmp.ok:
+                outcome.verdict = "diverged"
+                outcome.detail = _headline(cmp, f"runs 1 and {k} diverge")
+                _fail(
+                    f"{self._nodeid} is not reproducible run-to-run: {outcome.detail}\n"
+                    f"{cmp.describe('run 1', f'run {k}')}\n"
+                    f"Both runs used seed {self.seed} on {self.device} "
+                    f"(deterministic={self._settings.deterministic}); nothing was compared with the reference.\n"
+                    "Fix: draw every random number from the seeded sources (ctx.seed, ctx.rng, ctx.generator()), "
+                    "keep determinism on (ini repro_deterministic = true), or loosen the tolerance with "
+                    "@pytest.mark.reproducible(tolerance=...)."
+                )
+
+    def _provenance(self, cfg: dict[str, Any], ref: JobRef, record: Record) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "recorded_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            "plugin_version": __version__,
+            "test": self._nodeid,
+            "job": ref.name,
+            "seed": self.seed,
+            "base_seed": self._settings.base_seed,
+            "device": self.device,
+            "deterministic": self._settings.deterministic,
+            "runs": self._settings.runs,
+            "config": cfg,
+            "command": " ".join(shlex.quote(a) for a in self._session.invocation),
+            "wall_s": record.meta.get("wall_s"),
+        }
+
+    @staticmethod
+    def _read_manifest(workdir: Path) -> dict[str, Any]:
+        path = workdir / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _check_reference(self, record: Record, cfg: dict[str, Any], ref: JobRef, outcome: CheckOutcome) -> None:
+        path = outcome.path
+        assert path is not None
+        regen = self._settings.regen
+        run1_manifest = self._run1_manifest
+        try:
+            stored: Reference | None = load_reference(path)
+        except MissingReferenceError:
+            stored = None
+        except CorruptRecordError as exc:
+            if regen == "all":
+                stored = None
+            else:
+                outcome.verdict = "corrupt"
+                outcome.detail = str(exc)
+                _fail(
+                    f"the reference for {self._nodeid} is corrupt and was not used: {exc}\n"
+                    "It was left untouched. Inspect it (git diff / git checkout), or rewrite it with: "
+                    f"{_regen_command(self._nodeid)}"
+                )
+                return
+        if stored is None:
+            if regen in ("all", "missing"):
+                write_reference(path, record, run1_manifest, self._provenance(cfg, ref, record))
+                outcome.verdict = "written"
+                return
+            outcome.verdict = "missing"
+            _fail(
+                f"no reference for {self._nodeid}: expected one at {self._relative(path)}\n"
+                f"Record it (after checking that the job is right) with: {_regen_command(self._nodeid, 'missing')}"
+            )
+            return
+        cmp = compare_records(stored.record, record, self._settings.tolerance)
+        if cmp.ok:
+            outcome.verdict = "unchanged" if regen == "all" else "passed"
+            return
+        if regen == "all":
+            write_reference(path, record, run1_manifest, self._provenance(cfg, ref, record))
+            outcome.verdict = "written"
+            outcome.detail = _headline(cmp, "reference updated")
+            return
+        outcome.verdict = "differs"
+        outcome.detail = _headline(cmp, "differs from the reference")
+        _fail(
+            f"{self._nodeid} differs from its reference {self._relative(path)}:\n"
+            f"{cmp.describe('reference', 'this run')}\n"
+            f"{_context(stored, record, run1_manifest)}"
+            "If the change is intended, regenerate the reference with: "
+            f"{_regen_command(self._nodeid)}"
+        )
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self._session.rootdir))
+        except ValueError:
+            return str(path)
+
+
+def _headline(cmp: Comparison, prefix: str) -> str:
+    d = cmp.differences[0]
+    if d.section == "losses" and d.kind == "value":
+        return f"{prefix} at step {d.step}"
+    where = d.section if d.key is None else f"{d.section}[{d.key!r}]"
+    return f"{prefix} in {where}"
+
+
+def _context(stored: Reference, record: Record, manifest: dict[str, Any]) -> str:
+    """Explain what else differs between the reference's run and this one: settings, then environment."""
+    lines: list[str] = []
+    for key in ("seed", "device", "deterministic", "dtype"):
+        old, new = stored.record.meta.get(key), record.meta.get(key)
+        if old != new:
+            lines.append(f"  {key}: reference {old!r}, this run {new!r}")
+    if stored.manifest and manifest:
+        from .manifest import diff_manifests
+
+        drift = [d for d in diff_manifests(stored.manifest, manifest) if d.category != "cosmetic"]
+        lines += ["  " + d.describe() for d in drift[:12]]
+        if len(drift) > 12:
+            lines.append(f"  … and {len(drift) - 12} more environment changes")
+    if not lines:
+        return "Same seed, device, determinism and environment as the reference: the code or data changed.\n"
+    return "What else changed since the reference was recorded:\n" + "\n".join(lines) + "\n"

@@ -1,0 +1,38 @@
+"""Built-in jobs. Each is a light top-level function; the heavy work is imported inside the job's process."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..runner import JobContext
+
+__all__ = ["lora_finetune", "lora_finetune_trainer", "record_from_trainer"]
+
+
+def lora_finetune(ctx: JobContext) -> dict[str, Any]:
+    """Fine-tune a tiny Llama-style model with LoRA (plain loop); config: see fixtures/tiny_lora.yaml."""
+    from .lora import run
+
+    return run(ctx)
+
+
+def lora_finetune_trainer(ctx: JobContext) -> dict[str, Any]:
+    """The same LoRA fine-tune, trained by transformers.Trainer; same config as lora_finetune."""
+    from .trainer import run
+
+    return run(ctx)
+
+
+def record_from_trainer(trainer: Any, adapter_only: bool = True) -> dict[str, Any]:
+    """Return losses (per logged step), weights and eval metrics of a finished Trainer as a job result."""
+    from .trainer import record_from_trainer as build
+
+    return build(trainer, adapter_only=adapter_only)
+
+
+# Modules the warm worker imports once before forking runs of these jobs.
+lora_finetune.__repro_preload__ = ("transformers", "peft", "tokenizers")  # type: ignore[attr-defined]
+lora_finetune_trainer.__repro_preload__ = (  # type: ignore[attr-defined]
+    "transformers", "peft", "tokenizers", "transformers.trainer",
+)

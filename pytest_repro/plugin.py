@@ -1,0 +1,146 @@
+"""pytest hooks only: options, the ``reproducible`` marker, the ``repro`` fixture, and the summary.
+
+Nothing heavy is imported here: torch and friends load only when a reproducible test runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .settings import INI_OPTIONS, MARKER, SettingsError
+
+if TYPE_CHECKING:
+    from .harness import Repro, ReproSession
+
+session_key = pytest.StashKey["ReproSession"]()
+_CLI = ("repro_runs", "repro_seed", "repro_device", "repro_deterministic", "repro_timeout", "repro_isolation")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("repro", "reproducibility (pytest-repro)")
+    group.addoption("--repro", action="store_true", default=False,
+                    help="run tests marked @pytest.mark.reproducible (skipped otherwise)")
+    # No argparse choices: pytest's early parse would reject `--repro-regen tests/` before we can fix the args.
+    group.addoption("--repro-regen", nargs="?", const="all", default=None, metavar="all|missing",
+                    help="write references: all (default) rewrites changed ones, missing writes only absent ones")
+    group.addoption("--repro-regen-force", action="store_true", default=False,
+                    help="allow --repro-regen when the CI environment variable is set")
+    group.addoption("--repro-runs", default=None, help="runs per test (ini repro_runs)")
+    group.addoption("--repro-seed", default=None, help="base seed (ini repro_seed)")
+    group.addoption("--repro-device", default=None, help="auto, cpu, cuda or cuda:N (ini repro_device)")
+    group.addoption("--repro-deterministic", default=None, choices=("true", "false"),
+                    help="torch deterministic mode (ini repro_deterministic)")
+    group.addoption("--repro-timeout", default=None, help="seconds per run before it is killed (ini repro_timeout)")
+    group.addoption("--repro-isolation", default=None, choices=("auto", "fork", "spawn"),
+                    help="fork: warm worker forks a child per run; spawn: fresh interpreter per run")
+    for name, (help_text, default) in INI_OPTIONS.items():
+        parser.addini(name, help_text, default=default)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    # ``--repro-regen`` takes an optional value; keep it from swallowing a following test path.
+    for i, arg in enumerate(args):
+        if arg == "--repro-regen" and (i + 1 == len(args) or args[i + 1] not in ("all", "missing")):
+            args[i] = "--repro-regen=all"
+
+
+def _ci_is_set() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(tolerance=..., runs=N, seed=S, deterministic=True, timeout=SECONDS, device=...): "
+        "a reproducibility test, run with --repro (see pytest-repro's README)",
+    )
+    regen = config.getoption("repro_regen")
+    if regen not in (None, "all", "missing"):
+        raise pytest.UsageError(f"--repro-regen={regen}: expected all or missing (e.g. --repro-regen=missing)")
+    if not (config.getoption("repro") or regen):
+        return
+    if regen and _ci_is_set() and not config.getoption("repro_regen_force"):
+        raise pytest.UsageError(
+            "pytest-repro refuses to regenerate references because the CI environment variable is set "
+            f"(CI={os.environ.get('CI')!r}): references must change in a reviewed commit, not in a CI run. "
+            "Regenerate locally with `pytest --repro --repro-regen`, or add --repro-regen-force to do it here anyway."
+        )
+    from .harness import ReproSession
+    from .settings import base_settings
+
+    ini = {name: config.getini(name) for name in INI_OPTIONS}
+    cli = {name: config.getoption(name) for name in _CLI}
+    cli["repro_regen"] = regen
+    try:
+        settings = base_settings(ini, cli, Path(config.rootpath))
+    except SettingsError as exc:
+        raise pytest.UsageError(f"pytest-repro: {exc}") from None
+    config.stash[session_key] = ReproSession(settings, Path(config.rootpath), ["pytest", *sys.argv[1:]])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if session_key in config.stash:
+        return
+    skip = pytest.mark.skip(reason=f"reproducibility test: run with `pytest --repro` (marked @pytest.mark.{MARKER})")
+    for item in items:
+        if item.get_closest_marker(MARKER) is not None:
+            item.add_marker(skip)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    repro = session.config.stash.get(session_key, None)
+    if repro is None or session.config.option.collectonly:
+        return
+    if any(item.get_closest_marker(MARKER) is not None for item in session.items):
+        repro.warm_up()
+
+
+@pytest.fixture
+def repro(request: pytest.FixtureRequest) -> Repro:
+    """Run a training job reproducibly and check it against its stored reference.
+
+    Example::
+
+        @pytest.mark.reproducible(tolerance={"metrics": {"accuracy": {"atol": 0.01}}})
+        def test_training(repro):
+            result = repro.check(train, config={"lr": 1e-3, "steps": 8})
+            assert result.metrics["accuracy"] > 0.5
+    """
+    from .harness import Repro
+    from .settings import apply_marker
+
+    marker = request.node.get_closest_marker(MARKER)
+    if marker is None:
+        pytest.fail(f"the repro fixture needs the marker: decorate the test with @pytest.mark.{MARKER}",
+                    pytrace=False)
+    session = request.config.stash.get(session_key, None)
+    if session is None:
+        pytest.skip("reproducibility test: run with `pytest --repro`")
+    cli = {name: request.config.getoption(name) for name in _CLI}
+    try:
+        settings = apply_marker(session.settings, dict(marker.kwargs), cli, tuple(marker.args))
+    except SettingsError as exc:
+        pytest.fail(f"{request.node.nodeid}: {exc}", pytrace=False)
+    return Repro(session, settings, request.node.nodeid, Path(request.node.path))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    session = config.stash.get(session_key, None)
+    if session is None:
+        return
+    from .report import write_summary
+
+    write_summary(terminalreporter, session.outcomes, session.rootdir)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    session = config.stash.get(session_key, None)
+    if session is not None:
+        session.close()
+        del config.stash[session_key]

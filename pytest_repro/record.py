@@ -1,0 +1,222 @@
+"""The run record (losses, weights, metrics, outputs, meta) and its pickle-free on-disk form."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+RECORD_FILE = "record.json"
+TENSOR_SECTIONS = ("weights", "outputs")
+RECORD_SCHEMA = 1
+JOB_KEYS = ("losses", "weights", "metrics", "outputs")
+
+
+class RecordError(ValueError):
+    """A job result or a stored record that is malformed."""
+
+
+class CorruptRecordError(RecordError):
+    """A stored record whose files are unreadable, truncated or do not match their checksums."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
+
+
+@dataclass
+class Record:
+    """What one run of a job produced."""
+
+    losses: list[float] = field(default_factory=list)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int | None:
+        """The seed the run used."""
+        return self.meta.get("seed")
+
+    @property
+    def device(self) -> str | None:
+        """The device the run used."""
+        return self.meta.get("device")
+
+
+def _as_float(value: Any, where: str) -> float:
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    if not isinstance(value, Mapping):
+        raise RecordError(f"{where}: expected a mapping of name -> tensor, got {type(value).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in value.items():
+        if not isinstance(name, str):
+            raise RecordError(f"{where}: keys must be strings, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            try:
+                tensor = torch.as_tensor(tensor)
+            except Exception as exc:  # noqa: BLE001 - report any conversion failure the same way
+                raise RecordError(f"{where}[{name!r}]: expected a tensor, got {type(tensor).__name__}") from exc
+        out[name] = tensor.detach().to("cpu").contiguous()
+    return out
+
+
+def normalize_result(result: Any, meta: Mapping[str, Any]) -> Record:
+    """Turn a job's returned dict into a Record, with a clear error for anything malformed."""
+    if not isinstance(result, Mapping):
+        raise RecordError(
+            f"a job must return a dict with keys {', '.join(JOB_KEYS)}; got {type(result).__name__}"
+        )
+    unknown = sorted(set(result) - set(JOB_KEYS))
+    if unknown:
+        raise RecordError(f"job result has unknown key(s) {unknown}; allowed: {', '.join(JOB_KEYS)}")
+    if not any(k in result for k in JOB_KEYS):
+        raise RecordError(f"job result is empty; return at least one of {', '.join(JOB_KEYS)}")
+    raw_losses = result.get("losses", [])
+    if hasattr(raw_losses, "tolist"):
+        raw_losses = raw_losses.tolist()
+    losses = [_as_float(v, f"losses[{i}]") for i, v in enumerate(raw_losses)]
+    metrics_raw = result.get("metrics", {})
+    if not isinstance(metrics_raw, Mapping):
+        raise RecordError(f"metrics: expected a mapping of name -> number, got {type(metrics_raw).__name__}")
+    metrics = {str(k): _as_float(v, f"metrics[{k!r}]") for k, v in metrics_raw.items()}
+    return Record(
+        losses=losses,
+        weights=_as_tensor_map(result.get("weights", {}), "weights"),
+        metrics=metrics,
+        outputs=_as_tensor_map(result.get("outputs", {}), "outputs"),
+        meta=dict(meta),
+    )
+
+
+def first_non_finite(values: list[float]) -> int | None:
+    """Return the index of the first NaN/inf value, or None."""
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            return i
+    return None
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to ``path`` through a temp file in the same folder and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def dump_json(data: Any) -> str:
+    """Serialize to JSON with sorted keys, for readable diffs."""
+    return json.dumps(data, sort_keys=True, indent=2) + "\n"
+
+
+def save_record(record: Record, folder: Path) -> None:
+    """Write a record into ``folder`` as record.json plus one safetensors file per tensor section."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {}
+    for section in TENSOR_SECTIONS:
+        tensors: dict[str, torch.Tensor] = getattr(record, section)
+        if not tensors:
+            continue
+        filename = f"{section}.safetensors"
+        tmp = folder / f".{filename}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"pytest_repro_section": section})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / filename)
+        index[section] = {
+            "file": filename,
+            "keys": list(tensors),  # safetensors does not keep insertion (state-dict) order
+            "sha256": sha256_file(folder / filename),
+        }
+    body = {
+        "schema": RECORD_SCHEMA,
+        "losses": record.losses,
+        "metrics": record.metrics,
+        "meta": record.meta,
+        "tensors": index,
+    }
+    write_text_atomic(folder / RECORD_FILE, dump_json(body))
+
+
+def load_record(folder: Path) -> Record:
+    """Load and verify a record; raise CorruptRecordError for anything unreadable or tampered."""
+    path = folder / RECORD_FILE
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptRecordError(path, f"not valid JSON ({exc})") from exc
+    if not isinstance(body, dict) or body.get("schema") != RECORD_SCHEMA:
+        raise CorruptRecordError(path, f"not a pytest-repro record (expected schema {RECORD_SCHEMA})")
+    try:
+        losses = [float(v) for v in body["losses"]]
+        metrics = {str(k): float(v) for k, v in body["metrics"].items()}
+        meta = dict(body["meta"])
+        index = dict(body["tensors"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CorruptRecordError(path, f"missing or malformed field ({exc!r})") from exc
+    record = Record(losses=losses, metrics=metrics, meta=meta)
+    for section, entry in index.items():
+        if section not in TENSOR_SECTIONS:
+            raise CorruptRecordError(path, f"unknown tensor section {section!r}")
+        setattr(record, section, _load_tensors(folder, path, entry))
+    return record
+
+
+def _load_tensors(folder: Path, record_path: Path, entry: Any) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        file = folder / str(entry["file"])
+        keys = [str(k) for k in entry["keys"]]
+        expected_hash = str(entry["sha256"])
+    except (KeyError, TypeError) as exc:
+        raise CorruptRecordError(record_path, f"malformed tensor index ({exc!r})") from exc
+    if not file.is_file():
+        raise CorruptRecordError(file, "tensor file is missing")
+    actual = sha256_file(file)
+    if actual != expected_hash:
+        raise CorruptRecordError(
+            file, f"sha256 {actual[:12]}… does not match {expected_hash[:12]}… recorded in {RECORD_FILE}"
+        )
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptRecordError(file, f"unreadable safetensors file ({exc})") from exc
+    if sorted(tensors) != sorted(keys):
+        raise CorruptRecordError(file, "tensor names do not match the record's index")
+    return {k: tensors[k] for k in keys}

@@ -1,0 +1,70 @@
+"""Terminal reporting: the ``reproducibility`` summary section."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .harness import CheckOutcome
+
+LABELS = {
+    "passed": ("PASSED", "green"),
+    "unchanged": ("UNCHANGED", "green"),
+    "written": ("WRITTEN", "yellow"),
+    "diverged": ("DIVERGED", "red"),
+    "differs": ("DIFFERS", "red"),
+    "missing": ("MISSING", "red"),
+    "corrupt": ("CORRUPT", "red"),
+    "error": ("ERROR", "red"),
+    "timeout": ("TIMEOUT", "red"),
+    "non-finite": ("NON-FINITE", "red"),
+}
+
+
+class Writer(Protocol):
+    """The part of pytest's TerminalReporter the summary uses."""
+
+    verbosity: int
+
+    def write_sep(self, sep: str, title: str | None = None, **markup: bool) -> None: ...
+
+    def write_line(self, line: str, **markup: bool) -> None: ...
+
+
+def _where(path: Path | None, rootdir: Path) -> str:
+    if path is None:
+        return ""
+    try:
+        return str(path.relative_to(rootdir))
+    except ValueError:
+        return str(path)
+
+
+def write_summary(tr: Writer, outcomes: Sequence[CheckOutcome], rootdir: Path) -> None:
+    """Write one line per check, then the references written."""
+    if not outcomes:
+        return
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.verdict] = counts.get(o.verdict, 0) + 1
+    tally = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+    if tr.verbosity < 0:
+        tr.write_line(f"reproducibility: {tally}")
+        return
+    tr.write_sep("=", "reproducibility")
+    width = max(len(label) for label, _ in LABELS.values())
+    for o in outcomes:
+        label, color = LABELS.get(o.verdict, (o.verdict.upper(), "red"))
+        name = o.nodeid + (f" [{o.name}]" if o.name else "")
+        runs = f"{len(o.seconds)} run(s), " + "/".join(f"{s:.2f}" for s in o.seconds) + " s" if o.seconds else ""
+        extra = f": {o.detail}" if o.detail else ""
+        tr.write_line(f"{label:<{width}} {name}{extra}" + (f"  ({runs})" if runs and tr.verbosity > 0 else ""),
+                      **{color: True})
+    written = [o for o in outcomes if o.verdict == "written"]
+    if written:
+        tr.write_line(f"references written ({len(written)}):")
+        for o in written:
+            tr.write_line(f"  {_where(o.path, rootdir)}")
+    tr.write_line(f"reproducibility: {tally}")

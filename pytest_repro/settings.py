@@ -1,0 +1,141 @@
+"""Effective settings: ini options, overridden per test by the marker and per run by CLI flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .tolerances import ToleranceError, ToleranceSpec, parse_tolerance
+
+MARKER = "reproducible"
+MARKER_KWARGS = ("tolerance", "runs", "seed", "deterministic", "timeout", "device")
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+# name -> (help, default) for [tool.pytest.ini_options]
+INI_OPTIONS: dict[str, tuple[str, str]] = {
+    "repro_reference_dir": ("folder (relative to rootdir) holding reference outputs", "reference_outputs"),
+    "repro_runs": ("how many times each reproducible test runs its job (>= 1)", "2"),
+    "repro_seed": ("base seed; each test's seed is derived from it and the test's node id", "0"),
+    "repro_device": ("auto, cpu, cuda or cuda:N", "auto"),
+    "repro_deterministic": ("true: torch deterministic algorithms and cuDNN/cuBLAS flags", "true"),
+    "repro_timeout": ("seconds one run may take before it is killed", "600"),
+    "repro_isolation": ("auto (fork worker on Linux), fork or spawn (fresh interpreter per run)", "auto"),
+}
+
+
+class SettingsError(ValueError):
+    """A bad ini option, CLI flag or marker argument."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings for one reproducible test (or, before the marker is applied, the whole run)."""
+
+    reference_dir: Path
+    runs: int
+    base_seed: int
+    seed: int | None
+    device: str
+    deterministic: bool
+    timeout: float
+    isolation: str
+    tolerance: ToleranceSpec
+    regen: str | None  # None, "all" or "missing"
+
+
+def _int(value: Any, where: str, minimum: int) -> int:
+    try:
+        number = int(value)
+        if isinstance(value, bool) or float(value) != number:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SettingsError(f"{where}: expected an integer, got {value!r}") from None
+    if number < minimum:
+        raise SettingsError(f"{where}: expected an integer >= {minimum}, got {number}")
+    return number
+
+
+def _float(value: Any, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{where}: expected a number of seconds, got {value!r}") from None
+    if not number > 0:
+        raise SettingsError(f"{where}: expected a number of seconds > 0, got {value!r}")
+    return number
+
+
+def _bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise SettingsError(f"{where}: expected true or false, got {value!r}")
+
+
+def _device(value: Any, where: str) -> str:
+    text = str(value).strip()
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise SettingsError(f"{where}: expected auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def base_settings(ini: dict[str, Any], cli: dict[str, Any], rootdir: Path) -> Settings:
+    """Combine ini options with CLI flags (CLI wins) into run-wide settings."""
+
+    def pick(name: str) -> tuple[Any, str]:
+        flag = cli.get(name)
+        if flag is not None:
+            return flag, f"--{name.replace('_', '-')}"
+        return ini[name], name
+
+    isolation, where = pick("repro_isolation")
+    if isolation not in ("auto", "fork", "spawn"):
+        raise SettingsError(f"{where}: expected auto, fork or spawn, got {isolation!r}")
+    ref = Path(str(ini["repro_reference_dir"]))
+    return Settings(
+        reference_dir=ref if ref.is_absolute() else rootdir / ref,
+        runs=_int(*pick("repro_runs"), minimum=1),
+        base_seed=_int(*pick("repro_seed"), minimum=0),
+        seed=None,
+        device=_device(*pick("repro_device")),
+        deterministic=_bool(*pick("repro_deterministic")),
+        timeout=_float(*pick("repro_timeout")),
+        isolation=str(isolation),
+        tolerance=ToleranceSpec(),
+        regen=cli.get("repro_regen"),
+    )
+
+
+def apply_marker(base: Settings, kwargs: dict[str, Any], cli: dict[str, Any], args: tuple[Any, ...] = ()) -> Settings:
+    """Apply a ``reproducible`` marker's arguments on top of the run settings; CLI flags still win."""
+    if args:
+        raise SettingsError(f"@pytest.mark.{MARKER} takes keyword arguments only ({', '.join(MARKER_KWARGS)})")
+    unknown = sorted(set(kwargs) - set(MARKER_KWARGS))
+    if unknown:
+        raise SettingsError(
+            f"@pytest.mark.{MARKER}: unknown argument(s) {', '.join(unknown)}; allowed: {', '.join(MARKER_KWARGS)}"
+        )
+    where = f"@pytest.mark.{MARKER}"
+    s = base
+    try:
+        if "tolerance" in kwargs:
+            s = replace(s, tolerance=parse_tolerance(kwargs["tolerance"], f"{where}(tolerance=…)"))
+    except ToleranceError as exc:
+        raise SettingsError(str(exc)) from None
+    if "runs" in kwargs and cli.get("repro_runs") is None:
+        s = replace(s, runs=_int(kwargs["runs"], f"{where}(runs=…)", minimum=1))
+    if "seed" in kwargs and cli.get("repro_seed") is None:
+        s = replace(s, seed=_int(kwargs["seed"], f"{where}(seed=…)", minimum=0))
+    if "deterministic" in kwargs and cli.get("repro_deterministic") is None:
+        s = replace(s, deterministic=_bool(kwargs["deterministic"], f"{where}(deterministic=…)"))
+    if "timeout" in kwargs and cli.get("repro_timeout") is None:
+        s = replace(s, timeout=_float(kwargs["timeout"], f"{where}(timeout=…)"))
+    if "device" in kwargs and cli.get("repro_device") is None:
+        s = replace(s, device=_device(kwargs["device"], f"{where}(device=…)"))
+    return s

@@ -1,0 +1,184 @@
+"""Tolerance values and their parsing: bitwise, close (dtype-aware), explicit atol/rtol, per-key maps."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SECTIONS: tuple[str, ...] = ("losses", "weights", "metrics", "outputs")
+
+# Same defaults as torch.testing.assert_close (rtol, atol), keyed by dtype name.
+_CLOSE_DEFAULTS: dict[str, tuple[float, float]] = {
+    "float16": (1e-3, 1e-5),
+    "bfloat16": (1.6e-2, 1e-5),
+    "float32": (1.3e-6, 1e-5),
+    "float64": (1e-7, 1e-7),
+    "complex32": (1e-3, 1e-5),
+    "complex64": (1.3e-6, 1e-5),
+    "complex128": (1e-7, 1e-7),
+}
+# Python floats in loss traces and metrics come from float32 training: use float32 defaults.
+SCALAR_DTYPE = "float32"
+
+ACCEPTED_FORMS = (
+    '"bitwise", "close", {"atol": A, "rtol": R} (either may be omitted, meaning 0), '
+    'or a map from section (losses/weights/metrics/outputs/default) to one of those '
+    "or to a map from key (glob patterns allowed) to one of those"
+)
+
+
+class ToleranceError(ValueError):
+    """A tolerance specification that cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How closely two values must agree."""
+
+    kind: Literal["bitwise", "close", "explicit"] = "bitwise"
+    atol: float = 0.0
+    rtol: float = 0.0
+    equal_nan: bool = False
+
+    def limits(self, dtype: str) -> tuple[float, float]:
+        """Return (atol, rtol) for values of the given dtype name."""
+        if self.kind == "close":
+            rtol, atol = _CLOSE_DEFAULTS.get(dtype.replace("torch.", ""), (0.0, 0.0))
+            return atol, rtol
+        return self.atol, self.rtol
+
+    def describe(self, dtype: str = SCALAR_DTYPE) -> str:
+        """Return a short human-readable form, e.g. 'bitwise' or 'atol=1e-05, rtol=1.3e-06'."""
+        if self.kind == "bitwise":
+            return "bitwise"
+        atol, rtol = self.limits(dtype)
+        prefix = "close: " if self.kind == "close" else ""
+        return f"{prefix}atol={atol:g}, rtol={rtol:g}"
+
+
+BITWISE = Tolerance("bitwise")
+CLOSE = Tolerance("close")
+
+
+@dataclass(frozen=True)
+class SectionTolerance:
+    """Tolerances for one record section: per-key patterns, then a section default."""
+
+    default: Tolerance | None = None
+    per_key: tuple[tuple[str, Tolerance], ...] = ()
+
+    def lookup(self, key: str) -> Tolerance | None:
+        """Return the tolerance for ``key``: exact key first, then glob patterns in order."""
+        for pattern, tol in self.per_key:
+            if pattern == key:
+                return tol
+        for pattern, tol in self.per_key:
+            if fnmatch.fnmatchcase(key, pattern):
+                return tol
+        return self.default
+
+
+@dataclass(frozen=True)
+class ToleranceSpec:
+    """A full tolerance specification for a record."""
+
+    default: Tolerance = BITWISE
+    sections: tuple[tuple[str, SectionTolerance], ...] = field(default=())
+
+    def for_key(self, section: str, key: str | None = None) -> Tolerance:
+        """Return the tolerance that applies to ``key`` in ``section``."""
+        for name, sec in self.sections:
+            if name == section:
+                found = sec.lookup(key) if key is not None else sec.default
+                if found is not None:
+                    return found
+        return self.default
+
+    @property
+    def is_bitwise(self) -> bool:
+        """Whether every part of the spec is bitwise."""
+        parts = [self.default]
+        for _, sec in self.sections:
+            parts += [t for _, t in sec.per_key]
+            if sec.default is not None:
+                parts.append(sec.default)
+        return all(t.kind == "bitwise" for t in parts)
+
+
+def _parse_single(value: Any, where: str) -> Tolerance | None:
+    """Parse a single tolerance value, or return None if ``value`` is a per-key map."""
+    if isinstance(value, Tolerance):
+        return value
+    if isinstance(value, str):
+        if value == "bitwise":
+            return BITWISE
+        if value == "close":
+            return CLOSE
+        raise ToleranceError(f"{where}: unknown tolerance {value!r}; accepted: {ACCEPTED_FORMS}")
+    if isinstance(value, Mapping):
+        keys = set(value)
+        if keys and keys <= {"atol", "rtol", "equal_nan"}:
+            numbers: dict[str, float] = {}
+            for name in ("atol", "rtol"):
+                raw = value.get(name, 0.0)
+                if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                    raise ToleranceError(f"{where}.{name}: expected a number >= 0, got {raw!r}")
+                if not math.isfinite(raw) or raw < 0:
+                    raise ToleranceError(f"{where}.{name}: expected a finite number >= 0, got {raw!r}")
+                numbers[name] = float(raw)
+            equal_nan = value.get("equal_nan", False)
+            if not isinstance(equal_nan, bool):
+                raise ToleranceError(f"{where}.equal_nan: expected true or false, got {equal_nan!r}")
+            return Tolerance("explicit", numbers["atol"], numbers["rtol"], equal_nan)
+        return None
+    raise ToleranceError(f"{where}: expected a tolerance, got {value!r}; accepted: {ACCEPTED_FORMS}")
+
+
+def _parse_section(value: Any, where: str) -> SectionTolerance:
+    single = _parse_single(value, where)
+    if single is not None:
+        return SectionTolerance(default=single)
+    per_key: list[tuple[str, Tolerance]] = []
+    default: Tolerance | None = None
+    for key, sub in value.items():
+        if not isinstance(key, str):
+            raise ToleranceError(f"{where}: keys must be strings, got {key!r}")
+        tol = _parse_single(sub, f"{where}.{key}")
+        if tol is None:
+            raise ToleranceError(f"{where}.{key}: expected a tolerance, got a nested map {sub!r}")
+        if key == "default":
+            default = tol
+        else:
+            per_key.append((key, tol))
+    return SectionTolerance(default=default, per_key=tuple(per_key))
+
+
+def parse_tolerance(value: Any, where: str = "tolerance") -> ToleranceSpec:
+    """Parse a marker/ini tolerance value into a ToleranceSpec; raise ToleranceError on bad input."""
+    if value is None:
+        return ToleranceSpec()
+    if isinstance(value, ToleranceSpec):
+        return value
+    single = _parse_single(value, where)
+    if single is not None:
+        return ToleranceSpec(default=single)
+    unknown = [k for k in value if k not in (*SECTIONS, "default")]
+    if unknown:
+        raise ToleranceError(
+            f"{where}: unknown section(s) {', '.join(map(repr, unknown))}; "
+            f"expected one of {', '.join(SECTIONS)} or 'default'; accepted: {ACCEPTED_FORMS}"
+        )
+    default = BITWISE
+    sections: list[tuple[str, SectionTolerance]] = []
+    for key, sub in value.items():
+        if key == "default":
+            parsed = _parse_single(sub, f"{where}.default")
+            if parsed is None:
+                raise ToleranceError(f"{where}.default: expected a single tolerance, got {sub!r}")
+            default = parsed
+        else:
+            sections.append((key, _parse_section(sub, f"{where}.{key}")))
+    return ToleranceSpec(default=default, sections=tuple(sections))
