@@ -44,7 +44,7 @@ class ReproSession:
         self.rootdir = rootdir
         self.invocation = invocation
         self.scratch = Path(tempfile.mkdtemp(prefix="pytest-repro-"))
-        self.runner = Runner(settings.isolation, self.scratch)
+        self.runner = Runner(settings.isolation)
         self.outcomes: list[CheckOutcome] = []
         self._counter = 0
 
@@ -60,8 +60,7 @@ class ReproSession:
         return path
 
     def close(self) -> None:
-        """Stop workers and remove scratch files."""
-        self.runner.close()
+        """Remove scratch files (warm workers stay for the rest of the process; see runner)."""
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 

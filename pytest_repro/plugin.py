@@ -126,8 +126,10 @@ def repro(request: pytest.FixtureRequest) -> Repro:
     try:
         settings = apply_marker(session.settings, dict(marker.kwargs), cli, tuple(marker.args))
     except SettingsError as exc:
-        pytest.fail(f"{request.node.nodeid}: {exc}", pytrace=False)
-    return Repro(session, settings, request.node.nodeid, Path(request.node.path))
+        problem = str(exc)
+    else:
+        return Repro(session, settings, request.node.nodeid, Path(request.node.path))
+    pytest.fail(f"{request.node.nodeid}: {problem}", pytrace=False)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

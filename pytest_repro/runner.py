@@ -9,6 +9,7 @@ pickle.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import json
@@ -30,7 +31,14 @@ RECORD_DIR = "record"
 ERROR_FILE = "error.json"
 MANIFEST_FILE = "manifest.json"
 LOG_FILE = "output.log"
-BASE_PRELOAD = ("pytest", "numpy", "torch", "transformers")
+# transformers.trainer_utils holds set_seed, which seed_everything calls: ~2 s to import, so do it once here.
+BASE_PRELOAD = ("pytest", "numpy", "torch", "transformers", "transformers.trainer_utils", "safetensors.torch")
+# Variables read while the worker starts and imports (not only later in the job): a worker is
+# reused only by runs that agree on these. Every other variable is set in each child before the job.
+STARTUP_ENV = (
+    "PYTHONHASHSEED", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG", "TOKENIZERS_PARALLELISM",
+)
 WORKER_START_TIMEOUT = 600.0
 _GRACE = 30.0
 
@@ -326,6 +334,8 @@ def worker_main(preload: list[str]) -> None:
             code = 1
             try:
                 os.setpgid(0, 0)
+                os.environ.clear()
+                os.environ.update(request["env"])
                 devnull = os.open(os.devnull, os.O_RDONLY)
                 os.dup2(devnull, 0)
                 proto.close()
@@ -372,14 +382,14 @@ class _Worker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def request(self, spec: RunSpec, timeout: float) -> dict[str, Any]:
+    def request(self, spec: RunSpec, timeout: float, env: dict[str, str]) -> dict[str, Any]:
         """Send one run request and wait for its reply (raises EOFError/TimeoutError if the worker fails)."""
         if not self.ready:
             if self._read_line(time.monotonic() + WORKER_START_TIMEOUT) is None:
                 raise TimeoutError(f"the worker did not start within {WORKER_START_TIMEOUT:.0f} s")
             self.ready = True
         assert self.proc.stdin is not None
-        msg = json.dumps({"op": "run", "spec": json.loads(spec.to_json()), "timeout": timeout}) + "\n"
+        msg = json.dumps({"op": "run", "spec": json.loads(spec.to_json()), "timeout": timeout, "env": env}) + "\n"
         try:
             self.proc.stdin.write(msg.encode())
             self.proc.stdin.flush()
@@ -418,34 +428,57 @@ def _tail(path: Path, limit: int = 4000) -> str:
     return text[-limit:]
 
 
-class Runner:
-    """Runs jobs in fresh processes; holds warm fork workers keyed by their start-up environment."""
+# Warm workers live for the whole process (closed at exit), keyed by their exact start-up environment
+# and preload list, so that several pytest sessions in one process (pytester) share them safely:
+# jobs and test modules are only ever imported in the forked children, never in the worker itself.
+_WORKERS: dict[tuple[Any, ...], _Worker] = {}
+_LOG_DIR: Path | None = None
 
-    def __init__(self, isolation: str, log_dir: Path, preload: tuple[str, ...] = BASE_PRELOAD) -> None:
+
+def _log_dir() -> Path:
+    global _LOG_DIR
+    if _LOG_DIR is None:
+        import tempfile
+
+        _LOG_DIR = Path(tempfile.mkdtemp(prefix="pytest-repro-workers-"))
+        atexit.register(shutdown_workers)
+    return _LOG_DIR
+
+
+def shutdown_workers() -> None:
+    """Stop every warm worker of this process and remove their logs."""
+    global _LOG_DIR
+    for worker in _WORKERS.values():
+        worker.close()
+    _WORKERS.clear()
+    if _LOG_DIR is not None:
+        import shutil
+
+        shutil.rmtree(_LOG_DIR, ignore_errors=True)
+        _LOG_DIR = None
+
+
+class Runner:
+    """Runs jobs in fresh processes, through a warm fork worker where possible."""
+
+    def __init__(self, isolation: str, preload: tuple[str, ...] = BASE_PRELOAD) -> None:
         if isolation not in ("auto", "fork", "spawn"):
             raise ValueError(f"isolation must be auto, fork or spawn, got {isolation!r}")
-        if isolation == "fork" and not fork_supported():
-            isolation = "spawn"
-        self.isolation = "fork" if isolation == "auto" and fork_supported() else isolation
-        if self.isolation == "auto":
-            self.isolation = "spawn"
-        self.log_dir = log_dir
+        self.isolation = "fork" if isolation in ("auto", "fork") and fork_supported() else "spawn"
         self.preload = preload
-        self._workers: dict[tuple[bool, int], _Worker] = {}
 
-    def _worker(self, deterministic: bool, hash_seed: int) -> _Worker:
-        key = (deterministic, hash_seed)
-        worker = self._workers.get(key)
+    def _worker(self, env: dict[str, str]) -> _Worker:
+        key = (sys.executable, tuple((k, env.get(k)) for k in STARTUP_ENV), self.preload)
+        worker = _WORKERS.get(key)
         if worker is None or not worker.alive():
-            env = determinism_env(deterministic, hash_seed)
-            log = self.log_dir / f"worker-{'det' if deterministic else 'nondet'}-{hash_seed}.log"
-            worker = self._workers[key] = _Worker(env, log, self.preload)
+            log = _log_dir() / f"worker-{len(_WORKERS)}-{os.getpid()}.log"
+            worker = _WORKERS[key] = _Worker(env, log, self.preload)
         return worker
 
     def warm_up(self, deterministic: bool, hash_seed: int) -> None:
         """Start a worker early so that its imports overlap with collection."""
         if self.isolation == "fork":
-            self._worker(deterministic, hash_seed)
+            self._worker(determinism_env(deterministic, hash_seed))
 
     def run(self, spec: RunSpec, timeout: float, hash_seed: int) -> RunOutcome:
         """Run the job once in a fresh process and report how it ended."""
@@ -460,12 +493,14 @@ class Runner:
         return self._outcome(reply, workdir, timeout)
 
     def _run_forked(self, spec: RunSpec, timeout: float, hash_seed: int) -> dict[str, Any]:
-        worker = self._worker(spec.deterministic, hash_seed)
+        env = determinism_env(spec.deterministic, hash_seed)
+        worker = self._worker(env)
         try:
-            return worker.request(spec, timeout)
+            return worker.request(spec, timeout, env)
         except (EOFError, TimeoutError, OSError) as exc:
             worker.close()
-            self._workers.pop((spec.deterministic, hash_seed), None)
+            for key in [k for k, w in _WORKERS.items() if w is worker]:
+                del _WORKERS[key]
             return {"status": "worker-died", "detail": str(exc), "log": _tail(worker.log_path)}
 
     def _run_spawned(self, spec: RunSpec, timeout: float, hash_seed: int) -> dict[str, Any]:
@@ -516,11 +551,6 @@ class Runner:
                               f"the job process exited with code {reply.get('returncode')} and wrote no record", tail)
         return RunOutcome("ok", wall, workdir, "", tail)
 
-    def close(self) -> None:
-        """Stop every worker."""
-        for worker in self._workers.values():
-            worker.close()
-        self._workers.clear()
 
 
 def _main(argv: list[str]) -> int:

@@ -1,0 +1,79 @@
+"""Shared helpers for the plugin's own tests."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+# A small torch-only job whose behaviour is steered by its config: enough to exercise every path
+# of the harness without the cost of transformers/peft.
+USER_JOBS = textwrap.dedent(
+    '''
+    import os
+    import time
+
+    import torch
+
+
+    def train(ctx):
+        cfg = ctx.config
+        steps = cfg.get("steps", 6)
+        model = torch.nn.Linear(4, 2)
+        x = torch.randn(32, 4)
+        y = torch.stack([x.sum(1), x[:, 0] - x[:, 1]], dim=1)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.get("lr", 0.05))
+        losses = []
+        for step in range(steps):
+            if cfg.get("raise_at") == step:
+                raise ValueError(f"boom at step {step}")
+            if cfg.get("hang_at") == step:
+                time.sleep(3600)
+            loss = ((model(x) - y) ** 2).mean()
+            if cfg.get("unseeded_at") == step:
+                noise = int.from_bytes(os.urandom(2), "little") + 1
+                loss = loss * (1 + noise * 1e-4)
+            if cfg.get("nan_at") == step:
+                loss = loss * float("nan")
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        with torch.no_grad():
+            pred = model(x)
+        accuracy = float(((pred - y).abs() < 1.0).float().mean()) + cfg.get("accuracy_shift", 0.0)
+        return {
+            "losses": losses,
+            "weights": dict(model.state_dict()),
+            "metrics": {"accuracy": accuracy},
+            "outputs": {"pred": pred},
+        }
+    '''
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run in CI too; regeneration tests must not be refused because CI is set."""
+    monkeypatch.delenv("CI", raising=False)
+
+
+@pytest.fixture(scope="session")
+def heavy_modules() -> None:
+    """Import torch & co. before any pytester fixture snapshots sys.modules.
+
+    pytester unloads every module first imported while it was active; unloading torch breaks the
+    next import of it and crashes the interpreter. Session scope makes this run before pytester.
+    """
+    # The harness too: its warm workers live in pytest_repro.runner and are shared across inline runs.
+    for name in ("torch", "numpy", "safetensors.torch", "deepdiff", "yaml", "pytest_repro.harness"):
+        pytest.importorskip(name)
+
+
+@pytest.fixture
+def userjobs(heavy_modules: None, pytester: pytest.Pytester) -> pytest.Pytester:
+    """A pytester project with the user job module and a pytest config."""
+    pytester.makepyfile(userjobs=USER_JOBS)
+    pytester.makeini("[pytest]\nrepro_timeout = 60\n")
+    pytester.syspathinsert()
+    return pytester
