@@ -123,21 +123,35 @@ def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tole
         d = abs(actual[i] - expected[i])
         diffs.append(
             Difference(
-                "losses", None, "value", tol.describe(), step=i, expected=expected[i], actual=actual[i],
-                n_diff=len(bad), numel=common, max_abs=d, max_rel=_rel(d, expected[i]),
+                "losses",
+                None,
+                "value",
+                tol.describe(),
+                step=i,
+                expected=expected[i],
+                actual=actual[i],
+                n_diff=len(bad),
+                numel=common,
+                max_abs=d,
+                max_rel=_rel(d, expected[i]),
             )
         )
     if len(expected) != len(actual):
         diffs.append(
             Difference(
-                "losses", None, "length", tol.describe(),
+                "losses",
+                None,
+                "length",
+                tol.describe(),
                 detail=f"loss trace has {len(actual)} steps, expected {len(expected)}",
             )
         )
     return diffs
 
 
-def compare_metrics(expected: Mapping[str, float], actual: Mapping[str, float], spec: ToleranceSpec) -> list[Difference]:
+def compare_metrics(
+    expected: Mapping[str, float], actual: Mapping[str, float], spec: ToleranceSpec
+) -> list[Difference]:
     """Compare scalar metrics key by key."""
     diffs: list[Difference] = []
     for key, exp in expected.items():
@@ -149,8 +163,18 @@ def compare_metrics(expected: Mapping[str, float], actual: Mapping[str, float], 
         if not _scalar_equal(act, exp, tol):
             d = abs(act - exp)
             diffs.append(
-                Difference("metrics", key, "value", tol.describe(), expected=exp, actual=act,
-                           n_diff=1, numel=1, max_abs=d, max_rel=_rel(d, exp))
+                Difference(
+                    "metrics",
+                    key,
+                    "value",
+                    tol.describe(),
+                    expected=exp,
+                    actual=act,
+                    n_diff=1,
+                    numel=1,
+                    max_abs=d,
+                    max_rel=_rel(d, exp),
+                )
             )
     for key in actual:
         if key not in expected:
@@ -179,11 +203,18 @@ def compare_tensor(
     dtype = str(expected.dtype).replace("torch.", "")
     tdesc = tol.describe(dtype)
     if expected.shape != actual.shape:
-        return Difference(section, key, "shape", tdesc, position=position,
-                          detail=f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+        return Difference(
+            section,
+            key,
+            "shape",
+            tdesc,
+            position=position,
+            detail=f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}",
+        )
     if expected.dtype != actual.dtype:
-        return Difference(section, key, "dtype", tdesc, position=position,
-                          detail=f"dtype {actual.dtype}, expected {expected.dtype}")
+        return Difference(
+            section, key, "dtype", tdesc, position=position, detail=f"dtype {actual.dtype}, expected {expected.dtype}"
+        )
     numel = expected.numel()
     if numel == 0:
         return None
@@ -203,7 +234,9 @@ def compare_tensor(
     if n_diff == 0:
         return None
     flat_first = int(torch.nonzero(bad)[0, 0])
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_first), expected.shape)) if expected.dim() else ()
+    index = (
+        tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_first), expected.shape)) if expected.dim() else ()
+    )
     e64 = expected.reshape(-1)[bad].to(torch.complex128 if expected.dtype.is_complex else torch.float64)
     a64 = actual.reshape(-1)[bad].to(e64.dtype)
     absdiff = (a64 - e64).abs()
@@ -211,8 +244,18 @@ def compare_tensor(
     with torch.no_grad():
         rel = torch.where(e64.abs() > 0, absdiff / e64.abs(), torch.where(absdiff > 0, math.inf, 0.0))
     max_rel = float(rel.max()) if not rel.isnan().any() else math.nan
-    return Difference(section, key, "value", tdesc, index=index, n_diff=n_diff, numel=numel,
-                      max_abs=max_abs, max_rel=max_rel, position=position)
+    return Difference(
+        section,
+        key,
+        "value",
+        tdesc,
+        index=index,
+        n_diff=n_diff,
+        numel=numel,
+        max_abs=max_abs,
+        max_rel=max_rel,
+        position=position,
+    )
 
 
 def compare_tensor_maps(
@@ -223,8 +266,9 @@ def compare_tensor_maps(
     for pos, (key, exp) in enumerate(expected.items()):
         tol = spec.for_key(section, key)
         if key not in actual:
-            diffs.append(Difference(section, key, "missing", tol.describe(), position=pos,
-                                    detail="missing from this run"))
+            diffs.append(
+                Difference(section, key, "missing", tol.describe(), position=pos, detail="missing from this run")
+            )
             continue
         d = compare_tensor(section, key, exp, actual[key], tol, position=pos)
         if d is not None:

@@ -165,7 +165,6 @@ class Repro:
                 f"{self._nodeid}: repro.check called twice with name={name!r}; give each check its own name="
             )
         self._names.add(name)
-        s = self._settings
         try:
             ref = JobRef.from_callable(job)
         except JobReferenceError as exc:
@@ -184,9 +183,16 @@ class Repro:
         records: list[Record] = []
         for i in range(s.runs):
             spec = RunSpec(
-                job=ref, config=cfg, seed=self.seed, device=self.device, deterministic=s.deterministic,
-                run_index=i, workdir=str(self._session.next_workdir(f"run{i + 1}")),
-                cwd=str(self._session.rootdir), sys_path=tuple(sys.path), manifest=(i == 0),
+                job=ref,
+                config=cfg,
+                seed=self.seed,
+                device=self.device,
+                deterministic=s.deterministic,
+                run_index=i,
+                workdir=str(self._session.next_workdir(f"run{i + 1}")),
+                cwd=str(self._session.rootdir),
+                sys_path=tuple(sys.path),
+                manifest=(i == 0),
                 config_dir=config_dir,
             )
             result = self._session.runner.run(spec, s.timeout, s.base_seed)

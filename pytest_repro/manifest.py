@@ -16,9 +16,16 @@ from typing import Any
 MANIFEST_SCHEMA = 1
 PACKAGES = ("numpy", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "scipy")
 NUMERIC_ENV = (
-    "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
-    "CUDA_LAUNCH_BLOCKING", "OPENBLAS_CORETYPE",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "PYTHONHASHSEED",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_TF32_OVERRIDE",
+    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+    "CUDA_LAUNCH_BLOCKING",
+    "OPENBLAS_CORETYPE",
 )
 # Top-level manifest sections and what a change in them means for results.
 NUMERIC_SECTIONS = ("torch", "gpu", "cpu", "packages", "env", "determinism", "python")
@@ -29,7 +36,7 @@ def _probe(fn: Callable[[], Any]) -> Any:
     """Run one probe; a probe that fails records its error instead of failing the run."""
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001 - a manifest must never fail a test run
+    except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -43,7 +50,9 @@ def _cpu() -> dict[str, Any]:
         model = m.group(1).strip() if m else model
         f = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
         present = set(f.group(1).split()) if f else set()
-        flags = sorted(x for x in present if x in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+        flags = sorted(
+            x for x in present if x in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+        )
     return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(), "isa_flags": flags}
 
 
@@ -55,12 +64,12 @@ def _torch() -> dict[str, Any]:
     return {
         "version": torch.__version__,
         "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,  # type: ignore[no-untyped-call]
         "debug": torch.version.debug,
         "intra_op_threads": torch.get_num_threads(),
         "inter_op_threads": torch.get_num_interop_threads(),
-        "mkl": torch.backends.mkl.is_available(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
+        "mkl": torch.backends.mkl.is_available(),  # type: ignore[no-untyped-call]
+        "mkldnn": torch.backends.mkldnn.is_available(),  # type: ignore[no-untyped-call]
     }
 
 
@@ -74,11 +83,13 @@ def _gpu() -> list[dict[str, Any]]:
     gpus = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        gpus.append({
-            "name": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "memory_gib": round(props.total_memory / 2**30, 1),
-        })
+        gpus.append(
+            {
+                "name": props.name,
+                "capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30, 1),
+            }
+        )
     return gpus
 
 
@@ -129,8 +140,13 @@ def collect_manifest(cwd: str | Path | None = None, extra_packages: tuple[str, .
     return {
         "schema": MANIFEST_SCHEMA,
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation()},
-        "os": _probe(lambda: {"system": platform.system(), "release": platform.release(),
-                              "libc": "-".join(x for x in libc if x) or None}),
+        "os": _probe(
+            lambda: {
+                "system": platform.system(),
+                "release": platform.release(),
+                "libc": "-".join(x for x in libc if x) or None,
+            }
+        ),
         "cpu": _probe(_cpu),
         "torch": _probe(_torch),
         "gpu": _probe(_gpu),

@@ -15,7 +15,7 @@ import pytest
 from .settings import INI_OPTIONS, MARKER, SettingsError
 
 if TYPE_CHECKING:
-    from .harness import Repro, ReproSession
+    from .harness import Repro, ReproSession  # noqa: F401 - ReproSession is named in a string below
 
 session_key = pytest.StashKey["ReproSession"]()
 _CLI = ("repro_runs", "repro_seed", "repro_device", "repro_deterministic", "repro_timeout", "repro_isolation")
@@ -23,21 +23,43 @@ _CLI = ("repro_runs", "repro_seed", "repro_device", "repro_deterministic", "repr
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("repro", "reproducibility (pytest-repro)")
-    group.addoption("--repro", action="store_true", default=False,
-                    help="run tests marked @pytest.mark.reproducible (skipped otherwise)")
+    group.addoption(
+        "--repro",
+        action="store_true",
+        default=False,
+        help="run tests marked @pytest.mark.reproducible (skipped otherwise)",
+    )
     # No argparse choices: pytest's early parse would reject `--repro-regen tests/` before we can fix the args.
-    group.addoption("--repro-regen", nargs="?", const="all", default=None, metavar="all|missing",
-                    help="write references: all (default) rewrites changed ones, missing writes only absent ones")
-    group.addoption("--repro-regen-force", action="store_true", default=False,
-                    help="allow --repro-regen when the CI environment variable is set")
+    group.addoption(
+        "--repro-regen",
+        nargs="?",
+        const="all",
+        default=None,
+        metavar="all|missing",
+        help="write references: all (default) rewrites changed ones, missing writes only absent ones",
+    )
+    group.addoption(
+        "--repro-regen-force",
+        action="store_true",
+        default=False,
+        help="allow --repro-regen when the CI environment variable is set",
+    )
     group.addoption("--repro-runs", default=None, help="runs per test (ini repro_runs)")
     group.addoption("--repro-seed", default=None, help="base seed (ini repro_seed)")
     group.addoption("--repro-device", default=None, help="auto, cpu, cuda or cuda:N (ini repro_device)")
-    group.addoption("--repro-deterministic", default=None, choices=("true", "false"),
-                    help="torch deterministic mode (ini repro_deterministic)")
+    group.addoption(
+        "--repro-deterministic",
+        default=None,
+        choices=("true", "false"),
+        help="torch deterministic mode (ini repro_deterministic)",
+    )
     group.addoption("--repro-timeout", default=None, help="seconds per run before it is killed (ini repro_timeout)")
-    group.addoption("--repro-isolation", default=None, choices=("auto", "fork", "spawn"),
-                    help="fork: warm worker forks a child per run; spawn: fresh interpreter per run")
+    group.addoption(
+        "--repro-isolation",
+        default=None,
+        choices=("auto", "fork", "spawn"),
+        help="fork: warm worker forks a child per run; spawn: fresh interpreter per run",
+    )
     for name, (help_text, default) in INI_OPTIONS.items():
         parser.addini(name, help_text, default=default)
 
@@ -117,8 +139,7 @@ def repro(request: pytest.FixtureRequest) -> Repro:
 
     marker = request.node.get_closest_marker(MARKER)
     if marker is None:
-        pytest.fail(f"the repro fixture needs the marker: decorate the test with @pytest.mark.{MARKER}",
-                    pytrace=False)
+        pytest.fail(f"the repro fixture needs the marker: decorate the test with @pytest.mark.{MARKER}", pytrace=False)
     session = request.config.stash.get(session_key, None)
     if session is None:
         pytest.skip("reproducibility test: run with `pytest --repro`")

@@ -74,7 +74,7 @@ def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
         if not isinstance(tensor, torch.Tensor):
             try:
                 tensor = torch.as_tensor(tensor)
-            except Exception as exc:  # noqa: BLE001 - report any conversion failure the same way
+            except Exception as exc:
                 raise RecordError(f"{where}[{name!r}]: expected a tensor, got {type(tensor).__name__}") from exc
         out[name] = tensor.detach().to("cpu").contiguous()
     return out
@@ -83,9 +83,7 @@ def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
 def normalize_result(result: Any, meta: Mapping[str, Any]) -> Record:
     """Turn a job's returned dict into a Record, with a clear error for anything malformed."""
     if not isinstance(result, Mapping):
-        raise RecordError(
-            f"a job must return a dict with keys {', '.join(JOB_KEYS)}; got {type(result).__name__}"
-        )
+        raise RecordError(f"a job must return a dict with keys {', '.join(JOB_KEYS)}; got {type(result).__name__}")
     unknown = sorted(set(result) - set(JOB_KEYS))
     if unknown:
         raise RecordError(f"job result has unknown key(s) {unknown}; allowed: {', '.join(JOB_KEYS)}")

@@ -60,8 +60,9 @@ def write_summary(tr: Writer, outcomes: Sequence[CheckOutcome], rootdir: Path) -
         name = o.nodeid + (f" [{o.name}]" if o.name else "")
         runs = f"{len(o.seconds)} run(s), " + "/".join(f"{s:.2f}" for s in o.seconds) + " s" if o.seconds else ""
         extra = f": {o.detail}" if o.detail else ""
-        tr.write_line(f"{label:<{width}} {name}{extra}" + (f"  ({runs})" if runs and tr.verbosity > 0 else ""),
-                      **{color: True})
+        tr.write_line(
+            f"{label:<{width}} {name}{extra}" + (f"  ({runs})" if runs and tr.verbosity > 0 else ""), **{color: True}
+        )
     written = [o for o in outcomes if o.verdict == "written"]
     if written:
         tr.write_line(f"references written ({len(written)}):")

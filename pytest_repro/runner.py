@@ -10,6 +10,7 @@ pickle.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -36,8 +37,16 @@ BASE_PRELOAD = ("pytest", "numpy", "torch", "transformers", "transformers.traine
 # Variables read while the worker starts and imports (not only later in the job): a worker is
 # reused only by runs that agree on these. Every other variable is set in each child before the job.
 STARTUP_ENV = (
-    "PYTHONHASHSEED", "PYTHONPATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG", "TOKENIZERS_PARALLELISM",
+    "PYTHONHASHSEED",
+    "PYTHONPATH",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "CUDA_VISIBLE_DEVICES",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "TOKENIZERS_PARALLELISM",
 )
 WORKER_START_TIMEOUT = 600.0
 _GRACE = 30.0
@@ -66,21 +75,19 @@ class JobRef:
             return cls(module, qualname)
         if not callable(job):
             raise JobReferenceError(f"job {job!r} is not callable")
-        module = getattr(job, "__module__", None)
-        qualname = getattr(job, "__qualname__", None)
-        if not module or not qualname or "<locals>" in qualname or "<lambda>" in qualname:
+        mod_name: str | None = getattr(job, "__module__", None)
+        qual: str | None = getattr(job, "__qualname__", None)
+        if not mod_name or not qual or "<locals>" in qual or "<lambda>" in qual:
             raise JobReferenceError(
                 f"job {job!r} must be an importable top-level function (defined at module level, "
                 "not a lambda or a nested function) so that a fresh process can import it"
             )
-        try:
-            file = importlib.import_module(module).__file__ if module != "__main__" else None
-        except ImportError:
-            file = None
+        if mod_name == "__main__":
+            raise JobReferenceError(f"job {qual!r} is defined in __main__; move it into an importable module")
         code = getattr(job, "__code__", None)
-        file = getattr(code, "co_filename", None) or file
+        file = getattr(code, "co_filename", None) or getattr(sys.modules.get(mod_name), "__file__", None)
         preload = tuple(getattr(job, "__repro_preload__", ()))
-        return cls(module, qualname, file, preload)
+        return cls(mod_name, qual, file, preload)
 
     @property
     def name(self) -> str:
@@ -226,8 +233,12 @@ def execute(spec: RunSpec) -> int:
         seed_everything(spec.seed, deterministic=spec.deterministic)
         job = _resolve_job(spec.job)
         ctx = JobContext(
-            seed=spec.seed, device=spec.device, config=dict(spec.config), workdir=workdir / "job",
-            run_index=spec.run_index, deterministic=spec.deterministic,
+            seed=spec.seed,
+            device=spec.device,
+            config=dict(spec.config),
+            workdir=workdir / "job",
+            run_index=spec.run_index,
+            deterministic=spec.deterministic,
             config_dir=Path(spec.config_dir) if spec.config_dir else None,
         )
         ctx.workdir.mkdir(exist_ok=True)
@@ -237,8 +248,13 @@ def execute(spec: RunSpec) -> int:
         flags = determinism_flags()
         flags["PYTHONHASHSEED"] = hash_seed
         meta: dict[str, Any] = {
-            "seed": spec.seed, "device": spec.device, "deterministic": spec.deterministic,
-            "run_index": spec.run_index, "job": spec.job.name, "flags": flags, "wall_s": round(wall, 4),
+            "seed": spec.seed,
+            "device": spec.device,
+            "deterministic": spec.deterministic,
+            "run_index": spec.run_index,
+            "job": spec.job.name,
+            "flags": flags,
+            "wall_s": round(wall, 4),
         }
         torch = sys.modules.get("torch")
         if torch is not None:
@@ -249,16 +265,14 @@ def execute(spec: RunSpec) -> int:
         if spec.manifest:
             (workdir / MANIFEST_FILE).write_text(dump_json(collect_manifest(spec.cwd)), encoding="utf-8")
         return 0
-    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the parent as text
+    except BaseException as exc:
         error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
         (workdir / ERROR_FILE).write_text(json.dumps(error), encoding="utf-8")
         return 1
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(Exception):
                 stream.flush()
-            except Exception:  # noqa: BLE001, S110 - nothing useful to do with a broken stream
-                pass
 
 
 # ---------------------------------------------------------------- worker side
@@ -273,7 +287,7 @@ def _preload(modules: tuple[str, ...] | list[str]) -> dict[str, str]:
             if importlib.util.find_spec(name.split(".")[0]) is None:
                 continue
             importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, the job may not need it
+        except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
     return errors
 
@@ -301,12 +315,11 @@ def _wait_child(pid: int, timeout: float) -> dict[str, Any]:
 
 
 def _kill_group(pid: int) -> None:
-    for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-        try:
-            kill()
-            return
-        except (ProcessLookupError, PermissionError):
-            continue
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def worker_main(preload: list[str]) -> None:
@@ -356,7 +369,11 @@ class _Worker:
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the worker process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pytest_repro.runner", "worker", *preload],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            start_new_session=True,
         )
         log.close()
         self._buffer = b""
@@ -512,7 +529,11 @@ class Runner:
         with open(workdir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pytest_repro.runner", "child", str(spec_file)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                start_new_session=True,
             )
             try:
                 code = proc.wait(timeout=timeout)
@@ -533,8 +554,9 @@ class Runner:
         if status == "timeout":
             return RunOutcome("timeout", wall, workdir, f"killed after {timeout:g} s without finishing", tail)
         if status == "worker-died":
-            return RunOutcome("crashed", wall, workdir, f"the fork worker failed: {reply.get('detail')}",
-                              reply.get("log", "") or tail)
+            return RunOutcome(
+                "crashed", wall, workdir, f"the fork worker failed: {reply.get('detail')}", reply.get("log", "") or tail
+            )
         error_file = workdir / ERROR_FILE
         if error_file.exists():
             try:
@@ -547,10 +569,14 @@ class Runner:
             name = signal.Signals(int(reply["signal"])).name
             return RunOutcome("crashed", wall, workdir, f"the job process was killed by {name}", tail)
         if reply.get("returncode") != 0 or not (workdir / RECORD_DIR).is_dir():
-            return RunOutcome("crashed", wall, workdir,
-                              f"the job process exited with code {reply.get('returncode')} and wrote no record", tail)
+            return RunOutcome(
+                "crashed",
+                wall,
+                workdir,
+                f"the job process exited with code {reply.get('returncode')} and wrote no record",
+                tail,
+            )
         return RunOutcome("ok", wall, workdir, "", tail)
-
 
 
 def _main(argv: list[str]) -> int:

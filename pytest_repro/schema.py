@@ -21,8 +21,15 @@ class ConfigError(ValueError):
         super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
 
 
-def field(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
-          lt: float | None = None, choices: tuple[Any, ...] | None = None, help: str = "") -> Any:
+def field(
+    default: Any = dataclasses.MISSING,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    choices: tuple[Any, ...] | None = None,
+    help: str = "",
+) -> Any:
     """Declare a schema field with a default, optional bounds/choices, and a one-line help."""
     meta = {"gt": gt, "ge": ge, "lt": lt, "choices": choices, "help": help}
     if isinstance(default, (list, dict, set)):

@@ -49,9 +49,7 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_split(
-    source: Path, out: Path, fractions: Mapping[str, float], seed: int, version: int = 1
-) -> dict[str, Any]:
+def make_split(source: Path, out: Path, fractions: Mapping[str, float], seed: int, version: int = 1) -> dict[str, Any]:
     """Shuffle the source's IDs with ``seed``, cut them by ``fractions`` and write a split file."""
     rows = read_jsonl(source)
     ids = [r["id"] for r in rows]

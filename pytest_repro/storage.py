@@ -66,8 +66,20 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def recover_interrupted(path: Path) -> bool:
+    """Put back the previous reference if a regeneration was killed between its two renames."""
+    if path.exists():
+        return False
+    backups = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not backups:
+        return False
+    os.replace(backups[-1], path)
+    return True
+
+
 def load_reference(path: Path) -> Reference:
     """Load and verify a reference; raise MissingReferenceError or CorruptRecordError."""
+    recover_interrupted(path)
     if not (path / RECORD_FILE).exists():
         if path.is_dir() and any(path.iterdir()):
             raise CorruptRecordError(path / RECORD_FILE, "is missing while other reference files exist")
@@ -84,11 +96,15 @@ def dump_yaml(data: Any) -> str:
 def write_reference(path: Path, record: Record, manifest: dict[str, Any], provenance: dict[str, Any]) -> None:
     """Write a reference folder atomically: build it beside the target, then swap it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted(path)
     staging = path.with_name(f".{path.name}.new-{os.getpid()}")
     backup = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     stable = Record(
-        losses=record.losses, weights=record.weights, metrics=record.metrics, outputs=record.outputs,
+        losses=record.losses,
+        weights=record.weights,
+        metrics=record.metrics,
+        outputs=record.outputs,
         meta={k: v for k, v in record.meta.items() if k not in VOLATILE_META},
     )
     try:

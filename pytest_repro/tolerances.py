@@ -25,7 +25,7 @@ SCALAR_DTYPE = "float32"
 
 ACCEPTED_FORMS = (
     '"bitwise", "close", {"atol": A, "rtol": R} (either may be omitted, meaning 0), '
-    'or a map from section (losses/weights/metrics/outputs/default) to one of those '
+    "or a map from section (losses/weights/metrics/outputs/default) to one of those "
     "or to a map from key (glob patterns allowed) to one of those"
 )
 

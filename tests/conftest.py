@@ -9,7 +9,7 @@ import pytest
 # A small torch-only job whose behaviour is steered by its config: enough to exercise every path
 # of the harness without the cost of transformers/peft.
 USER_JOBS = textwrap.dedent(
-    '''
+    """
     import os
     import time
 
@@ -48,7 +48,7 @@ USER_JOBS = textwrap.dedent(
             "metrics": {"accuracy": accuracy},
             "outputs": {"pred": pred},
         }
-    '''
+    """
 )
 
 

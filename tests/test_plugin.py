@@ -45,10 +45,12 @@ def test_missing_reference_fails_with_path_and_command(userjobs: pytest.Pytester
     write_test(userjobs)
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*no reference for test_user.py::test_train: expected one at reference_outputs/test_user/test_train",
-        "*Record it*with: pytest --repro --repro-regen=missing test_user.py::test_train",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*no reference for test_user.py::test_train: expected one at reference_outputs/test_user/test_train",
+            "*Record it*with: pytest --repro --repro-regen=missing test_user.py::test_train",
+        ]
+    )
     assert not ref_dir(userjobs).exists()
 
 
@@ -56,8 +58,9 @@ def test_regen_writes_then_passes(userjobs: pytest.Pytester) -> None:
     write_test(userjobs)
     result = userjobs.runpytest("--repro", "--repro-regen", "test_user.py")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*WRITTEN*test_user.py::test_train*", "references written (1):",
-                                 "  reference_outputs/test_user/test_train"])
+    result.stdout.fnmatch_lines(
+        ["*WRITTEN*test_user.py::test_train*", "references written (1):", "  reference_outputs/test_user/test_train"]
+    )
     files = {f.name for f in ref_dir(userjobs).iterdir()}
     assert files == {"record.json", "weights.safetensors", "outputs.safetensors", "manifest.yaml", "provenance.yaml"}
     assert not [f for f in (userjobs.path / "reference_outputs").rglob("*") if f.name.endswith(".pkl")]
@@ -87,14 +90,19 @@ def test_regen_missing_writes_only_absent(userjobs: pytest.Pytester) -> None:
 
 
 @pytest.mark.parametrize("ci_value", ["true", "1"])
-def test_regen_refused_in_ci_unless_forced(userjobs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                                           ci_value: str) -> None:
+def test_regen_refused_in_ci_unless_forced(
+    userjobs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci_value: str
+) -> None:
     write_test(userjobs)
     monkeypatch.setenv("CI", ci_value)
     result = userjobs.runpytest("--repro", "--repro-regen")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*refuses to regenerate references because the CI environment variable is set*"
-                                 "add --repro-regen-force to do it here anyway."])
+    result.stderr.fnmatch_lines(
+        [
+            "*refuses to regenerate references because the CI environment variable is set*"
+            "add --repro-regen-force to do it here anyway."
+        ]
+    )
     assert not ref_dir(userjobs).exists()
     userjobs.runpytest("--repro", "--repro-regen", "--repro-regen-force").assert_outcomes(passed=1)
     assert ref_dir(userjobs).exists()
@@ -129,8 +137,12 @@ def test_unseeded_job_diverges_run_to_run(userjobs: pytest.Pytester) -> None:
     write_test(userjobs, config='{"steps": 6, "unseeded_at": 3}')
     result = userjobs.runpytest("--repro", "--repro-regen")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*is not reproducible run-to-run: runs 1 and 2 diverge at step 3*",
-                                 "*losses: first divergent step 3: run 1 *, run 2 *"])
+    result.stdout.fnmatch_lines(
+        [
+            "*is not reproducible run-to-run: runs 1 and 2 diverge at step 3*",
+            "*losses: first divergent step 3: run 1 *, run 2 *",
+        ]
+    )
     assert "differs from its reference" not in result.stdout.str()
     assert not ref_dir(userjobs).exists(), "a non-reproducible job must not get a reference"
 
@@ -139,8 +151,13 @@ def test_job_that_raises_shows_child_traceback(userjobs: pytest.Pytester) -> Non
     write_test(userjobs, config='{"steps": 6, "raise_at": 2}')
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*run 1 of test_user.py::test_train: the job raised an exception in its process:*",
-                                 "*userjobs.py*in train*", "*ValueError: boom at step 2*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*run 1 of test_user.py::test_train: the job raised an exception in its process:*",
+            "*userjobs.py*in train*",
+            "*ValueError: boom at step 2*",
+        ]
+    )
     assert "INTERNALERROR" not in result.stdout.str()
 
 
@@ -148,8 +165,12 @@ def test_hanging_job_is_killed_after_timeout(userjobs: pytest.Pytester) -> None:
     write_test(userjobs, config='{"steps": 6, "hang_at": 1}', marker="(timeout=2)")
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*run 1 of test_user.py::test_train was killed after 2 s without finishing*",
-                                 "*raise the limit with @pytest.mark.reproducible(timeout=SECONDS)*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*run 1 of test_user.py::test_train was killed after 2 s without finishing*",
+            "*raise the limit with @pytest.mark.reproducible(timeout=SECONDS)*",
+        ]
+    )
 
 
 def test_nan_loss_names_first_non_finite_step(userjobs: pytest.Pytester) -> None:
@@ -169,9 +190,13 @@ def test_corrupt_reference_is_reported_never_trusted_nor_overwritten(userjobs: p
     for args in (["--repro"], ["--repro", "--repro-regen=missing"]):
         result = userjobs.runpytest(*args)
         result.assert_outcomes(failed=1)
-        result.stdout.fnmatch_lines(["*the reference for test_user.py::test_train is corrupt and was not used*"
-                                     "weights.safetensors: sha256 * does not match*",
-                                     "*rewrite it with: pytest --repro --repro-regen test_user.py::test_train"])
+        result.stdout.fnmatch_lines(
+            [
+                "*the reference for test_user.py::test_train is corrupt and was not used*"
+                "weights.safetensors: sha256 * does not match*",
+                "*rewrite it with: pytest --repro --repro-regen test_user.py::test_train",
+            ]
+        )
         assert snapshot(ref_dir(userjobs)) == broken
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
     userjobs.runpytest("--repro").assert_outcomes(passed=1)
@@ -206,7 +231,8 @@ def test_spawn_isolation_matches_fork_bitwise(userjobs: pytest.Pytester) -> None
 
 
 def test_seed_is_per_test_stable_and_overridable(userjobs: pytest.Pytester) -> None:
-    userjobs.makepyfile(test_seeds="""
+    userjobs.makepyfile(
+        test_seeds="""
         import pytest
         from pytest_repro.seeding import derive_seed
 
@@ -222,7 +248,8 @@ def test_seed_is_per_test_stable_and_overridable(userjobs: pytest.Pytester) -> N
         @pytest.mark.reproducible(seed=7)
         def test_c(repro):
             assert repro.seed == 7
-    """)
+    """
+    )
     userjobs.runpytest("--repro").assert_outcomes(passed=3)
     userjobs.runpytest("--repro", "--repro-seed=5").assert_outcomes(passed=0, failed=3)
 
@@ -231,7 +258,7 @@ def test_seed_is_per_test_stable_and_overridable(userjobs: pytest.Pytester) -> N
     ("marker", "message"),
     [
         ("(runz=3)", "*unknown argument?s? runz; allowed: tolerance, runs, seed*"),
-        ('(tolerance="exact")', "*unknown tolerance 'exact'; accepted: \"bitwise\", \"close\"*"),
+        ('(tolerance="exact")', '*unknown tolerance \'exact\'; accepted: "bitwise", "close"*'),
         ("(runs=0)", "*runs=…?: expected an integer >= 1, got 0*"),
     ],
 )
@@ -259,13 +286,15 @@ def test_bad_ini_value_is_a_usage_error(userjobs: pytest.Pytester) -> None:
 
 
 def test_lambda_job_is_rejected(userjobs: pytest.Pytester) -> None:
-    userjobs.makepyfile(test_lambda="""
+    userjobs.makepyfile(
+        test_lambda="""
         import pytest
 
         @pytest.mark.reproducible
         def test_x(repro):
             repro.check(lambda ctx: {"losses": [1.0]})
-    """)
+    """
+    )
     result = userjobs.runpytest("--repro")
     assert "must be an importable top-level function" in result.stdout.str() + result.stderr.str()
 
@@ -273,7 +302,8 @@ def test_lambda_job_is_rejected(userjobs: pytest.Pytester) -> None:
 def test_plugin_import_loads_no_heavy_library() -> None:
     code = (
         "import sys, pytest_repro.plugin, pytest_repro.jobs, pytest_repro\n"
-        "heavy = [m for m in ('torch', 'numpy', 'transformers', 'peft', 'safetensors', 'deepdiff') if m in sys.modules]\n"
+        "names = ('torch', 'numpy', 'transformers', 'peft', 'safetensors', 'deepdiff')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print(heavy)\nsys.exit(1 if heavy else 0)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))

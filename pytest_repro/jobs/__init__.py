@@ -34,5 +34,8 @@ def record_from_trainer(trainer: Any, adapter_only: bool = True) -> dict[str, An
 # Modules the warm worker imports once before forking runs of these jobs.
 lora_finetune.__repro_preload__ = ("transformers", "peft", "tokenizers")  # type: ignore[attr-defined]
 lora_finetune_trainer.__repro_preload__ = (  # type: ignore[attr-defined]
-    "transformers", "peft", "tokenizers", "transformers.trainer",
+    "transformers",
+    "peft",
+    "tokenizers",
+    "transformers.trainer",
 )

@@ -37,7 +37,7 @@ class LoraSettings:
     """LoRA adapter settings."""
 
     rank: int = field(8, gt=0)
-    alpha: float = field(16.0, gt=0)
+    alpha: int = field(16, gt=0)
     dropout: float = field(0.05, ge=0, lt=1)
     target_modules: list[str] = field(["q_proj", "v_proj"])
 
@@ -121,20 +121,33 @@ def prepare(ctx: JobContext) -> Prepared:
     cfg = parse_config(ctx.config)
     split = load_split(ctx.path(cfg.data.splits), ctx.path(cfg.data.corpus))
     tokenizer = Tokenizer.from_file(str(ctx.path(cfg.data.tokenizer)))
-    data = {name: _encode([r["text"] for r in rows], tokenizer, cfg.train.seq_len) for name, rows in split.splits.items()}
+    data = {
+        name: _encode([r["text"] for r in rows], tokenizer, cfg.train.seq_len) for name, rows in split.splits.items()
+    }
     m = cfg.model
     config = LlamaConfig(
-        vocab_size=tokenizer.get_vocab_size(), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
-        max_position_embeddings=m.max_position_embeddings, pad_token_id=tokenizer.token_to_id("[PAD]"),
-        bos_token_id=tokenizer.token_to_id("[BOS]"), eos_token_id=tokenizer.token_to_id("[EOS]"),
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        pad_token_id=tokenizer.token_to_id("[PAD]"),
+        bos_token_id=tokenizer.token_to_id("[BOS]"),
+        eos_token_id=tokenizer.token_to_id("[EOS]"),
         tie_word_embeddings=False,
     )
     dtype = getattr(torch, cfg.dtype)
-    base = LlamaForCausalLM(config).to(device=ctx.device, dtype=dtype)
+    base: Any = LlamaForCausalLM(config)
+    base = base.to(device=ctx.device, dtype=dtype)
     lora = LoraConfig(
-        r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
     return Prepared(cfg, model, data["train"], data["eval"], data["probe"], split.file_sha256)
@@ -162,7 +175,8 @@ def probe_logits(model: Any, batch: dict[str, torch.Tensor], device: str) -> tor
     model.eval()
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-    return out.logits.float().cpu()
+    logits: torch.Tensor = out.logits.float().cpu()
+    return logits
 
 
 def run(ctx: JobContext) -> dict[str, Any]:

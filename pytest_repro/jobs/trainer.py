@@ -54,11 +54,24 @@ def run(ctx: JobContext) -> dict[str, Any]:
             return {k: v[i] for k, v in self.data.items()}
 
     args = TrainingArguments(
-        output_dir=str(ctx.workdir / "trainer"), max_steps=t.steps, per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=64, learning_rate=t.lr, weight_decay=t.weight_decay,
-        lr_scheduler_type="constant", logging_strategy="steps", logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to="none", seed=ctx.seed, data_seed=ctx.seed, use_cpu=ctx.device == "cpu",
-        disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+        output_dir=str(ctx.workdir / "trainer"),
+        max_steps=t.steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="constant",
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        use_cpu=ctx.device == "cpu",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
     )
     trainer = Trainer(model=p.model, args=args, train_dataset=Rows(p.train), eval_dataset=Rows(p.eval))
     trainer.train()
