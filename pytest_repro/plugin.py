@@ -115,11 +115,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
+@pytest.hookimpl(trylast=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Start the warm worker now: its imports (seconds) overlap with collection.
     repro = session.config.stash.get(session_key, None)
-    if repro is None or session.config.option.collectonly:
-        return
-    if any(item.get_closest_marker(MARKER) is not None for item in session.items):
+    if repro is not None and not session.config.option.collectonly:
         repro.warm_up()
 
 
