@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -64,8 +65,12 @@ class ReproSession:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
+class DeviceUnavailableError(RuntimeError):
+    """CUDA was asked for explicitly but this machine cannot provide it."""
+
+
 def resolve_device(requested: str) -> str:
-    """Turn 'auto' into cuda or cpu; fail clearly when CUDA is asked for but absent."""
+    """Turn 'auto' into cuda or cpu; raise DeviceUnavailableError when an explicit CUDA device is missing."""
     if requested == "cpu":
         return "cpu"
     import torch
@@ -73,11 +78,14 @@ def resolve_device(requested: str) -> str:
     available = torch.cuda.is_available()
     if requested == "auto":
         return "cuda" if available else "cpu"
-    if not available:
-        raise pytest.UsageError(
-            f"--repro-device={requested} was requested but CUDA is not available on this machine "
-            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
-            "Fix the runner's GPU setup, or use --repro-device=cpu."
+    count = torch.cuda.device_count() if available else 0
+    index = int(requested.partition(":")[2] or 0)
+    if index >= count:
+        raise DeviceUnavailableError(
+            f"device {requested!r} was requested but this machine has {count} usable CUDA device(s) "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). A GPU gate must not pass "
+            "without a GPU: fix the runner's driver/container setup, or run with --repro-device=cpu."
         )
     return requested
 
@@ -114,7 +122,11 @@ class Repro:
     def device(self) -> str:
         """The device the runs use (cuda when available and not overridden, else cpu)."""
         if self._device is None:
-            self._device = resolve_device(self._settings.device)
+            try:
+                self._device = resolve_device(self._settings.device)
+            except DeviceUnavailableError as exc:
+                _fail(f"{self._nodeid}: {exc}")
+                raise
         return self._device
 
     @property
@@ -170,6 +182,7 @@ class Repro:
         except JobReferenceError as exc:
             raise pytest.UsageError(f"{self._nodeid}: {exc}") from None
         cfg, config_dir = self._load_config(config)
+        self._validate_config(job, cfg)
         outcome = CheckOutcome(self._nodeid, name, "passed", self.reference_dir(name))
         self._session.outcomes.append(outcome)
         records = self._run_all(ref, cfg, config_dir, outcome)
@@ -177,6 +190,19 @@ class Repro:
         self._check_run_to_run(records, outcome)
         self._check_reference(records[0], cfg, ref, outcome)
         return records[0]
+
+    def _validate_config(self, job: Callable[..., Any] | str, cfg: dict[str, Any]) -> None:
+        """Run the job's own config check (``job.__repro_validate__``) here, before any process starts."""
+        validate = getattr(job, "__repro_validate__", None)
+        if validate is None:
+            return
+        try:
+            validate(cfg)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            return
+        _fail(f"{self._nodeid}: {problem}\nNothing was run. Fix the config passed to repro.check (see the job's docs).")
 
     def _run_all(self, ref: JobRef, cfg: dict[str, Any], config_dir: str | None, outcome: CheckOutcome) -> list[Record]:
         s = self._settings

@@ -103,6 +103,13 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = base_settings(ini, cli, Path(config.rootpath))
     except SettingsError as exc:
         raise pytest.UsageError(f"pytest-repro: {exc}") from None
+    if settings.device.startswith("cuda"):
+        from .harness import DeviceUnavailableError, resolve_device
+
+        try:
+            resolve_device(settings.device)
+        except DeviceUnavailableError as exc:
+            raise pytest.UsageError(f"pytest-repro: {exc}") from None
     config.stash[session_key] = ReproSession(settings, Path(config.rootpath), ["pytest", *sys.argv[1:]])
 
 

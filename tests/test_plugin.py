@@ -309,3 +309,43 @@ def test_plugin_import_loads_no_heavy_library() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_lora_config_errors_are_reported_before_any_run(userjobs: pytest.Pytester) -> None:
+    userjobs.makepyfile(
+        test_cfg="""
+        import pytest
+        from pytest_repro.jobs import lora_finetune
+
+        @pytest.mark.reproducible
+        def test_lora(repro):
+            repro.check(lora_finetune, config={"lora": {"rank": "8", "alpah": 2}, "train": {"lr": -1}})
+    """
+    )
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*lora_finetune config has 3 problem(s):",
+            "*lora.alpah: unknown key (did you mean 'alpha'?)*",
+            "*lora.rank: expected int > 0, got '8'",
+            "*train.lr: expected float > 0, got -1.0",
+            "*Nothing was run.*",
+        ]
+    )
+    assert "run(s)" not in result.stdout.str()
+
+
+def test_explicit_cuda_without_a_gpu_is_an_error_not_a_skip(userjobs: pytest.Pytester) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the check is for machines without one")
+    write_test(userjobs)
+    result = userjobs.runpytest("--repro", "--repro-device=cuda")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*device 'cuda' was requested but this machine has 0 usable CUDA device(s)*"])
+    write_test(userjobs, marker='(device="cuda")')
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*A GPU gate must not pass without a GPU*"])

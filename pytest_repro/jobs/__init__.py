@@ -31,11 +31,17 @@ def record_from_trainer(trainer: Any, adapter_only: bool = True) -> dict[str, An
     return build(trainer, adapter_only=adapter_only)
 
 
+def _validate_lora(config: dict[str, Any]) -> None:
+    from .lora import parse_config
+
+    parse_config(config)
+
+
+# Checked in the pytest process before any run starts (the job checks again in its own process).
+lora_finetune.__repro_validate__ = _validate_lora  # type: ignore[attr-defined]
+lora_finetune_trainer.__repro_validate__ = _validate_lora  # type: ignore[attr-defined]
+
 # Modules the warm worker imports once before forking runs of these jobs.
-lora_finetune.__repro_preload__ = ("transformers", "peft", "tokenizers")  # type: ignore[attr-defined]
-lora_finetune_trainer.__repro_preload__ = (  # type: ignore[attr-defined]
-    "transformers",
-    "peft",
-    "tokenizers",
-    "transformers.trainer",
-)
+_LORA_PRELOAD = ("peft", "tokenizers", "transformers.models.llama.modeling_llama", "pytest_repro.jobs.lora")
+lora_finetune.__repro_preload__ = _LORA_PRELOAD  # type: ignore[attr-defined]
+lora_finetune_trainer.__repro_preload__ = (*_LORA_PRELOAD, "transformers.trainer")  # type: ignore[attr-defined]
