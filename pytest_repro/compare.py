@@ -53,7 +53,8 @@ class Difference:
                 f"abs diff {_g(self.max_abs)}, rel diff {_g(self.max_rel)}{tol}"
             )
         pct = 100.0 * self.n_diff / self.numel if self.numel else 0.0
-        pos = "" if self.position is None else f" (tensor {self.position + 1} in state-dict order)"
+        order = "in state-dict order" if self.section == "weights" else f"in {self.section}"
+        pos = "" if self.position is None else f" (tensor {self.position + 1} {order})"
         at = "" if self.index is None else f", first at index {self.index}"
         return (
             f"{where}{pos}: {self.n_diff} of {self.numel} elements differ ({pct:.3g}%), "

@@ -311,31 +311,21 @@ class Repro:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def _write(self, record: Record, cfg: dict[str, Any], ref: JobRef, outcome: CheckOutcome, detail: str) -> None:
+        assert outcome.path is not None
+        write_reference(outcome.path, record, self._run1_manifest, self._provenance(cfg, ref, record))
+        outcome.verdict = "written"
+        outcome.detail = detail
+
     def _check_reference(self, record: Record, cfg: dict[str, Any], ref: JobRef, outcome: CheckOutcome) -> None:
         path = outcome.path
         assert path is not None
         regen = self._settings.regen
-        run1_manifest = self._run1_manifest
         try:
-            stored: Reference | None = load_reference(path)
+            stored = load_reference(path)
         except MissingReferenceError:
-            stored = None
-        except CorruptRecordError as exc:
-            if regen == "all":
-                stored = None
-            else:
-                outcome.verdict = "corrupt"
-                outcome.detail = str(exc)
-                _fail(
-                    f"the reference for {self._nodeid} is corrupt and was not used: {exc}\n"
-                    "It was left untouched. Inspect it (git diff / git checkout), or rewrite it with: "
-                    f"{_regen_command(self._nodeid)}"
-                )
-                return
-        if stored is None:
             if regen in ("all", "missing"):
-                write_reference(path, record, run1_manifest, self._provenance(cfg, ref, record))
-                outcome.verdict = "written"
+                self._write(record, cfg, ref, outcome, "")
                 return
             outcome.verdict = "missing"
             _fail(
@@ -343,29 +333,35 @@ class Repro:
                 f"Record it (after checking that the job is right) with: {_regen_command(self._nodeid, 'missing')}"
             )
             return
-        cmp = compare_records(stored.record, record, self._settings.tolerance)
-        if cmp.ok:
-            if regen == "all" and stored.provenance.get("config") != cfg:
-                write_reference(path, record, run1_manifest, self._provenance(cfg, ref, record))
-                outcome.verdict = "written"
-                outcome.detail = "same values; provenance updated for the changed config"
+        except CorruptRecordError as exc:
+            if regen == "all":  # only an explicit full regeneration may replace a broken reference
+                self._write(record, cfg, ref, outcome, f"replaced a corrupt reference ({exc.detail})")
                 return
+            outcome.verdict = "corrupt"
+            outcome.detail = str(exc)
+            _fail(
+                f"the reference for {self._nodeid} is corrupt and was not used: {exc}\n"
+                "It was left untouched. Inspect it (git diff / git checkout), or rewrite it with: "
+                f"{_regen_command(self._nodeid)}"
+            )
+            return
+        cmp = compare_records(stored.record, record, self._settings.tolerance)
+        if regen == "all" and not cmp.ok:
+            self._write(record, cfg, ref, outcome, _headline(cmp, "reference updated"))
+        elif regen == "all" and stored.provenance.get("config") != cfg:
+            self._write(record, cfg, ref, outcome, "same values; provenance updated for the changed config")
+        elif cmp.ok:
             outcome.verdict = "unchanged" if regen == "all" else "passed"
-            return
-        if regen == "all":
-            write_reference(path, record, run1_manifest, self._provenance(cfg, ref, record))
-            outcome.verdict = "written"
-            outcome.detail = _headline(cmp, "reference updated")
-            return
-        outcome.verdict = "differs"
-        outcome.detail = _headline(cmp, "differs from the reference")
-        _fail(
-            f"{self._nodeid} differs from its reference {self._relative(path)}:\n"
-            f"{cmp.describe('reference', 'this run')}\n"
-            f"{_context(stored, record, run1_manifest)}"
-            "If the change is intended, regenerate the reference with: "
-            f"{_regen_command(self._nodeid)}"
-        )
+        else:
+            outcome.verdict = "differs"
+            outcome.detail = _headline(cmp, "differs from the reference")
+            _fail(
+                f"{self._nodeid} differs from its reference {self._relative(path)}.\n"
+                f"{_context(stored, record, self._run1_manifest, cfg)}"
+                f"What differs:\n{cmp.describe('reference', 'this run')}\n"
+                "If the change is intended, regenerate the reference with: "
+                f"{_regen_command(self._nodeid)}"
+            )
 
     def _relative(self, path: Path) -> str:
         try:
@@ -382,20 +378,24 @@ def _headline(cmp: Comparison, prefix: str) -> str:
     return f"{prefix} in {where}"
 
 
-def _context(stored: Reference, record: Record, manifest: dict[str, Any]) -> str:
-    """Explain what else differs between the reference's run and this one: settings, then environment."""
+def _context(stored: Reference, record: Record, manifest: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """Explain what else differs between the reference's run and this one: config, settings, environment."""
+    from .manifest import diff_manifests
+
     lines: list[str] = []
+    old_cfg = stored.provenance.get("config")
+    if isinstance(old_cfg, dict) and old_cfg != cfg:
+        changes = diff_manifests(old_cfg, cfg)
+        lines += ["  config {}: reference {}, this run {}".format(d.path, *d.values()) for d in changes[:12]]
     for key in ("seed", "device", "deterministic", "dtype"):
         old, new = stored.record.meta.get(key), record.meta.get(key)
         if old != new:
             lines.append(f"  {key}: reference {old!r}, this run {new!r}")
     if stored.manifest and manifest:
-        from .manifest import diff_manifests
-
         drift = [d for d in diff_manifests(stored.manifest, manifest) if d.category != "cosmetic"]
         lines += ["  " + d.describe() for d in drift[:12]]
         if len(drift) > 12:
             lines.append(f"  … and {len(drift) - 12} more environment changes")
     if not lines:
-        return "Same seed, device, determinism and environment as the reference: the code or data changed.\n"
-    return "What else changed since the reference was recorded:\n" + "\n".join(lines) + "\n"
+        return "Same config, seed, device, determinism and environment as the reference: the code or data changed.\n"
+    return "Changed since the reference was recorded:\n" + "\n".join(lines) + "\n"

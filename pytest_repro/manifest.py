@@ -165,10 +165,18 @@ class Drift:
     old: Any
     new: Any
     category: str  # "numeric", "code" or "cosmetic"
+    change: str = "changed"  # "changed", "added" or "removed"
+
+    def values(self) -> tuple[str, str]:
+        """Return the old and new value as text, '(absent)' where the field did not exist."""
+        old = "(absent)" if self.change == "added" else repr(self.old)
+        new = "(absent)" if self.change == "removed" else repr(self.new)
+        return old, new
 
     def describe(self) -> str:
         """Return one aligned line for this change."""
-        return f"{self.category:<8} {self.path}: {self.old!r} -> {self.new!r}"
+        old, new = self.values()
+        return f"{self.category:<8} {self.path}: {old} -> {new}"
 
 
 def _category(path: str) -> str:
@@ -189,8 +197,10 @@ def diff_manifests(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift
     for change_type in diff:
         for level in diff[change_type]:
             path = ".".join(str(p) for p in level.path(output_format="list"))
-            old_v = None if change_type.endswith("_added") else level.t1
-            new_v = None if change_type.endswith("_removed") else level.t2
-            drifts.append(Drift(path, old_v, new_v, _category(path)))
+            added, removed = change_type.endswith("_added"), change_type.endswith("_removed")
+            old_v = None if added else level.t1
+            new_v = None if removed else level.t2
+            change = "added" if added else "removed" if removed else "changed"
+            drifts.append(Drift(path, old_v, new_v, _category(path), change))
     order = {"numeric": 0, "code": 1, "cosmetic": 2}
     return sorted(drifts, key=lambda d: (order[d.category], d.path))

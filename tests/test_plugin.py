@@ -115,7 +115,7 @@ def test_intentional_change_reports_what_moved(userjobs: pytest.Pytester) -> Non
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "differs from its reference reference_outputs/test_user/test_train" in out
+    assert "differs from its reference reference_outputs/test_user/test_train." in out
     # losses: step 0 is computed before any update, so the first divergent step is 1
     expected = [
         "losses: first divergent step 1: reference ",
@@ -124,6 +124,7 @@ def test_intentional_change_reports_what_moved(userjobs: pytest.Pytester) -> Non
         "also weights['bias'] (tensor 2 in state-dict order): 2 of 2 elements differ",
         "metrics['accuracy']: reference 0.46875, this run 1.0, abs diff 0.531",
         "outputs['pred']",
+        "Changed since the reference was recorded:\n  config lr: reference (absent), this run 0.06\nWhat differs:",
         "If the change is intended, regenerate the reference with: "
         "pytest --repro --repro-regen test_user.py::test_train",
     ]
