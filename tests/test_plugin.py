@@ -124,7 +124,10 @@ def test_intentional_change_reports_what_moved(userjobs: pytest.Pytester) -> Non
         "also weights['bias'] (tensor 2 in state-dict order): 2 of 2 elements differ",
         "metrics['accuracy']: reference 0.46875, this run 1.0, abs diff 0.531",
         "outputs['pred']",
-        "Changed since the reference was recorded:\n  config lr: reference (absent), this run 0.06\nWhat differs:",
+        "Changed since the reference was recorded:\n"
+        "  config accuracy_shift: reference (absent), this run 0.5\n"
+        "  config lr: reference (absent), this run 0.06\n"
+        "What differs:",
         "If the change is intended, regenerate the reference with: "
         "pytest --repro --repro-regen test_user.py::test_train",
     ]
