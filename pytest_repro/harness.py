@@ -22,7 +22,14 @@ from .record import CorruptRecordError, Record, first_non_finite, load_record
 from .runner import MANIFEST_FILE, JobRef, JobReferenceError, Runner, RunOutcome, RunSpec
 from .seeding import derive_seed
 from .settings import Settings
-from .storage import MissingReferenceError, Reference, load_reference, reference_path, write_reference
+from .storage import (
+    MissingReferenceError,
+    Reference,
+    environment_dirs,
+    load_reference,
+    reference_path,
+    write_reference,
+)
 
 
 @dataclass
@@ -35,6 +42,23 @@ class CheckOutcome:
     path: Path | None = None
     detail: str = ""
     seconds: list[float] = field(default_factory=list)
+    env_key: str | None = None
+    compared_with: str | None = None  # env key of the reference used, when it is another environment's
+    drift: list[str] = field(default_factory=list)  # numeric environment drift vs the reference
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Check:
+    """The state of one ``repro.check`` call as it moves through runs, comparison and storage."""
+
+    ref: JobRef
+    cfg: dict[str, Any]
+    config_source: str
+    config_dir: str | None
+    effective: dict[str, dict[str, Any]]
+    outcome: CheckOutcome
+    manifest: dict[str, Any] = field(default_factory=dict)
 
 
 class ReproSession:
@@ -109,7 +133,6 @@ class Repro:
         self._test_dir = test_path.parent
         self._names: set[str | None] = set()
         self._device: str | None = None
-        self._run1_manifest: dict[str, Any] = {}
         self.records: list[Record] = []
 
     @property
@@ -182,35 +205,45 @@ class Repro:
         except JobReferenceError as exc:
             raise pytest.UsageError(f"{self._nodeid}: {exc}") from None
         cfg, config_dir = self._load_config(config)
-        self._validate_config(job, cfg)
+        effective = self._validate_config(job, cfg, config)
         outcome = CheckOutcome(self._nodeid, name, "passed", self.reference_dir(name))
         self._session.outcomes.append(outcome)
-        records = self._run_all(ref, cfg, config_dir, outcome)
+        source = str(config) if isinstance(config, (str, Path)) else "dict"
+        c = _Check(ref, cfg, source, config_dir, effective, outcome)
+        records = self._run_all(c)
         self.records = records
         self._check_run_to_run(records, outcome)
-        self._check_reference(records[0], cfg, ref, outcome)
+        self._audit_config(records[0], c)
+        self._check_reference(records[0], c)
         return records[0]
 
-    def _validate_config(self, job: Callable[..., Any] | str, cfg: dict[str, Any]) -> None:
-        """Run the job's own config check (``job.__repro_validate__``) here, before any process starts."""
+    def _validate_config(
+        self, job: Callable[..., Any] | str, cfg: dict[str, Any], config: object
+    ) -> dict[str, dict[str, Any]]:
+        """Check the config against the job's schema here, before any process starts; return the effective config."""
+        from .schema import effective_config
+
         validate = getattr(job, "__repro_validate__", None)
-        if validate is None:
-            return
+        schema = getattr(job, "__repro_schema__", None)
+        if schema is not None and not isinstance(schema, type):
+            schema = schema()
+        source = str(config) if isinstance(config, (str, Path)) else "dict"
         try:
-            validate(cfg)
+            if validate is not None:
+                validate(cfg)
+            return effective_config(schema, cfg, source)
         except ValueError as exc:
             problem = str(exc)
-        else:
-            return
         _fail(f"{self._nodeid}: {problem}\nNothing was run. Fix the config passed to repro.check (see the job's docs).")
+        raise AssertionError  # unreachable: pytest.fail raises
 
-    def _run_all(self, ref: JobRef, cfg: dict[str, Any], config_dir: str | None, outcome: CheckOutcome) -> list[Record]:
+    def _run_all(self, c: _Check) -> list[Record]:
         s = self._settings
         records: list[Record] = []
         for i in range(s.runs):
             spec = RunSpec(
-                job=ref,
-                config=cfg,
+                job=c.ref,
+                config=c.cfg,
                 seed=self.seed,
                 device=self.device,
                 deterministic=s.deterministic,
@@ -219,13 +252,15 @@ class Repro:
                 cwd=str(self._session.rootdir),
                 sys_path=tuple(sys.path),
                 manifest=(i == 0),
-                config_dir=config_dir,
+                config_dir=c.config_dir,
+                manifest_packages=s.manifest_packages,
+                identity=s.identity,
             )
             result = self._session.runner.run(spec, s.timeout, s.base_seed)
-            outcome.seconds.append(result.wall_s)
-            records.append(self._record_of(result, i + 1, outcome))
+            c.outcome.seconds.append(result.wall_s)
+            records.append(self._record_of(result, i + 1, c.outcome))
             if i == 0:
-                self._run1_manifest = self._read_manifest(result.workdir)
+                c.manifest = self._read_manifest(result.workdir)
         return records
 
     def _record_of(self, result: RunOutcome, run: int, outcome: CheckOutcome) -> Record:
@@ -284,20 +319,43 @@ class Repro:
                     "@pytest.mark.reproducible(tolerance=...)."
                 )
 
-    def _provenance(self, cfg: dict[str, Any], ref: JobRef, record: Record) -> dict[str, Any]:
+    def _audit_config(self, record: Record, c: _Check) -> None:
+        audit = record.meta.get("config_audit") or {}
+        problems = [
+            f"the job read config key {k!r}, which the config does not declare (it used a default)"
+            for k in audit.get("undeclared_reads", [])
+        ]
+        problems += [f"config key {k!r} was never read by the job" for k in audit.get("unused_keys", [])]
+        if not problems or self._settings.config_audit == "off":
+            return
+        if self._settings.config_audit == "fail":
+            c.outcome.verdict = "error"
+            c.outcome.detail = "config audit failed"
+            _fail(
+                f"{self._nodeid}: the recorded config does not match what the job used:\n"
+                + "\n".join(f"  {p}" for p in problems)
+                + "\nFix: declare every key the job reads (and drop unused ones) in the config, "
+                "or set ini repro_config_audit = warn."
+            )
+        c.outcome.warnings += [f"config audit: {p}" for p in problems]
+
+    def _provenance(self, c: _Check, record: Record) -> dict[str, Any]:
         from . import __version__
 
         return {
             "recorded_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
             "plugin_version": __version__,
             "test": self._nodeid,
-            "job": ref.name,
+            "job": c.ref.name,
             "seed": self.seed,
             "base_seed": self._settings.base_seed,
             "device": self.device,
+            "environment_key": c.outcome.env_key,
             "deterministic": self._settings.deterministic,
             "runs": self._settings.runs,
-            "config": cfg,
+            "config": c.cfg,
+            "config_source": c.config_source,
+            "effective_config": c.effective,
             "command": " ".join(shlex.quote(a) for a in self._session.invocation),
             "wall_s": record.meta.get("wall_s"),
         }
@@ -311,31 +369,30 @@ class Repro:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def _write(self, record: Record, cfg: dict[str, Any], ref: JobRef, outcome: CheckOutcome, detail: str) -> None:
-        assert outcome.path is not None
-        write_reference(outcome.path, record, self._run1_manifest, self._provenance(cfg, ref, record))
-        outcome.verdict = "written"
-        outcome.detail = detail
+    def _write(self, record: Record, c: _Check, target: Path, detail: str) -> None:
+        write_reference(target, record, c.manifest, self._provenance(c, record))
+        c.outcome.path = target
+        c.outcome.verdict = "written"
+        c.outcome.detail = detail
 
-    def _check_reference(self, record: Record, cfg: dict[str, Any], ref: JobRef, outcome: CheckOutcome) -> None:
-        path = outcome.path
-        assert path is not None
+    def _check_reference(self, record: Record, c: _Check) -> None:
+        from .manifest import environment_key, numeric_drift
+
+        outcome = c.outcome
+        test_dir = outcome.path
+        assert test_dir is not None
+        env_key = environment_key(c.manifest, self.device, self._settings.env_key_fields)
+        outcome.env_key = env_key
+        target = test_dir / env_key
+        outcome.path = target
         regen = self._settings.regen
         try:
-            stored = load_reference(path)
+            stored: Reference | None = load_reference(target)
         except MissingReferenceError:
-            if regen in ("all", "missing"):
-                self._write(record, cfg, ref, outcome, "")
-                return
-            outcome.verdict = "missing"
-            _fail(
-                f"no reference for {self._nodeid}: expected one at {self._relative(path)}\n"
-                f"Record it (after checking that the job is right) with: {_regen_command(self._nodeid, 'missing')}"
-            )
-            return
+            stored = None
         except CorruptRecordError as exc:
             if regen == "all":  # only an explicit full regeneration may replace a broken reference
-                self._write(record, cfg, ref, outcome, f"replaced a corrupt reference ({exc.detail})")
+                self._write(record, c, target, f"replaced a corrupt reference ({exc.detail})")
                 return
             outcome.verdict = "corrupt"
             outcome.detail = str(exc)
@@ -345,23 +402,82 @@ class Repro:
                 f"{_regen_command(self._nodeid)}"
             )
             return
+        if stored is None:
+            if regen in ("all", "missing"):
+                self._write(record, c, target, f"environment {env_key}")
+            else:
+                self._compare_other_environments(record, c, test_dir, env_key)
+            return
         cmp = compare_records(stored.record, record, self._settings.tolerance)
         if regen == "all" and not cmp.ok:
-            self._write(record, cfg, ref, outcome, _headline(cmp, "reference updated"))
-        elif regen == "all" and stored.provenance.get("config") != cfg:
-            self._write(record, cfg, ref, outcome, "same values; provenance updated for the changed config")
+            self._write(record, c, target, _headline(cmp, "reference updated"))
+        elif regen == "all" and stored.provenance.get("config") != c.cfg:
+            self._write(record, c, target, "same values; provenance updated for the changed config")
         elif cmp.ok:
             outcome.verdict = "unchanged" if regen == "all" else "passed"
+            if stored.manifest and c.manifest:
+                outcome.drift = [d.describe() for d in numeric_drift(stored.manifest, c.manifest)]
         else:
             outcome.verdict = "differs"
             outcome.detail = _headline(cmp, "differs from the reference")
             _fail(
-                f"{self._nodeid} differs from its reference {self._relative(path)}.\n"
-                f"{_context(stored, record, self._run1_manifest, cfg)}"
+                f"{self._nodeid} differs from its reference {self._relative(target)}.\n"
+                f"{_context(stored, record, c)}"
                 f"What differs:\n{cmp.describe('reference', 'this run')}\n"
                 "If the change is intended, regenerate the reference with: "
                 f"{_regen_command(self._nodeid)}"
             )
+
+    def _compare_other_environments(self, record: Record, c: _Check, test_dir: Path, env_key: str) -> None:
+        """No reference for this environment: compare with the closest other one, under the cross-env tolerance."""
+        from .manifest import numeric_drift
+
+        outcome = c.outcome
+        candidates: list[tuple[int, str, Reference]] = []
+        unusable: list[str] = []
+        for other_key, folder in environment_dirs(test_dir).items():
+            try:
+                other = load_reference(folder)
+            except (MissingReferenceError, CorruptRecordError) as exc:
+                unusable.append(f"{other_key} ({exc})")
+                continue
+            distance = len(numeric_drift(other.manifest, c.manifest)) if other.manifest and c.manifest else 999
+            candidates.append((distance, other_key, other))
+        record_cmd = _regen_command(self._nodeid, "missing")
+        if not candidates:
+            outcome.verdict = "missing"
+            also = f" (unusable: {'; '.join(unusable)})" if unusable else ""
+            _fail(
+                f"no reference for {self._nodeid} in environment {env_key!r}: expected one at "
+                f"{self._relative(test_dir / env_key)}{also}\n"
+                f"Record it for this environment (after checking that the job is right) with: {record_cmd}"
+            )
+            return
+        _, other_key, stored = min(candidates, key=lambda t: (t[0], t[1]))
+        tolerance = self._settings.cross_env
+        outcome.compared_with = other_key
+        outcome.path = stored.path
+        cmp = compare_records(stored.record, record, tolerance)
+        drift = [d.describe() for d in numeric_drift(stored.manifest, c.manifest)] if stored.manifest else []
+        outcome.drift = drift
+        note = (
+            f"no reference for environment {env_key!r}; compared with the one recorded in {other_key!r} "
+            f"under the cross-environment tolerance ({tolerance.default.describe()}), not bitwise"
+        )
+        if cmp.ok:
+            outcome.verdict = "passed-cross-env"
+            outcome.detail = note
+            return
+        outcome.verdict = "differs"
+        outcome.detail = _headline(cmp, f"differs from the {other_key} reference")
+        _fail(
+            f"{self._nodeid}: {note}, and it differs.\n"
+            f"{_context(stored, record, c)}"
+            f"What differs:\n{cmp.describe(f'reference ({other_key})', 'this run')}\n"
+            f"Fix: record a reference for this environment with: {record_cmd}\n"
+            "or loosen the cross-environment tolerance (@pytest.mark.reproducible(cross_env=...), "
+            "ini repro_cross_env_tolerance)."
+        )
 
     def _relative(self, path: Path) -> str:
         try:
@@ -378,21 +494,26 @@ def _headline(cmp: Comparison, prefix: str) -> str:
     return f"{prefix} in {where}"
 
 
-def _context(stored: Reference, record: Record, manifest: dict[str, Any], cfg: dict[str, Any]) -> str:
+def _context(stored: Reference, record: Record, c: _Check) -> str:
     """Explain what else differs between the reference's run and this one: config, settings, environment."""
     from .manifest import diff_manifests
 
     lines: list[str] = []
-    old_cfg = stored.provenance.get("config")
-    if isinstance(old_cfg, dict) and old_cfg != cfg:
-        changes = diff_manifests(old_cfg, cfg)
-        lines += ["  config {}: reference {}, this run {}".format(d.path, *d.values()) for d in changes[:12]]
+    old_eff = stored.provenance.get("effective_config")
+    if isinstance(old_eff, dict):
+        old_values = {path: entry.get("value") for path, entry in old_eff.items() if isinstance(entry, dict)}
+        new_values = {path: entry["value"] for path, entry in c.effective.items()}
+        for d in diff_manifests(old_values, new_values)[:12]:
+            top = d.path.split(".", 1)[0] if d.path not in new_values else d.path
+            source = c.effective.get(d.path, c.effective.get(top, {})).get("source")
+            tag = f" ({source})" if source else ""
+            lines.append("  config {}: reference {}, this run {}".format(d.path, *d.values()) + tag)
     for key in ("seed", "device", "deterministic", "dtype"):
         old, new = stored.record.meta.get(key), record.meta.get(key)
         if old != new:
             lines.append(f"  {key}: reference {old!r}, this run {new!r}")
-    if stored.manifest and manifest:
-        drift = [d for d in diff_manifests(stored.manifest, manifest) if d.category != "cosmetic"]
+    if stored.manifest and c.manifest:
+        drift = [d for d in diff_manifests(stored.manifest, c.manifest) if d.category != "cosmetic"]
         lines += ["  " + d.describe() for d in drift[:12]]
         if len(drift) > 12:
             lines.append(f"  … and {len(drift) - 12} more environment changes")

@@ -2,34 +2,71 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import importlib.util
+import json
 import os
 import platform
 import re
+import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2
 PACKAGES = ("numpy", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "scipy")
-NUMERIC_ENV = (
-    "CUBLAS_WORKSPACE_CONFIG",
-    "PYTHONHASHSEED",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "CUDA_VISIBLE_DEVICES",
-    "NVIDIA_TF32_OVERRIDE",
-    "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
-    "CUDA_LAUNCH_BLOCKING",
-    "OPENBLAS_CORETYPE",
+# Environment variables that change numerics, threading or device selection.
+NUMERIC_ENV = re.compile(
+    r"^(CUBLAS_WORKSPACE_CONFIG|PYTHONHASHSEED|CUDA_VISIBLE_DEVICES|CUDA_LAUNCH_BLOCKING|NVIDIA_TF32_OVERRIDE"
+    r"|TORCH_ALLOW_TF32_CUBLAS_OVERRIDE|OMP_.*|MKL_.*|OPENBLAS_.*|KMP_.*|GOMP_.*|NCCL_.*|CUDNN_.*|CUBLAS_.*"
+    r"|TORCH_.*|PYTORCH_.*|XLA_.*|TF_ENABLE_ONEDNN_OPTS|ONEDNN_.*|DNNL_.*)$"
 )
-# Top-level manifest sections and what a change in them means for results.
-NUMERIC_SECTIONS = ("torch", "gpu", "cpu", "packages", "env", "determinism", "python")
-CODE_SECTIONS = ("git",)
+# Names that look like credentials: their values never reach a manifest.
+SECRET_NAME = re.compile(
+    r"(TOKEN|SECRET|PASSW|PASSWORD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE|AUTH|COOKIE|SESSION)", re.IGNORECASE
+)
+REDACTED = "<redacted>"
+CPU_FLAGS = {
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "amx_bf16",
+    "amx_tile",
+    "amx_int8",
+    "sve",
+    "neon",
+    "asimd",
+}
+
+# First matching prefix decides what a changed field means for results.
+CATEGORY_RULES: tuple[tuple[str, str], ...] = (
+    ("git", "code"),
+    ("host", "cosmetic"),
+    ("collected_at", "cosmetic"),
+    ("container", "cosmetic"),
+    ("python.executable", "cosmetic"),
+    ("os.release", "cosmetic"),
+    ("pip", "cosmetic"),
+    ("torch", "numeric"),
+    ("gpu", "numeric"),
+    ("cpu", "numeric"),
+    ("packages", "numeric"),
+    ("env", "numeric"),
+    ("determinism", "numeric"),
+    ("python", "numeric"),
+    ("os", "numeric"),
+)
 
 
 def _probe(fn: Callable[[], Any]) -> Any:
@@ -46,13 +83,10 @@ def _cpu() -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         text = cpuinfo.read_text(errors="replace")
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = m.group(1).strip() if m else model
-        f = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-        present = set(f.group(1).split()) if f else set()
-        flags = sorted(
-            x for x in present if x in {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-        )
+        m = re.search(r"^(model name|Model)\s*:\s*(.+)$", text, re.M)
+        model = m.group(2).strip() if m else model
+        f = re.search(r"^(flags|Features)\s*:\s*(.+)$", text, re.M)
+        flags = sorted(set(f.group(2).split()) & CPU_FLAGS) if f else []
     return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(), "isa_flags": flags}
 
 
@@ -61,16 +95,47 @@ def _torch() -> dict[str, Any]:
         return {"installed": False}
     import torch
 
-    return {
+    build = torch.__config__.show()
+    blas = re.search(r"BLAS_INFO=([^,\s]+)", build)
+    lapack = re.search(r"LAPACK_INFO=([^,\s]+)", build)
+    capability = re.search(r"CPU capability usage: (\S+)", build)
+    info: dict[str, Any] = {
         "version": torch.__version__,
+        "git_version": getattr(torch.version, "git_version", None),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,  # type: ignore[no-untyped-call]
         "debug": torch.version.debug,
+        "blas": blas.group(1) if blas else None,
+        "lapack": lapack.group(1) if lapack else None,
+        "cpu_capability": capability.group(1) if capability else None,
+        "parallel_backend": _parallel_backend(torch.__config__.parallel_info()),
         "intra_op_threads": torch.get_num_threads(),
         "inter_op_threads": torch.get_num_interop_threads(),
         "mkl": torch.backends.mkl.is_available(),  # type: ignore[no-untyped-call]
         "mkldnn": torch.backends.mkldnn.is_available(),  # type: ignore[no-untyped-call]
     }
+    if torch.cuda.is_available():
+        info["nccl"] = _probe(lambda: ".".join(map(str, torch.cuda.nccl.version())))  # type: ignore[no-untyped-call]
+    return info
+
+
+def _parallel_backend(parallel_info: str) -> str | None:
+    m = re.search(r"ATen parallel backend: (.+)", parallel_info)
+    return m.group(1).strip() if m else None
+
+
+def _driver_version() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    out = subprocess.run(
+        [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=True,
+    ).stdout
+    return out.splitlines()[0].strip() if out.strip() else None
 
 
 def _gpu() -> list[dict[str, Any]]:
@@ -80,6 +145,7 @@ def _gpu() -> list[dict[str, Any]]:
 
     if not torch.cuda.is_available():
         return []
+    driver = _probe(_driver_version)
     gpus = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
@@ -88,6 +154,7 @@ def _gpu() -> list[dict[str, Any]]:
                 "name": props.name,
                 "capability": f"{props.major}.{props.minor}",
                 "memory_gib": round(props.total_memory / 2**30, 1),
+                "driver": driver,
             }
         )
     return gpus
@@ -104,6 +171,7 @@ def _determinism() -> dict[str, Any]:
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
 
 
@@ -124,7 +192,7 @@ def _git(cwd: Path) -> dict[str, Any]:
     }
 
 
-def _packages(extra: tuple[str, ...]) -> dict[str, str | None]:
+def _packages(extra: Iterable[str]) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in (*PACKAGES, *extra):
         try:
@@ -134,12 +202,67 @@ def _packages(extra: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
-def collect_manifest(cwd: str | Path | None = None, extra_packages: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Return this process's environment manifest as a plain, YAML/JSON-serializable dict."""
-    libc = platform.libc_ver()
+def _pip() -> dict[str, Any]:
+    """A hash of the installed distributions (what `pip freeze` lists), without running pip."""
+    dists = sorted({f"{d.metadata['Name']}=={d.version}".lower() for d in importlib.metadata.distributions()})
+    return {"freeze_sha256": hashlib.sha256("\n".join(dists).encode()).hexdigest(), "distributions": len(dists)}
+
+
+def _container() -> dict[str, Any]:
+    cgroup = Path("/proc/1/cgroup")
+    text = cgroup.read_text(errors="replace") if cgroup.exists() else ""
+    runtime = next((name for name in ("kubepods", "docker", "containerd", "lxc", "podman") if name in text), None)
     return {
+        "dockerenv": Path("/.dockerenv").exists(),
+        "containerenv": Path("/run/.containerenv").exists(),
+        "cgroup_runtime": runtime,
+        "kubernetes": "KUBERNETES_SERVICE_HOST" in os.environ,
+    }
+
+
+def redact_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Return the numerics-relevant variables of ``environ``, with credential-like names redacted."""
+    out: dict[str, str] = {}
+    for name in sorted(environ):
+        if NUMERIC_ENV.match(name):
+            out[name] = REDACTED if SECRET_NAME.search(name) else environ[name]
+    return out
+
+
+def _identity(value: str, mode: str) -> str | None:
+    if mode == "omit":
+        return None
+    if mode == "plain":
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def collect_manifest(
+    cwd: str | Path | None = None, extra_packages: Iterable[str] = (), identity: str = "hash"
+) -> dict[str, Any]:
+    """Return this process's environment manifest as a plain, YAML/JSON-serializable dict.
+
+    ``identity`` decides how hostname and user name appear: ``hash`` (default), ``omit`` or ``plain``.
+    """
+    if identity not in ("hash", "omit", "plain"):
+        raise ValueError(f"identity must be hash, omit or plain, got {identity!r}")
+    libc = platform.libc_ver()
+    manifest = {
         "schema": MANIFEST_SCHEMA,
-        "python": {"version": platform.python_version(), "implementation": platform.python_implementation()},
+        "collected_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "python": _probe(
+            lambda: {
+                "version": platform.python_version(),
+                "implementation": platform.python_implementation(),
+                "executable": sys.executable,
+            }
+        ),
         "os": _probe(
             lambda: {
                 "system": platform.system(),
@@ -147,14 +270,21 @@ def collect_manifest(cwd: str | Path | None = None, extra_packages: tuple[str, .
                 "libc": "-".join(x for x in libc if x) or None,
             }
         ),
+        "container": _probe(_container),
+        "host": _probe(
+            lambda: {"hostname": _identity(socket.gethostname(), identity), "user": _identity(_user(), identity)}
+        ),
         "cpu": _probe(_cpu),
         "torch": _probe(_torch),
         "gpu": _probe(_gpu),
         "packages": _probe(lambda: _packages(extra_packages)),
-        "env": {k: os.environ.get(k) for k in NUMERIC_ENV},
+        "pip": _probe(_pip),
+        "env": _probe(lambda: redact_env(os.environ)),
         "determinism": _probe(_determinism),
         "git": _probe(lambda: _git(Path(cwd or os.getcwd()))),
     }
+    # Round-trip through JSON: plain types only (torch's version is a str subclass YAML cannot dump).
+    return json.loads(json.dumps(manifest, default=str))  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -179,12 +309,11 @@ class Drift:
         return f"{self.category:<8} {self.path}: {old} -> {new}"
 
 
-def _category(path: str) -> str:
-    top = path.split(".", 1)[0].split("[", 1)[0]
-    if top in CODE_SECTIONS:
-        return "code"
-    if top in NUMERIC_SECTIONS:
-        return "numeric"
+def category(path: str) -> str:
+    """Classify a manifest field path as numeric, code or cosmetic."""
+    for prefix, cat in CATEGORY_RULES:
+        if path == prefix or path.startswith((prefix + ".", prefix + "[")):
+            return cat
     return "cosmetic"
 
 
@@ -201,6 +330,27 @@ def diff_manifests(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift
             old_v = None if added else level.t1
             new_v = None if removed else level.t2
             change = "added" if added else "removed" if removed else "changed"
-            drifts.append(Drift(path, old_v, new_v, _category(path), change))
+            drifts.append(Drift(path, old_v, new_v, category(path), change))
     order = {"numeric": 0, "code": 1, "cosmetic": 2}
     return sorted(drifts, key=lambda d: (order[d.category], d.path))
+
+
+def numeric_drift(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift]:
+    """Return only the changes that can change results."""
+    return [d for d in diff_manifests(old, new) if d.category == "numeric"]
+
+
+def environment_key(manifest: Mapping[str, Any], device: str, extra_fields: Iterable[str] = ()) -> str:
+    """Return the key references are stored under: device type and GPU family, plus chosen manifest fields."""
+    parts = ["cpu"]
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        gpus = manifest.get("gpu") or []
+        cap = gpus[index].get("capability") if isinstance(gpus, list) and len(gpus) > index else None
+        parts = [f"cuda-sm{str(cap).replace('.', '')}" if cap else "cuda"]
+    for field in extra_fields:
+        value: Any = manifest
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        parts.append(f"{field.rsplit('.', 1)[-1]}-{value}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts))

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .settings import INI_OPTIONS, MARKER, SettingsError
+from .settings import INI_LISTS, INI_OPTIONS, MARKER, SettingsError
 
 if TYPE_CHECKING:
     from .harness import Repro, ReproSession  # noqa: F401 - ReproSession is named in a string below
@@ -62,6 +62,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     for name, (help_text, default) in INI_OPTIONS.items():
         parser.addini(name, help_text, default=default)
+    for name, (help_text, default_list) in INI_LISTS.items():
+        parser.addini(name, help_text, type="linelist", default=default_list)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -79,7 +81,7 @@ def _ci_is_set() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(tolerance=..., runs=N, seed=S, deterministic=True, timeout=SECONDS, device=...): "
+        f"{MARKER}(tolerance=..., cross_env=..., runs=N, seed=S, deterministic=True, timeout=SECONDS, device=...): "
         "a reproducibility test, run with --repro (see pytest-repro's README)",
     )
     regen = config.getoption("repro_regen")
@@ -96,7 +98,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from .harness import ReproSession
     from .settings import base_settings
 
-    ini = {name: config.getini(name) for name in INI_OPTIONS}
+    ini = {name: config.getini(name) for name in (*INI_OPTIONS, *INI_LISTS)}
     cli = {name: config.getoption(name) for name in _CLI}
     cli["repro_regen"] = regen
     try:

@@ -18,6 +18,7 @@ RECORD_FILE = "record.json"
 TENSOR_SECTIONS = ("weights", "outputs")
 RECORD_SCHEMA = 1
 JOB_KEYS = ("losses", "weights", "metrics", "outputs")
+OPTIONAL_JOB_KEYS = ("meta",)  # JSON-serializable facts about the run (e.g. a split file's hash)
 
 
 class RecordError(ValueError):
@@ -84,9 +85,10 @@ def normalize_result(result: Any, meta: Mapping[str, Any]) -> Record:
     """Turn a job's returned dict into a Record, with a clear error for anything malformed."""
     if not isinstance(result, Mapping):
         raise RecordError(f"a job must return a dict with keys {', '.join(JOB_KEYS)}; got {type(result).__name__}")
-    unknown = sorted(set(result) - set(JOB_KEYS))
+    unknown = sorted(set(result) - set(JOB_KEYS) - set(OPTIONAL_JOB_KEYS))
     if unknown:
-        raise RecordError(f"job result has unknown key(s) {unknown}; allowed: {', '.join(JOB_KEYS)}")
+        allowed = ", ".join((*JOB_KEYS, *OPTIONAL_JOB_KEYS))
+        raise RecordError(f"job result has unknown key(s) {unknown}; allowed: {allowed}")
     if not any(k in result for k in JOB_KEYS):
         raise RecordError(f"job result is empty; return at least one of {', '.join(JOB_KEYS)}")
     raw_losses = result.get("losses", [])
@@ -97,12 +99,18 @@ def normalize_result(result: Any, meta: Mapping[str, Any]) -> Record:
     if not isinstance(metrics_raw, Mapping):
         raise RecordError(f"metrics: expected a mapping of name -> number, got {type(metrics_raw).__name__}")
     metrics = {str(k): _as_float(v, f"metrics[{k!r}]") for k, v in metrics_raw.items()}
+    meta = dict(meta)
+    if "meta" in result:
+        try:
+            meta["job_meta"] = json.loads(json.dumps(result["meta"], sort_keys=True))
+        except (TypeError, ValueError) as exc:
+            raise RecordError(f"meta: must be JSON-serializable ({exc})") from None
     return Record(
         losses=losses,
         weights=_as_tensor_map(result.get("weights", {}), "weights"),
         metrics=metrics,
         outputs=_as_tensor_map(result.get("outputs", {}), "outputs"),
-        meta=dict(meta),
+        meta=meta,
     )
 
 

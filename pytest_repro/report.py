@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 LABELS = {
     "passed": ("PASSED", "green"),
     "unchanged": ("UNCHANGED", "green"),
+    "passed-cross-env": ("CROSS-ENV", "yellow"),
     "written": ("WRITTEN", "yellow"),
     "diverged": ("DIVERGED", "red"),
     "differs": ("DIFFERS", "red"),
@@ -57,7 +58,7 @@ def write_summary(tr: Writer, outcomes: Sequence[CheckOutcome], rootdir: Path) -
     width = max(len(label) for label, _ in LABELS.values())
     for o in outcomes:
         label, color = LABELS.get(o.verdict, (o.verdict.upper(), "red"))
-        name = o.nodeid + (f" [{o.name}]" if o.name else "")
+        name = o.nodeid + (f" [{o.name}]" if o.name else "") + (f" ({o.env_key})" if o.env_key else "")
         runs = f"{len(o.seconds)} run(s), " + "/".join(f"{s:.2f}" for s in o.seconds) + " s" if o.seconds else ""
         extra = f": {o.detail}" if o.detail else ""
         tr.write_line(
@@ -68,4 +69,21 @@ def write_summary(tr: Writer, outcomes: Sequence[CheckOutcome], rootdir: Path) -
         tr.write_line(f"references written ({len(written)}):")
         for o in written:
             tr.write_line(f"  {_where(o.path, rootdir)}")
+    drifted = [o for o in outcomes if o.drift and o.verdict in ("passed", "unchanged", "passed-cross-env")]
+    if drifted:
+        tr.write_line(
+            "environment drift: these passed, but numerics-relevant parts of the environment changed "
+            "since their reference was recorded:",
+            yellow=True,
+        )
+        for o in drifted:
+            tr.write_line(f"  {o.nodeid}:", yellow=True)
+            for line in o.drift:
+                tr.write_line(f"    {line}", yellow=True)
+    warned = [o for o in outcomes if o.warnings]
+    if warned:
+        tr.write_line("warnings:", yellow=True)
+        for o in warned:
+            for line in o.warnings:
+                tr.write_line(f"  {o.nodeid}: {line}", yellow=True)
     tr.write_line(f"reproducibility: {tally}")

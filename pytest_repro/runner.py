@@ -111,6 +111,8 @@ class RunSpec:
     sys_path: tuple[str, ...] = ()
     manifest: bool = False
     config_dir: str | None = None
+    manifest_packages: tuple[str, ...] = ()
+    identity: str = "hash"
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""
@@ -123,6 +125,7 @@ class RunSpec:
         job = d.pop("job")
         job["preload"] = tuple(job.get("preload", ()))
         d["sys_path"] = tuple(d.get("sys_path", ()))
+        d["manifest_packages"] = tuple(d.get("manifest_packages", ()))
         return cls(job=JobRef(**job), **d)
 
 
@@ -140,6 +143,72 @@ class RunOutcome:
     def record_dir(self) -> Path:
         """Where the child wrote its record."""
         return self.workdir / RECORD_DIR
+
+
+class TrackedConfig(dict[str, Any]):
+    """A config dict that remembers which keys the job read, and which absent keys it asked for."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str = "", log: dict[str, set[str]] | None = None) -> None:
+        super().__init__(data)
+        self._prefix = prefix
+        self._log = log if log is not None else {"read": set(), "undeclared": set()}
+
+    def _path(self, key: Any) -> str:
+        return f"{self._prefix}{key}"
+
+    def _wrap(self, key: Any, value: Any) -> Any:
+        if isinstance(value, dict) and not isinstance(value, TrackedConfig):
+            value = TrackedConfig(value, f"{self._path(key)}.", self._log)
+            super().__setitem__(key, value)
+        return value
+
+    def __getitem__(self, key: Any) -> Any:
+        if key not in self:
+            self._log["undeclared"].add(self._path(key))
+        self._log["read"].add(self._path(key))
+        return self._wrap(key, super().__getitem__(key))
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """Like dict.get, and record the read (a missing key means the job used an undeclared default)."""
+        if key not in self:
+            self._log["undeclared"].add(self._path(key))
+            return default
+        return self[key]
+
+    def items(self) -> Any:  # type: ignore[override]
+        """Like dict.items; every key counts as read."""
+        return [(k, self[k]) for k in self.keys()]
+
+    def values(self) -> Any:  # type: ignore[override]
+        """Like dict.values; every key counts as read."""
+        return [self[k] for k in self.keys()]
+
+    def audit(self) -> dict[str, list[str]]:
+        """Return the undeclared reads and the declared leaf keys the job never read."""
+        read = self._log["read"]
+
+        def used(path: str) -> bool:
+            # A section read whole and handed on (none of its keys read one by one) counts as used.
+            while path not in read:
+                if "." not in path:
+                    return False
+                path = path.rsplit(".", 1)[0]
+                if path in read:
+                    return not any(r.startswith(path + ".") for r in read)
+            return True
+
+        unused = sorted(p for p in _leaf_paths(self) if not used(p))
+        return {"undeclared_reads": sorted(self._log["undeclared"]), "unused_keys": unused}
+
+
+def _leaf_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, value in dict.items(data):  # dict's own items(): walking the tree is not a read
+        if isinstance(value, dict) and value:
+            out += _leaf_paths(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 @dataclass
@@ -233,10 +302,11 @@ def execute(spec: RunSpec) -> int:
         hash_seed = os.environ.get("PYTHONHASHSEED")
         seed_everything(spec.seed, deterministic=spec.deterministic)
         job = _resolve_job(spec.job)
+        config = TrackedConfig(spec.config)
         ctx = JobContext(
             seed=spec.seed,
             device=spec.device,
-            config=dict(spec.config),
+            config=config,
             workdir=workdir / "job",
             run_index=spec.run_index,
             deterministic=spec.deterministic,
@@ -260,11 +330,13 @@ def execute(spec: RunSpec) -> int:
         torch = sys.modules.get("torch")
         if torch is not None:
             meta["torch_threads"] = torch.get_num_threads()
+        meta["config_audit"] = config.audit()
         record = normalize_result(result, meta)
         record.meta["dtype"] = _main_dtype(record.weights, spec.config)
         save_record(record, workdir / RECORD_DIR)
         if spec.manifest:
-            (workdir / MANIFEST_FILE).write_text(dump_json(collect_manifest(spec.cwd)), encoding="utf-8")
+            manifest = collect_manifest(spec.cwd, spec.manifest_packages, spec.identity)
+            (workdir / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
         return 0
     except BaseException as exc:
         error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}

@@ -126,3 +126,34 @@ def validate(cls: type[T], data: Mapping[str, Any] | None, source: str = "config
     if problems or result is None:
         raise ConfigError(problems or ["invalid config"], source)
     return result
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(data, Mapping) and data:
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+    elif prefix:
+        out[prefix[:-1]] = data
+    return out
+
+
+def effective_config(cls: type[Any] | None, user: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Return every effective config field as {path: {"value", "source"}}: default, user:<source> or derived.
+
+    With a schema (a dataclass), fields the user left out are tagged ``default``; a schema method
+    ``derived(self) -> dict`` adds computed fields tagged ``derived``. Without one, the user's keys are all.
+    """
+    given = _flatten(user)
+    out = {path: {"value": value, "source": f"user:{source}"} for path, value in given.items()}
+    if cls is None:
+        return out
+    instance = validate(cls, user)
+    for path, value in _flatten(dataclasses.asdict(instance)).items():
+        if path not in out:
+            out[path] = {"value": value, "source": "default"}
+    derive = getattr(instance, "derived", None)
+    if callable(derive):
+        for path, value in _flatten(derive()).items():
+            out[path] = {"value": value, "source": "derived"}
+    return dict(sorted(out.items()))

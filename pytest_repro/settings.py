@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .tolerances import ToleranceError, ToleranceSpec, parse_tolerance
+from .tolerances import CLOSE, ToleranceError, ToleranceSpec, parse_tolerance
 
 MARKER = "reproducible"
-MARKER_KWARGS = ("tolerance", "runs", "seed", "deterministic", "timeout", "device")
+MARKER_KWARGS = ("tolerance", "cross_env", "runs", "seed", "deterministic", "timeout", "device")
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 
@@ -22,6 +22,17 @@ INI_OPTIONS: dict[str, tuple[str, str]] = {
     "repro_deterministic": ("true: torch deterministic algorithms and cuDNN/cuBLAS flags", "true"),
     "repro_timeout": ("seconds one run may take before it is killed", "600"),
     "repro_isolation": ("auto (fork worker on Linux), fork or spawn (fresh interpreter per run)", "auto"),
+    "repro_cross_env_tolerance": (
+        "tolerance against a reference from another environment: close, bitwise or a YAML map",
+        "close",
+    ),
+    "repro_config_audit": ("warn, fail or off: config keys the job read but did not declare, or never read", "warn"),
+    "repro_manifest_identity": ("hash, omit or plain: how hostname and user name appear in manifests", "hash"),
+}
+# name -> (help, default) for list-valued ini options (one value per line)
+INI_LISTS: dict[str, tuple[str, list[str]]] = {
+    "repro_manifest_packages": ("extra packages whose versions every manifest records", []),
+    "repro_env_key_fields": ("manifest fields (dotted paths) added to the environment key of references", []),
 }
 
 
@@ -43,6 +54,11 @@ class Settings:
     isolation: str
     tolerance: ToleranceSpec
     regen: str | None  # None, "all" or "missing"
+    cross_env: ToleranceSpec = field(default_factory=lambda: ToleranceSpec(default=CLOSE))
+    config_audit: str = "warn"
+    identity: str = "hash"
+    manifest_packages: tuple[str, ...] = ()
+    env_key_fields: tuple[str, ...] = ()
 
 
 def _int(value: Any, where: str, minimum: int) -> int:
@@ -109,7 +125,30 @@ def base_settings(ini: dict[str, Any], cli: dict[str, Any], rootdir: Path) -> Se
         isolation=str(isolation),
         tolerance=ToleranceSpec(),
         regen=cli.get("repro_regen"),
+        cross_env=_tolerance_text(ini["repro_cross_env_tolerance"], "repro_cross_env_tolerance"),
+        config_audit=_choice(ini["repro_config_audit"], "repro_config_audit", ("warn", "fail", "off")),
+        identity=_choice(ini["repro_manifest_identity"], "repro_manifest_identity", ("hash", "omit", "plain")),
+        manifest_packages=tuple(ini.get("repro_manifest_packages") or ()),
+        env_key_fields=tuple(ini.get("repro_env_key_fields") or ()),
     )
+
+
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    text = str(value).strip()
+    if text not in choices:
+        raise SettingsError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+    return text
+
+
+def _tolerance_text(value: Any, where: str) -> ToleranceSpec:
+    """Parse a tolerance written in an ini file: a name, or a YAML/JSON map."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(str(value)) if str(value).strip().startswith("{") else str(value).strip()
+        return parse_tolerance(parsed, where)
+    except (yaml.YAMLError, ToleranceError) as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def apply_marker(base: Settings, kwargs: dict[str, Any], cli: dict[str, Any], args: tuple[Any, ...] = ()) -> Settings:
@@ -126,6 +165,8 @@ def apply_marker(base: Settings, kwargs: dict[str, Any], cli: dict[str, Any], ar
     try:
         if "tolerance" in kwargs:
             s = replace(s, tolerance=parse_tolerance(kwargs["tolerance"], f"{where}(tolerance=…)"))
+        if "cross_env" in kwargs:
+            s = replace(s, cross_env=parse_tolerance(kwargs["cross_env"], f"{where}(cross_env=…)"))
     except ToleranceError as exc:
         raise SettingsError(str(exc)) from None
     if "runs" in kwargs and cli.get("repro_runs") is None:

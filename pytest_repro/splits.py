@@ -49,24 +49,46 @@ def _file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def make_split(source: Path, out: Path, fractions: Mapping[str, float], seed: int, version: int = 1) -> dict[str, Any]:
-    """Shuffle the source's IDs with ``seed``, cut them by ``fractions`` and write a split file."""
-    rows = read_jsonl(source)
-    ids = [r["id"] for r in rows]
-    random.Random(seed).shuffle(ids)
+def _cut(ids: list[str], fractions: Mapping[str, float]) -> dict[str, list[str]]:
     names = list(fractions)
-    splits: dict[str, list[str]] = {}
+    out: dict[str, list[str]] = {}
     start = 0
     for i, name in enumerate(names):
         end = len(ids) if i == len(names) - 1 else start + round(fractions[name] * len(ids))
-        splits[name] = sorted(ids[start:end])
+        out[name] = ids[start:end]
         start = end
+    return out
+
+
+def make_split(
+    source: Path,
+    out: Path,
+    fractions: Mapping[str, float],
+    seed: int,
+    version: int = 1,
+    stratify_by: str | None = None,
+) -> dict[str, Any]:
+    """Shuffle IDs with ``seed`` and cut them by ``fractions`` (per label of ``stratify_by``); write a split file."""
+    rows = read_jsonl(source)
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if stratify_by is not None and stratify_by not in r:
+            raise SplitError(f"{source}: row {r['id']!r} has no field {stratify_by!r} to stratify by")
+        groups.setdefault(str(r[stratify_by]) if stratify_by else "", []).append(r["id"])
+    rng = random.Random(seed)
+    splits: dict[str, list[str]] = {name: [] for name in fractions}
+    for label in sorted(groups):
+        ids = groups[label]
+        rng.shuffle(ids)
+        for name, part in _cut(ids, fractions).items():
+            splits[name] += part
+    splits = {name: sorted(ids) for name, ids in splits.items()}
     data = {
         "schema": SPLIT_SCHEMA,
         "version": version,
         "source": source.name,
         "source_sha256": _file_hash(source),
-        "method": "random",
+        "method": f"stratified:{stratify_by}" if stratify_by else "random",
         "seed": seed,
         "fractions": dict(fractions),
         "splits": splits,

@@ -44,6 +44,13 @@ def reference_path(root: Path, nodeid: str, name: str | None = None) -> Path:
     return root.joinpath(*parts)
 
 
+def environment_dirs(test_dir: Path) -> dict[str, Path]:
+    """Return the per-environment reference folders of one test, by environment key."""
+    if not test_dir.is_dir():
+        return {}
+    return {p.name: p for p in sorted(test_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
 @dataclass
 class Reference:
     """A stored reference: the record plus the manifest and provenance it was recorded with."""
@@ -88,9 +95,16 @@ def load_reference(path: Path) -> Reference:
     return Reference(path, record, _load_yaml(path / MANIFEST_FILE), _load_yaml(path / PROVENANCE_FILE))
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """A safe dumper that writes shared objects out in full instead of as &anchors/*aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump_yaml(data: Any) -> str:
-    """Serialize to YAML with sorted keys, for readable diffs."""
-    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False, allow_unicode=True)
+    """Serialize to YAML with sorted keys and no aliases, for readable diffs."""
+    return yaml.dump(data, Dumper=_PlainDumper, sort_keys=True, default_flow_style=False, allow_unicode=True)
 
 
 def write_reference(path: Path, record: Record, manifest: dict[str, Any], provenance: dict[str, Any]) -> None:

@@ -26,8 +26,8 @@ def write_test(p: pytest.Pytester, config: str = '{"steps": 6}', marker: str = "
     p.makepyfile(**{name: TEST_FILE.format(config=config, marker=marker)})
 
 
-def ref_dir(p: pytest.Pytester, name: str = "test_user") -> Path:
-    return p.path / "reference_outputs" / name / "test_train"
+def ref_dir(p: pytest.Pytester, name: str = "test_user", env: str = "cpu") -> Path:
+    return p.path / "reference_outputs" / name / "test_train" / env
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -47,8 +47,9 @@ def test_missing_reference_fails_with_path_and_command(userjobs: pytest.Pytester
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*no reference for test_user.py::test_train: expected one at reference_outputs/test_user/test_train",
-            "*Record it*with: pytest --repro --repro-regen=missing test_user.py::test_train",
+            "*no reference for test_user.py::test_train in environment 'cpu': "
+            "expected one at reference_outputs/test_user/test_train/cpu",
+            "*Record it for this environment*with: pytest --repro --repro-regen=missing test_user.py::test_train",
         ]
     )
     assert not ref_dir(userjobs).exists()
@@ -59,7 +60,11 @@ def test_regen_writes_then_passes(userjobs: pytest.Pytester) -> None:
     result = userjobs.runpytest("--repro", "--repro-regen", "test_user.py")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
-        ["*WRITTEN*test_user.py::test_train*", "references written (1):", "  reference_outputs/test_user/test_train"]
+        [
+            "*WRITTEN*test_user.py::test_train (cpu)*",
+            "references written (1):",
+            "  reference_outputs/test_user/test_train/cpu",
+        ]
     )
     files = {f.name for f in ref_dir(userjobs).iterdir()}
     assert files == {"record.json", "weights.safetensors", "outputs.safetensors", "manifest.yaml", "provenance.yaml"}
@@ -73,7 +78,7 @@ def test_reference_dir_is_configurable(userjobs: pytest.Pytester) -> None:
     userjobs.makeini("[pytest]\nrepro_reference_dir = refs/golden\n")
     write_test(userjobs)
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
-    assert (userjobs.path / "refs" / "golden" / "test_user" / "test_train" / "record.json").is_file()
+    assert (userjobs.path / "refs" / "golden" / "test_user" / "test_train" / "cpu" / "record.json").is_file()
 
 
 def test_regen_missing_writes_only_absent(userjobs: pytest.Pytester) -> None:
@@ -115,7 +120,7 @@ def test_intentional_change_reports_what_moved(userjobs: pytest.Pytester) -> Non
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "differs from its reference reference_outputs/test_user/test_train." in out
+    assert "differs from its reference reference_outputs/test_user/test_train/cpu." in out
     # losses: step 0 is computed before any update, so the first divergent step is 1
     expected = [
         "losses: first divergent step 1: reference ",
@@ -125,8 +130,8 @@ def test_intentional_change_reports_what_moved(userjobs: pytest.Pytester) -> Non
         "metrics['accuracy']: reference 0.46875, this run 1.0, abs diff 0.531",
         "outputs['pred']",
         "Changed since the reference was recorded:\n"
-        "  config accuracy_shift: reference (absent), this run 0.5\n"
-        "  config lr: reference (absent), this run 0.06\n"
+        "  config accuracy_shift: reference (absent), this run 0.5 (user:dict)\n"
+        "  config lr: reference (absent), this run 0.06 (user:dict)\n"
         "What differs:",
         "If the change is intended, regenerate the reference with: "
         "pytest --repro --repro-regen test_user.py::test_train",
@@ -261,7 +266,7 @@ def test_seed_is_per_test_stable_and_overridable(userjobs: pytest.Pytester) -> N
 @pytest.mark.parametrize(
     ("marker", "message"),
     [
-        ("(runz=3)", "*unknown argument?s? runz; allowed: tolerance, runs, seed*"),
+        ("(runz=3)", "*unknown argument?s? runz; allowed: tolerance, cross_env, runs, seed*"),
         ('(tolerance="exact")', '*unknown tolerance \'exact\'; accepted: "bitwise", "close"*'),
         ("(runs=0)", "*runs=…?: expected an integer >= 1, got 0*"),
     ],

@@ -257,4 +257,4 @@ def test_manifest_and_its_diff(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert cli_main(["diff", str(a), str(a), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"changes": [], "numeric_drift": False}
     assert cli_main(["manifest", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["schema"] == 1
+    assert json.loads(capsys.readouterr().out)["schema"] == 2

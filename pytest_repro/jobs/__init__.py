@@ -41,6 +41,17 @@ def _validate_lora(config: dict[str, Any]) -> None:
 lora_finetune.__repro_validate__ = _validate_lora  # type: ignore[attr-defined]
 lora_finetune_trainer.__repro_validate__ = _validate_lora  # type: ignore[attr-defined]
 
+
+def _lora_schema() -> type:
+    from .lora import LoraJobConfig
+
+    return LoraJobConfig
+
+
+# The config schema, for recording the effective config with provenance (default/user/derived).
+lora_finetune.__repro_schema__ = _lora_schema  # type: ignore[attr-defined]
+lora_finetune_trainer.__repro_schema__ = _lora_schema  # type: ignore[attr-defined]
+
 # Modules the warm worker imports once before forking runs of these jobs.
 _LORA_PRELOAD = ("peft", "tokenizers", "transformers.models.llama.modeling_llama", "pytest_repro.jobs.lora")
 lora_finetune.__repro_preload__ = _LORA_PRELOAD  # type: ignore[attr-defined]

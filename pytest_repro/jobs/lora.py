@@ -72,6 +72,16 @@ class LoraJobConfig:
     data: DataConfig = field(DataConfig())
     dtype: str = field("float32", choices=DTYPES)
 
+    def derived(self) -> dict[str, Any]:
+        """Values computed from the config, recorded with provenance tag ``derived``."""
+        return {
+            "lora": {"scaling": self.lora.alpha / self.lora.rank},
+            "train": {
+                "examples_seen": self.train.steps * self.train.batch_size,
+                "tokens_per_step": self.train.batch_size * self.train.seq_len,
+            },
+        }
+
 
 def parse_config(raw: dict[str, Any]) -> LoraJobConfig:
     """Validate the job config before any work starts."""
@@ -201,6 +211,7 @@ def run(ctx: JobContext) -> dict[str, Any]:
         losses.append(loss.item())
     eval_loss = evaluate(p.model, p.eval, ctx.device)
     return {
+        "meta": {"split_sha256": p.split_sha256},
         "losses": losses,
         "weights": adapter_weights(p.model),
         "metrics": {"eval_loss": eval_loss, "perplexity": math.exp(eval_loss)},

@@ -79,4 +79,5 @@ def run(ctx: JobContext) -> dict[str, Any]:
     result = record_from_trainer(trainer)
     result["metrics"]["perplexity"] = math.exp(result["metrics"]["eval_loss"])
     result["outputs"] = {"probe_logits": probe_logits(p.model, p.probe, ctx.device)}
+    result["meta"] = {"split_sha256": p.split_sha256}
     return result

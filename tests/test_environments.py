@@ -1,0 +1,140 @@
+"""References per environment, drift on failure and on pass, cross-environment checks, config audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+TEST = """
+import pytest
+from userjobs import train
+
+@pytest.mark.reproducible{marker}
+def test_train(repro):
+    repro.check(train, config={config})
+"""
+CONFIG = (
+    '{"steps": 6, "lr": 0.05, "accuracy_shift": 0.0, "raise_at": None, "hang_at": None, "nan_at": None, '
+    '"unseeded_at": None}'
+)
+
+
+def write(p: pytest.Pytester, config: str = CONFIG, marker: str = "") -> None:
+    p.makepyfile(test_env=TEST.format(config=config, marker=marker))
+
+
+def refs_of(p: pytest.Pytester) -> Path:
+    return p.path / "reference_outputs" / "test_env" / "test_train"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def fake_old_torch(folder: Path) -> None:
+    manifest = folder / "manifest.yaml"
+    data = yaml.safe_load(manifest.read_text())
+    data["torch"]["version"] = "0.0.1"
+    manifest.write_text(yaml.safe_dump(data))
+
+
+def test_numeric_drift_is_shown_first_on_failure(userjobs: pytest.Pytester) -> None:
+    write(userjobs)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    fake_old_torch(refs_of(userjobs) / "cpu")
+    write(userjobs, CONFIG.replace('"lr": 0.05', '"lr": 0.06'))
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    changed = out.index("Changed since the reference was recorded:")
+    drift = out.index("numeric  torch.version: '0.0.1' -> ")
+    config = out.index("config lr: reference 0.05, this run 0.06 (user:dict)")
+    assert changed < config < drift < out.index("What differs:")
+
+
+def test_numeric_drift_is_reported_even_when_the_test_passes(userjobs: pytest.Pytester) -> None:
+    write(userjobs)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    fake_old_torch(refs_of(userjobs) / "cpu")
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "environment drift: these passed, but numerics-relevant parts of the environment changed*",
+            "  test_env.py::test_train:",
+            "    numeric  torch.version: '0.0.1' -> *",
+        ]
+    )
+
+
+def test_references_per_environment_and_cross_environment_checks(
+    userjobs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    userjobs.makeini("[pytest]\nrepro_env_key_fields = env.OMP_NUM_THREADS\n")
+    write(userjobs)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    first = refs_of(userjobs) / "cpu_OMP_NUM_THREADS-1"
+    assert (first / "record.json").is_file()
+    before = snapshot(first)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    result = userjobs.runpytest("--repro", "-rA")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "CROSS-ENV*test_env.py::test_train (cpu_OMP_NUM_THREADS-2): no reference for environment "
+            "'cpu_OMP_NUM_THREADS-2'; compared with the one recorded in 'cpu_OMP_NUM_THREADS-1' under the "
+            "cross-environment tolerance (close: atol=1e-05, rtol=1.3e-06), not bitwise",
+            "    numeric  env.OMP_NUM_THREADS: '1' -> '2'",
+        ]
+    )
+
+    write(userjobs, CONFIG.replace('"lr": 0.05', '"lr": 0.06'))
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*compared with the one recorded in 'cpu_OMP_NUM_THREADS-1'*, not bitwise, and it differs.",
+            "*Fix: record a reference for this environment with: "
+            "pytest --repro --repro-regen=missing test_env.py::test_train",
+        ]
+    )
+
+    write(userjobs)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    assert (refs_of(userjobs) / "cpu_OMP_NUM_THREADS-2" / "record.json").is_file()
+    assert snapshot(first) == before, "regenerating for one environment must not touch another's reference"
+    userjobs.runpytest("--repro").assert_outcomes(passed=1)
+
+
+def test_cross_env_tolerance_from_marker(userjobs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    userjobs.makeini("[pytest]\nrepro_env_key_fields = env.OMP_NUM_THREADS\n")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    write(userjobs)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    shifted = CONFIG.replace('"accuracy_shift": 0.0', '"accuracy_shift": 0.001')
+    write(userjobs, shifted, marker='(cross_env={"default": "close", "metrics": {"atol": 0.01}})')
+    userjobs.runpytest("--repro").assert_outcomes(passed=1)
+    write(userjobs, shifted)  # default cross-env tolerance (close) rejects a 1e-3 shift
+    userjobs.runpytest("--repro").assert_outcomes(failed=1)
+
+
+def test_config_audit_can_fail(userjobs: pytest.Pytester) -> None:
+    userjobs.makeini("[pytest]\nrepro_config_audit = fail\n")
+    write(userjobs, '{"steps": 6, "unused_knob": 3}')
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the recorded config does not match what the job used:",
+            "*the job read config key 'lr', which the config does not declare (it used a default)",
+            "*config key 'unused_knob' was never read by the job",
+            "*or set ini repro_config_audit = warn.",
+        ]
+    )

@@ -1,0 +1,160 @@
+"""Environment manifests: redaction, classification, environment keys, effective config, config audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pytest_repro.manifest import (
+    REDACTED,
+    SECRET_NAME,
+    category,
+    collect_manifest,
+    diff_manifests,
+    environment_key,
+    redact_env,
+)
+from pytest_repro.runner import TrackedConfig
+from pytest_repro.schema import effective_config
+from pytest_repro.splits import load_split, make_split
+
+leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.text(max_size=4))
+trees = st.recursive(leaf, lambda c: st.dictionaries(st.sampled_from(list("abcdef")), c, max_size=4), max_leaves=12)
+manifests = st.dictionaries(st.sampled_from(["torch", "gpu", "git", "host", "env", "packages"]), trees, max_size=6)
+
+
+pytest.importorskip("deepdiff")
+relaxed = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@relaxed
+@given(manifests)
+def test_diff_of_a_manifest_with_itself_is_empty(m: dict[str, Any]) -> None:
+    assert diff_manifests(m, json.loads(json.dumps(m))) == []
+
+
+@relaxed
+@given(manifests, manifests)
+def test_diff_is_symmetric_in_which_fields_changed(a: dict[str, Any], b: dict[str, Any]) -> None:
+    forward = {(d.path, d.category) for d in diff_manifests(a, b)}
+    backward = {(d.path, d.category) for d in diff_manifests(b, a)}
+    assert forward == backward
+    flips = {"added": "removed", "removed": "added", "changed": "changed"}
+    assert {(d.path, flips[d.change]) for d in diff_manifests(a, b)} == {
+        (d.path, d.change) for d in diff_manifests(b, a)
+    }
+
+
+secret_words = st.sampled_from(["TOKEN", "SECRET", "PASSWORD", "API_KEY", "ACCESS_KEY", "CREDENTIAL", "AUTH"])
+prefixes = st.sampled_from(["CUDA_", "NCCL_", "TORCH_", "MKL_", "OMP_", "HF_", "AWS_", ""])
+values = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=8, max_size=24)
+
+
+@given(prefixes, secret_words, st.sampled_from(["", "_X", "_VALUE"]), values)
+def test_redaction_never_leaks_a_secret_looking_variable(prefix: str, word: str, suffix: str, value: str) -> None:
+    name = f"{prefix}{word}{suffix}"
+    env = {name: value, "OMP_NUM_THREADS": "4", "HOME": "/root"}
+    out = redact_env(env)
+    assert value not in json.dumps(out)
+    assert out.get(name, REDACTED) == REDACTED
+    assert out["OMP_NUM_THREADS"] == "4" and "HOME" not in out
+    assert SECRET_NAME.search(name)
+
+
+def test_manifest_never_holds_secrets_or_plain_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NCCL_AUTH_TOKEN", "hunter2hunter2")
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
+    m = collect_manifest()
+    text = json.dumps(m)
+    assert "hunter2hunter2" not in text
+    assert m["env"]["NCCL_AUTH_TOKEN"] == REDACTED and m["env"]["CUDA_LAUNCH_BLOCKING"] == "1"
+    import getpass
+    import socket
+
+    assert m["host"]["hostname"].startswith("sha256:") and socket.gethostname() not in text
+    assert getpass.getuser() not in json.dumps(m["host"])
+    assert collect_manifest(identity="omit")["host"] == {"hostname": None, "user": None}
+    assert collect_manifest(identity="plain")["host"]["hostname"] == socket.gethostname()
+    for key in ("container", "pip", "torch", "cpu", "packages", "git", "determinism"):
+        assert key in m
+
+
+def test_probes_that_fail_record_their_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pytest_repro.manifest as manifest
+
+    def broken() -> dict[str, Any]:
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(manifest, "_cpu", broken)
+    assert collect_manifest()["cpu"] == {"error": "OSError: no /proc here"}
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("torch.version", "numeric"),
+        ("gpu.0.driver", "numeric"),
+        ("env.OMP_NUM_THREADS", "numeric"),
+        ("packages.peft", "numeric"),
+        ("git.commit", "code"),
+        ("git.dirty", "code"),
+        ("host.hostname", "cosmetic"),
+        ("collected_at", "cosmetic"),
+        ("python.executable", "cosmetic"),
+        ("python.version", "numeric"),
+        ("os.libc", "numeric"),
+        ("pip.freeze_sha256", "cosmetic"),
+        ("whatever", "cosmetic"),
+    ],
+)
+def test_drift_categories(path: str, expected: str) -> None:
+    assert category(path) == expected
+
+
+def test_environment_keys() -> None:
+    m = {"gpu": [{"capability": "9.0"}, {"capability": "8.0"}], "env": {"OMP_NUM_THREADS": "4"}}
+    assert environment_key(m, "cpu") == "cpu"
+    assert environment_key(m, "cuda") == "cuda-sm90"
+    assert environment_key(m, "cuda:1") == "cuda-sm80"
+    assert environment_key({}, "cuda") == "cuda"
+    assert environment_key(m, "cpu", ["env.OMP_NUM_THREADS"]) == "cpu_OMP_NUM_THREADS-4"
+
+
+def test_effective_config_tags_every_field_with_its_provenance() -> None:
+    from pytest_repro.jobs.lora import LoraJobConfig
+
+    eff = effective_config(LoraJobConfig, {"train": {"lr": 0.01}}, "fixtures/x.yaml")
+    assert eff["train.lr"] == {"value": 0.01, "source": "user:fixtures/x.yaml"}
+    assert eff["train.steps"] == {"value": 24, "source": "default"}
+    assert eff["lora.scaling"] == {"value": 2.0, "source": "derived"}
+    assert eff["train.examples_seen"] == {"value": 24 * 8, "source": "derived"}
+    assert list(eff) == sorted(eff), "stable order, so that records diff cleanly"
+    assert effective_config(None, {"lr": 1}, "dict") == {"lr": {"value": 1, "source": "user:dict"}}
+
+
+def test_config_audit_flags_undeclared_reads_and_unused_keys() -> None:
+    cfg = TrackedConfig({"lr": 0.1, "model": {"width": 4, "depth": 2}, "unused": 1, "opt": {"beta": 0.9}})
+    assert cfg["lr"] == 0.1
+    assert cfg["model"]["width"] == 4
+    assert cfg.get("steps", 10) == 10
+    assert cfg["model"].get("dropout", 0.0) == 0.0
+    dict(**cfg["opt"])  # a section handed on whole counts as used
+    assert "unused" in cfg  # a membership test is not a read
+    assert cfg.audit() == {"undeclared_reads": ["model.dropout", "steps"], "unused_keys": ["model.depth", "unused"]}
+
+
+def test_stratified_split_keeps_label_proportions(tmp_path: Path) -> None:
+    src = tmp_path / "d.jsonl"
+    rows = [{"id": f"e{i}", "label": "a" if i < 80 else "b", "text": f"t{i}"} for i in range(100)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "s.json"
+    data = make_split(src, out, {"train": 0.75, "eval": 0.25}, seed=3, stratify_by="label")
+    assert data["method"] == "stratified:label"
+    split = load_split(out, src)
+    labels = [r["label"] for r in split.splits["eval"]]
+    assert labels.count("a") == 20 and labels.count("b") == 5
