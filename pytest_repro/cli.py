@@ -28,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("manifest", help="print this machine's environment manifest (YAML)")
     m.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    m.add_argument("--package", action="append", default=[], help="also record this package's version (repeatable)")
+    m.add_argument(
+        "--identity",
+        choices=("hash", "omit", "plain"),
+        default="hash",
+        help="how hostname and user name appear (default: hashed)",
+    )
     d = sub.add_parser("diff", help="classified drift between two manifests (files or reference folders)")
     d.add_argument("a")
     d.add_argument("b")
@@ -37,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "manifest":
         from .manifest import collect_manifest
 
-        manifest = collect_manifest()
+        manifest = collect_manifest(extra_packages=args.package, identity=args.identity)
         if args.json:
             print(json.dumps(manifest, sort_keys=True, indent=2))
         else:

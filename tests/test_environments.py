@@ -138,3 +138,41 @@ def test_config_audit_can_fail(userjobs: pytest.Pytester) -> None:
             "*or set ini repro_config_audit = warn.",
         ]
     )
+
+
+def test_provenance_records_the_effective_config_with_sources(userjobs: pytest.Pytester) -> None:
+    import shutil
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    for name in ("corpus.jsonl", "splits_v1.json", "tokenizer.json"):
+        shutil.copy(fixtures / name, userjobs.path / name)
+    (userjobs.path / "tiny.yaml").write_text(
+        "train: {steps: 2, batch_size: 4}\nmodel: {hidden_size: 32, intermediate_size: 64}\n"
+        "data: {corpus: corpus.jsonl, splits: splits_v1.json, tokenizer: tokenizer.json}\n"
+    )
+    userjobs.makepyfile(
+        test_lora="""
+        import pytest
+        from pytest_repro.jobs import lora_finetune
+
+        @pytest.mark.reproducible
+        def test_lora(repro):
+            result = repro.check(lora_finetune, config="tiny.yaml")
+            assert len(result.meta["job_meta"]["split_sha256"]) == 64
+    """
+    )
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    folder = userjobs.path / "reference_outputs" / "test_lora" / "test_lora" / "cpu"
+    prov = yaml.safe_load((folder / "provenance.yaml").read_text())
+    eff = prov["effective_config"]
+    assert eff["train.steps"] == {"source": "user:tiny.yaml", "value": 2}
+    assert eff["train.lr"] == {"source": "default", "value": 0.001}
+    assert eff["lora.scaling"] == {"source": "derived", "value": 2.0}
+    assert prov["config_source"] == "tiny.yaml" and prov["environment_key"] == "cpu"
+
+    # The corpus changes under a versioned split: the job refuses to run on it.
+    corpus = userjobs.path / "corpus.jsonl"
+    corpus.write_text(corpus.read_text().replace("the cat", "the lion", 1))
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*SplitError: *corpus.jsonl changed since splits_v1.json was made*"])
