@@ -5,13 +5,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["JobContext", "Record", "__version__", "collect_manifest", "diff_manifests", "seed_everything"]
+__all__ = [
+    "JobContext",
+    "Record",
+    "__version__",
+    "collect_manifest",
+    "diff_manifests",
+    "seed_everything",
+    "statistical",
+]
 
 if TYPE_CHECKING:
     from .manifest import collect_manifest, diff_manifests
     from .record import Record
     from .runner import JobContext
     from .seeding import seed_everything
+    from .tolerances import statistical
 
 _LAZY = {
     "seed_everything": "seeding",
@@ -19,6 +28,7 @@ _LAZY = {
     "diff_manifests": "manifest",
     "Record": "record",
     "JobContext": "runner",
+    "statistical": "tolerances",
 }
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -30,6 +32,7 @@ from .storage import (
     reference_path,
     write_reference,
 )
+from .tolerances import Statistical, ToleranceSpec
 
 
 @dataclass
@@ -45,6 +48,7 @@ class CheckOutcome:
     env_key: str | None = None
     compared_with: str | None = None  # env key of the reference used, when it is another environment's
     drift: list[str] = field(default_factory=list)  # numeric environment drift vs the reference
+    details: list[str] = field(default_factory=list)  # e.g. the statistical verdict lines of a pass
     warnings: list[str] = field(default_factory=list)
 
 
@@ -210,12 +214,63 @@ class Repro:
         self._session.outcomes.append(outcome)
         source = str(config) if isinstance(config, (str, Path)) else "dict"
         c = _Check(ref, cfg, source, config_dir, effective, outcome)
-        records = self._run_all(c)
+        stat = self._settings.tolerance.statistical
+        records = self._run_all(c, self._seeds(stat))
         self.records = records
-        self._check_run_to_run(records, outcome)
+        if stat is None:
+            self._check_run_to_run(records, outcome)
+        else:
+            self._summarize_seeds(records, stat, outcome)
         self._audit_config(records[0], c)
         self._check_reference(records[0], c)
         return records[0]
+
+    def _seeds(self, stat: Statistical | None) -> list[int]:
+        """One seed per run: the test's seed N times, or N different seeds for statistical mode."""
+        if stat is None:
+            return [self.seed] * self._settings.runs
+        if stat.same_seed:
+            return [self.seed] * stat.seeds
+        return [self.seed] + [derive_seed(self.seed, f"statistical-{k}") for k in range(1, stat.seeds)]
+
+    def _summarize_seeds(self, records: list[Record], stat: Statistical, outcome: CheckOutcome) -> None:
+        """Attach the per-seed values to run 1's record; with same_seed, check the runs' spread."""
+        from .stats import spread
+
+        metrics = {name: [r.metrics.get(name, math.nan) for r in records] for name in records[0].metrics}
+        records[0].meta["statistical"] = {
+            "seeds": [r.seed for r in records],
+            "metrics": metrics,
+            "losses": [r.losses for r in records],
+        }
+        if not stat.same_seed:
+            return
+        problems = []
+        for name, values in metrics.items():
+            allowed = stat.margin_for(statistics.fmean(values))
+            if spread(values) > allowed:
+                problems.append(
+                    f"metrics[{name!r}]: spread {spread(values):.3g} across {len(values)} runs (allowed {allowed:.3g})"
+                )
+        steps = min(len(r.losses) for r in records)
+        for step in range(steps):
+            values = [r.losses[step] for r in records]
+            allowed = stat.margin_for(statistics.fmean(values))
+            if spread(values) > allowed:
+                problems.append(
+                    f"losses: spread {spread(values):.3g} at step {step} (allowed {allowed:.3g}); "
+                    "first step over the limit"
+                )
+                break
+        if problems:
+            outcome.verdict = "diverged"
+            outcome.detail = f"runs with the same seed spread beyond the margin ({problems[0].split(':')[0]})"
+            _fail(
+                f"{self._nodeid}: {len(records)} runs with seed {self.seed} on {self.device} spread more than "
+                f"the margin:\n" + "\n".join(f"  {p}" for p in problems) + "\n"
+                "Fix: turn determinism on (ini repro_deterministic = true), or widen the margin in "
+                "pytest_repro.statistical(margin=..., same_seed=True)."
+            )
 
     def _validate_config(
         self, job: Callable[..., Any] | str, cfg: dict[str, Any], config: object
@@ -237,14 +292,14 @@ class Repro:
         _fail(f"{self._nodeid}: {problem}\nNothing was run. Fix the config passed to repro.check (see the job's docs).")
         raise AssertionError  # unreachable: pytest.fail raises
 
-    def _run_all(self, c: _Check) -> list[Record]:
+    def _run_all(self, c: _Check, seeds: list[int]) -> list[Record]:
         s = self._settings
         records: list[Record] = []
-        for i in range(s.runs):
+        for i, seed in enumerate(seeds):
             spec = RunSpec(
                 job=c.ref,
                 config=c.cfg,
-                seed=self.seed,
+                seed=seed,
                 device=self.device,
                 deterministic=s.deterministic,
                 run_index=i,
@@ -408,22 +463,23 @@ class Repro:
             else:
                 self._compare_other_environments(record, c, test_dir, env_key)
             return
-        cmp = compare_records(stored.record, record, self._settings.tolerance)
-        if regen == "all" and not cmp.ok:
-            self._write(record, c, target, _headline(cmp, "reference updated"))
+        verdict = _verdict(stored.record, record, self._settings.tolerance, "reference", self._nodeid)
+        if regen == "all" and not verdict.ok:
+            self._write(record, c, target, f"reference updated ({verdict.where})")
         elif regen == "all" and stored.provenance.get("config") != c.cfg:
             self._write(record, c, target, "same values; provenance updated for the changed config")
-        elif cmp.ok:
+        elif verdict.ok:
             outcome.verdict = "unchanged" if regen == "all" else "passed"
+            outcome.details = verdict.lines
             if stored.manifest and c.manifest:
                 outcome.drift = [d.describe() for d in numeric_drift(stored.manifest, c.manifest)]
         else:
             outcome.verdict = "differs"
-            outcome.detail = _headline(cmp, "differs from the reference")
+            outcome.detail = f"differs from the reference {verdict.where}"
             _fail(
                 f"{self._nodeid} differs from its reference {self._relative(target)}.\n"
                 f"{_context(stored, record, c)}"
-                f"What differs:\n{cmp.describe('reference', 'this run')}\n"
+                f"What differs:\n{verdict.describe()}\n"
                 "If the change is intended, regenerate the reference with: "
                 f"{_regen_command(self._nodeid)}"
             )
@@ -454,26 +510,30 @@ class Repro:
             )
             return
         _, other_key, stored = min(candidates, key=lambda t: (t[0], t[1]))
-        tolerance = self._settings.cross_env
+        spec = self._settings.cross_env
+        if self._settings.tolerance.statistical is not None:
+            spec = self._settings.tolerance  # statistical mode is already a cross-hardware bar
         outcome.compared_with = other_key
         outcome.path = stored.path
-        cmp = compare_records(stored.record, record, tolerance)
+        verdict = _verdict(stored.record, record, spec, f"reference ({other_key})", self._nodeid)
         drift = [d.describe() for d in numeric_drift(stored.manifest, c.manifest)] if stored.manifest else []
         outcome.drift = drift
+        described = spec.statistical.describe() if spec.statistical else spec.default.describe()
         note = (
             f"no reference for environment {env_key!r}; compared with the one recorded in {other_key!r} "
-            f"under the cross-environment tolerance ({tolerance.default.describe()}), not bitwise"
+            f"under the cross-environment tolerance ({described}), not bitwise"
         )
-        if cmp.ok:
+        if verdict.ok:
             outcome.verdict = "passed-cross-env"
             outcome.detail = note
+            outcome.details = verdict.lines
             return
         outcome.verdict = "differs"
-        outcome.detail = _headline(cmp, f"differs from the {other_key} reference")
+        outcome.detail = f"differs from the {other_key} reference {verdict.where}"
         _fail(
             f"{self._nodeid}: {note}, and it differs.\n"
             f"{_context(stored, record, c)}"
-            f"What differs:\n{cmp.describe(f'reference ({other_key})', 'this run')}\n"
+            f"What differs:\n{verdict.describe()}\n"
             f"Fix: record a reference for this environment with: {record_cmd}\n"
             "or loosen the cross-environment tolerance (@pytest.mark.reproducible(cross_env=...), "
             "ini repro_cross_env_tolerance)."
@@ -484,6 +544,51 @@ class Repro:
             return str(path.relative_to(self._session.rootdir))
         except ValueError:
             return str(path)
+
+
+@dataclass
+class _Verdict:
+    """A comparison with the reference, value-by-value or statistical, as the check reports it."""
+
+    ok: bool
+    where: str  # e.g. "at step 3", "in metrics['x']"
+    lines: list[str]
+
+    def describe(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _verdict(stored: Record, record: Record, spec: ToleranceSpec, ref_label: str, nodeid: str) -> _Verdict:
+    """Compare a run with a stored reference under the spec: value by value, or statistically over seeds."""
+    if spec.statistical is None:
+        cmp = compare_records(stored, record, spec)
+        if cmp.ok:
+            return _Verdict(True, "", [])
+        return _Verdict(False, _headline(cmp, "").strip(), [cmp.describe(ref_label, "this run")])
+    from .stats import TooFewSeedsError, compare_statistical
+
+    ref_stats, new_stats = stored.meta.get("statistical"), record.meta.get("statistical")
+    if not isinstance(ref_stats, dict) or not isinstance(new_stats, dict):
+        _fail(
+            f"{nodeid}: the {ref_label} holds no per-seed values, so it cannot be compared statistically. "
+            f"Record one in statistical mode with: {_regen_command(nodeid)}"
+        )
+        raise AssertionError  # unreachable
+    try:
+        results, band = compare_statistical(ref_stats, new_stats, spec.statistical)
+    except (TooFewSeedsError, KeyError) as exc:
+        problem = str(exc)
+    else:
+        lines = [f"  {r.describe()}" for r in results]
+        if band is not None:
+            lines.append(f"  {band.describe()}")
+        failed = [r for r in results if not r.equivalent]
+        where = f"in metrics[{failed[0].name!r}]" if failed else (f"at step {band.step}" if band else "")
+        return _Verdict(not failed and band is None, where, lines)
+    _fail(
+        f"{nodeid}: {problem}\nFix: run more seeds (pytest_repro.statistical(seeds=...)), then {_regen_command(nodeid)}"
+    )
+    raise AssertionError  # unreachable
 
 
 def _headline(cmp: Comparison, prefix: str) -> str:

@@ -82,11 +82,91 @@ class SectionTolerance:
 
 
 @dataclass(frozen=True)
+class Statistical:
+    """Statistical equivalence over several seeded runs (TOST), instead of value-by-value equality."""
+
+    metrics: tuple[str, ...] = ()  # empty: every metric
+    seeds: int = 5
+    margin: float = 0.0
+    relative: bool = False  # margin is a fraction of |reference mean|
+    confidence: float = 0.95
+    losses: bool = True  # also compare the per-step loss band
+    same_seed: bool = False  # N runs with the same seed: their spread must stay within the margin
+
+    def margin_for(self, reference_mean: float) -> float:
+        """Return the absolute equivalence margin around a reference mean."""
+        return self.margin * abs(reference_mean) if self.relative else self.margin
+
+    def describe(self) -> str:
+        """Return a short human-readable form."""
+        margin = f"{self.margin:g} relative" if self.relative else f"±{self.margin:g}"
+        kind = "same seed" if self.same_seed else "seeds"
+        return f"statistical: {self.seeds} {kind}, margin {margin}, confidence {self.confidence:g}"
+
+
+_STAT_KEYS = {"mode", "metrics", "seeds", "margin", "relative", "confidence", "losses", "same_seed"}
+
+
+def statistical(
+    metrics: tuple[str, ...] | list[str] = (),
+    seeds: int = 5,
+    margin: float = 0.0,
+    relative: bool = False,
+    confidence: float = 0.95,
+    losses: bool = True,
+    same_seed: bool = False,
+) -> dict[str, Any]:
+    """Return a statistical tolerance for ``@pytest.mark.reproducible(tolerance=...)``."""
+    return {
+        "mode": "statistical",
+        "metrics": list(metrics),
+        "seeds": seeds,
+        "margin": margin,
+        "relative": relative,
+        "confidence": confidence,
+        "losses": losses,
+        "same_seed": same_seed,
+    }
+
+
+def _parse_statistical(value: Mapping[str, Any], where: str) -> Statistical:
+    unknown = sorted(set(value) - _STAT_KEYS)
+    if unknown:
+        raise ToleranceError(f"{where}: unknown key(s) {unknown} for mode statistical; allowed: {sorted(_STAT_KEYS)}")
+    metrics = value.get("metrics", ())
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    seeds, margin, confidence = value.get("seeds", 5), value.get("margin", 0.0), value.get("confidence", 0.95)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
+        raise ToleranceError(
+            f"{where}.seeds: statistical mode needs at least 2 runs to estimate a spread, got {seeds!r} "
+            "(use 5 or more for a 95% confidence level to mean much)"
+        )
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+        raise ToleranceError(f"{where}.margin: expected a number >= 0, got {margin!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 < confidence < 1:
+        raise ToleranceError(f"{where}.confidence: expected a number between 0.5 and 1, got {confidence!r}")
+    flags = {k: value.get(k, d) for k, d in (("relative", False), ("losses", True), ("same_seed", False))}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise ToleranceError(f"{where}.{k}: expected true or false, got {v!r}")
+    return Statistical(
+        tuple(str(m) for m in metrics),
+        seeds,
+        float(margin),
+        flags["relative"],
+        float(confidence),
+        flags["losses"],
+        flags["same_seed"],
+    )
+
+
+@dataclass(frozen=True)
 class ToleranceSpec:
     """A full tolerance specification for a record."""
 
     default: Tolerance = BITWISE
     sections: tuple[tuple[str, SectionTolerance], ...] = field(default=())
+    statistical: Statistical | None = None
 
     def for_key(self, section: str, key: str | None = None) -> Tolerance:
         """Return the tolerance that applies to ``key`` in ``section``."""
@@ -162,6 +242,12 @@ def parse_tolerance(value: Any, where: str = "tolerance") -> ToleranceSpec:
         return ToleranceSpec()
     if isinstance(value, ToleranceSpec):
         return value
+    if isinstance(value, Statistical):
+        return ToleranceSpec(statistical=value)
+    if isinstance(value, Mapping) and value.get("mode") is not None:
+        if value["mode"] != "statistical":
+            raise ToleranceError(f"{where}.mode: unknown mode {value['mode']!r}; the only mode is 'statistical'")
+        return ToleranceSpec(statistical=_parse_statistical(value, where))
     single = _parse_single(value, where)
     if single is not None:
         return ToleranceSpec(default=single)

@@ -48,6 +48,19 @@ USER_JOBS = textwrap.dedent(
             "metrics": {"accuracy": accuracy},
             "outputs": {"pred": pred},
         }
+
+
+    def noisy(ctx):
+        # Results depend on the seed: a score and a loss trace with seeded noise.
+        cfg = ctx.config
+        noise = ctx.rng.normal(0.0, 0.01, size=7)
+        score = 1.0 + cfg.get("shift", 0.0) + noise[0]
+        shift_from = cfg.get("loss_shift_from", 99)
+        losses = [
+            2.0 - 0.1 * step + noise[step + 1] + (cfg.get("loss_shift", 0.0) if step >= shift_from else 0.0)
+            for step in range(6)
+        ]
+        return {"losses": losses, "metrics": {"score": float(score)}}
     """
 )
 

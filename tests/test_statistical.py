@@ -1,0 +1,125 @@
+"""Statistical reproducibility: TOST equivalence across seeds, loss bands, same-seed spread."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("scipy")
+
+from pytest_repro.stats import TooFewSeedsError, loss_band_exit, tost
+from pytest_repro.tolerances import Statistical, ToleranceError, parse_tolerance, statistical
+
+samples = st.lists(st.floats(-100, 100, allow_nan=False), min_size=2, max_size=12)
+
+
+@settings(deadline=None)
+@given(samples, samples, st.floats(0, 10), st.sampled_from([0.9, 0.95, 0.99]))
+def test_tost_is_symmetric(a: list[float], b: list[float], margin: float, confidence: float) -> None:
+    ab, ba = tost("m", a, b, margin, confidence), tost("m", b, a, margin, confidence)
+    assert ab.equivalent == ba.equivalent
+    assert ab.p_value == pytest.approx(ba.p_value, rel=1e-9, abs=1e-12)
+    assert ab.diff == pytest.approx(-ba.diff, rel=1e-9, abs=1e-9)
+
+
+@settings(deadline=None)
+@given(samples, samples)
+def test_zero_margin_never_passes_when_samples_differ(a: list[float], b: list[float]) -> None:
+    if sorted(a) == sorted(b):
+        b = [*b[:-1], b[-1] + 1.0]
+    assert not tost("m", a, b, 0.0, 0.95).equivalent
+
+
+def test_tost_verdicts_and_report_line() -> None:
+    ref = [1.00, 1.01, 0.99, 1.005, 0.995]
+    close = [1.002, 1.012, 0.992, 1.001, 0.998]
+    far = [x + 0.2 for x in close]
+    ok = tost("score", ref, close, 0.05, 0.95)
+    assert ok.equivalent and ok.ci_low > -0.05 and ok.ci_high < 0.05
+    assert ok.describe().startswith("score: reference mean 1 (n=5), this run mean 1.001 (n=5), diff +0.001")
+    assert "90% CI [" in ok.describe() and "margin ±0.05 -> equivalent (TOST p=" in ok.describe()
+    assert not tost("score", ref, far, 0.05, 0.95).equivalent
+    with pytest.raises(TooFewSeedsError, match="at least 2 values on each side"):
+        tost("score", [1.0], close, 0.05, 0.95)
+
+
+def test_loss_band_reports_the_first_step_outside() -> None:
+    spec = Statistical(margin=0.05)
+    ref = [[2.0, 1.9, 1.8, 1.7], [2.01, 1.91, 1.79, 1.71], [1.99, 1.89, 1.81, 1.69]]
+    assert loss_band_exit(ref, [list(t) for t in ref], spec) is None
+    moved = [[t[0], t[1], t[2] + 0.5, t[3] + 0.5] for t in ref]
+    exit_ = loss_band_exit(ref, moved, spec)
+    assert exit_ is not None and exit_.step == 2
+
+
+def test_statistical_tolerance_parsing() -> None:
+    spec = parse_tolerance(statistical(metrics=["acc"], seeds=6, margin=0.001, relative=True))
+    assert spec.statistical == Statistical(("acc",), 6, 0.001, True, 0.95, True, False)
+    assert spec.statistical.margin_for(2.0) == pytest.approx(0.002)
+    with pytest.raises(ToleranceError, match="needs at least 2 runs"):
+        parse_tolerance({"mode": "statistical", "seeds": 1})
+    with pytest.raises(ToleranceError, match=r"confidence: expected a number between 0\.5 and 1"):
+        parse_tolerance({"mode": "statistical", "confidence": 1.5})
+    with pytest.raises(ToleranceError, match="unknown mode 'bayes'"):
+        parse_tolerance({"mode": "bayes"})
+
+
+TEST = """
+import pytest
+from pytest_repro import statistical
+from userjobs import noisy
+
+@pytest.mark.reproducible(tolerance=statistical({args}))
+def test_noisy(repro):
+    result = repro.check(noisy, config={config})
+    assert len(result.meta["statistical"]["seeds"]) == len(set(result.meta["statistical"]["seeds"]))
+"""
+
+
+@pytest.mark.slow
+def test_statistical_pass_then_fail_beyond_margin(userjobs: pytest.Pytester) -> None:
+    args = 'metrics=["score"], seeds=5, margin=0.05'
+    userjobs.makepyfile(test_stat=TEST.format(args=args, config="{}"))
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    # Same distribution, other seeds' values are not needed to be equal: shift within the margin passes.
+    userjobs.makepyfile(test_stat=TEST.format(args=args, config='{"shift": 0.005}'))
+    result = userjobs.runpytest("--repro", "-v")
+    result.assert_outcomes(passed=1)
+    userjobs.makepyfile(test_stat=TEST.format(args=args, config='{"shift": 0.2}'))
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*score: reference mean * (n=5), this run mean * (n=5), diff +0.2*, 90% CI *, margin ±0.05 -> NOT equivalent*"]
+    )
+
+
+@pytest.mark.slow
+def test_statistical_loss_band(userjobs: pytest.Pytester) -> None:
+    args = 'metrics=["score"], seeds=4, margin=0.05'
+    userjobs.makepyfile(test_stat=TEST.format(args=args, config="{}"))
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    userjobs.makepyfile(test_stat=TEST.format(args=args, config='{"loss_shift": 1.0, "loss_shift_from": 3}'))
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*losses: the mean loss leaves the reference band first at step 3:*"])
+
+
+@pytest.mark.slow
+def test_too_few_seeds_is_an_error_not_a_pass(userjobs: pytest.Pytester) -> None:
+    userjobs.makepyfile(test_stat=TEST.format(args="seeds=1, margin=0.05", config="{}"))
+    result = userjobs.runpytest("--repro", "--repro-regen")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*statistical mode needs at least 2 runs to estimate a spread, got 1*"])
+
+
+@pytest.mark.slow
+def test_same_seed_spread(userjobs: pytest.Pytester) -> None:
+    args = 'metrics=["score"], seeds=3, margin=0.0, same_seed=True'
+    userjobs.makepyfile(
+        test_stat=TEST.format(args=args, config="{}").replace(
+            "    assert len(result.meta",
+            "    assert len(set(result.meta['statistical']['seeds'])) == 1 or len(result.meta",
+        )
+    )
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
