@@ -4,6 +4,7 @@
     cold `python` processes one after the other (goal: ratio <= 0.6).
 (b) `pytest --collect-only` of a generated 500-test suite with and without the plugin (goal: <= 5% more).
 (c) `collect_manifest()` with torch already imported (goal: < 300 ms).
+(d) the built-in LoRA job's wall time in deterministic vs default mode on the same device.
 
 Usage: python benchmarks/bench_harness.py [--repeats N] [--json PATH]
 """
@@ -35,7 +36,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float
     return elapsed
 
 
-def cold_spec(workdir: Path) -> Path:
+def cold_spec(workdir: Path, deterministic: bool = True) -> Path:
     from pytest_repro.runner import JobRef, RunSpec
     from pytest_repro.seeding import derive_seed
 
@@ -107,6 +108,24 @@ def bench_collection(repeats: int) -> dict[str, float]:
     return {"without_plugin_s": w, "with_plugin_s": p, "ratio": p / w, "tests": 500}
 
 
+def bench_determinism(repeats: int) -> dict[str, float]:
+    """The LoRA job's own wall time (imports excluded) in deterministic vs default mode, same device."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for det in (True, False):  # interleaved
+                workdir = Path(tmp) / f"{'det' if det else 'default'}-{r}"
+                spec = cold_spec(workdir, deterministic=det)
+                env = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
+                if det:
+                    env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+                timed([sys.executable, "-m", "pytest_repro.runner", "child", str(spec)], ROOT, env)
+                record = json.loads((workdir / "record" / "record.json").read_text())
+                times[det].append(record["meta"]["wall_s"])
+    d, n = statistics.median(times[True]), statistics.median(times[False])
+    return {"deterministic_s": d, "default_s": n, "overhead": d / n - 1}
+
+
 def bench_manifest(repeats: int) -> dict[str, float]:
     import torch  # noqa: F401 - the target is "with torch already imported"
 
@@ -140,10 +159,15 @@ def main() -> None:
         f"(b) collect 500 tests: without plugin {coll['without_plugin_s']:.3f} s | with plugin "
         f"{coll['with_plugin_s']:.3f} s | ratio {coll['ratio']:.3f} (goal <= 1.05)"
     )
+    det = bench_determinism(max(args.repeats, 5))
+    print(
+        f"(d) LoRA job on cpu, deterministic {det['deterministic_s']:.3f} s vs default {det['default_s']:.3f} s: "
+        f"overhead {det['overhead'] * 100:+.1f}%"
+    )
     man = bench_manifest(max(args.repeats, 10))
     print(f"(c) collect_manifest() with torch imported: {man['collect_manifest_s'] * 1000:.0f} ms (goal < 300 ms)")
     if args.json:
-        results = {"runs": runs, "collection": coll, "manifest": man}
+        results = {"runs": runs, "collection": coll, "determinism": det, "manifest": man}
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 

@@ -218,7 +218,7 @@ class Repro:
         records = self._run_all(c, self._seeds(stat))
         self.records = records
         if stat is None:
-            self._check_run_to_run(records, outcome)
+            self._check_run_to_run(records, c)
         else:
             self._summarize_seeds(records, stat, outcome)
         self._audit_config(records[0], c)
@@ -292,26 +292,29 @@ class Repro:
         _fail(f"{self._nodeid}: {problem}\nNothing was run. Fix the config passed to repro.check (see the job's docs).")
         raise AssertionError  # unreachable: pytest.fail raises
 
-    def _run_all(self, c: _Check, seeds: list[int]) -> list[Record]:
+    def _spec(self, c: _Check, seed: int, index: int, diagnose: bool = False) -> RunSpec:
         s = self._settings
+        return RunSpec(
+            job=c.ref,
+            config=c.cfg,
+            seed=seed,
+            device=self.device,
+            deterministic=s.deterministic,
+            run_index=index,
+            workdir=str(self._session.next_workdir(f"{'trace' if diagnose else 'run'}{index + 1}")),
+            cwd=str(self._session.rootdir),
+            sys_path=tuple(sys.path),
+            manifest=(index == 0 and not diagnose),
+            config_dir=c.config_dir,
+            manifest_packages=s.manifest_packages,
+            identity=s.identity,
+            diagnose=diagnose,
+        )
+
+    def _run_all(self, c: _Check, seeds: list[int]) -> list[Record]:
         records: list[Record] = []
         for i, seed in enumerate(seeds):
-            spec = RunSpec(
-                job=c.ref,
-                config=c.cfg,
-                seed=seed,
-                device=self.device,
-                deterministic=s.deterministic,
-                run_index=i,
-                workdir=str(self._session.next_workdir(f"run{i + 1}")),
-                cwd=str(self._session.rootdir),
-                sys_path=tuple(sys.path),
-                manifest=(i == 0),
-                config_dir=c.config_dir,
-                manifest_packages=s.manifest_packages,
-                identity=s.identity,
-            )
-            result = self._session.runner.run(spec, s.timeout, s.base_seed)
+            result = self._session.runner.run(self._spec(c, seed, i), self._settings.timeout, self._settings.base_seed)
             c.outcome.seconds.append(result.wall_s)
             records.append(self._record_of(result, i + 1, c.outcome))
             if i == 0:
@@ -328,6 +331,19 @@ class Repro:
                     f"run {run} of {self._nodeid} was {result.detail} and was killed.{log}\n"
                     "Fix: find why the job hangs, or raise the limit with "
                     "@pytest.mark.reproducible(timeout=SECONDS), ini repro_timeout or --repro-timeout."
+                )
+            op = _nondeterministic_op(result.detail)
+            if op is not None:
+                outcome.detail = f"run {run}: {op} has no deterministic implementation"
+                _fail(
+                    f"run {run} of {self._nodeid}: the job used `{op}`, which has no deterministic implementation "
+                    f"on {self.device}, and determinism is on (torch.use_deterministic_algorithms(True)).\n"
+                    f"{result.detail.strip().splitlines()[-1]}\n"
+                    "Options: use a deterministic alternative for this op (e.g. another reduction or interpolation "
+                    "mode); or keep determinism on but let this op through with "
+                    "torch.use_deterministic_algorithms(True, warn_only=True) inside the job; or run "
+                    "nondeterministically (@pytest.mark.reproducible(deterministic=False)) with a statistical "
+                    "tolerance (pytest_repro.statistical(...))."
                 )
             what = "raised an exception" if result.status == "error" else "crashed"
             outcome.detail = f"run {run} {what}"
@@ -357,22 +373,45 @@ class Repro:
             )
         return record
 
-    def _check_run_to_run(self, records: list[Record], outcome: CheckOutcome) -> None:
+    def _check_run_to_run(self, records: list[Record], c: _Check) -> None:
+        outcome = c.outcome
         first = records[0]
         for k, other in enumerate(records[1:], start=2):
             cmp = compare_records(first, other, self._settings.tolerance)
-            if not cmp.ok:
-                outcome.verdict = "diverged"
-                outcome.detail = _headline(cmp, f"runs 1 and {k} diverge")
-                _fail(
-                    f"{self._nodeid} is not reproducible run-to-run: {outcome.detail}\n"
-                    f"{cmp.describe('run 1', f'run {k}')}\n"
-                    f"Both runs used seed {self.seed} on {self.device} "
-                    f"(deterministic={self._settings.deterministic}); nothing was compared with the reference.\n"
-                    "Fix: draw every random number from the seeded sources (ctx.seed, ctx.rng, ctx.generator()), "
-                    "keep determinism on (ini repro_deterministic = true), or loosen the tolerance with "
-                    "@pytest.mark.reproducible(tolerance=...)."
-                )
+            if cmp.ok:
+                continue
+            outcome.verdict = "diverged"
+            outcome.detail = _headline(cmp, f"runs 1 and {k} diverge")
+            if self._settings.diagnose:
+                diagnosis = f"Diagnosis (two more runs, tracing every parameter and gradient): {self._diagnose(c)}\n"
+            else:
+                diagnosis = "Rerun with --repro-diagnose to find the first step and tensor that diverge.\n"
+            _fail(
+                f"{self._nodeid} is not reproducible run-to-run: {outcome.detail}\n"
+                f"{cmp.describe('run 1', f'run {k}')}\n"
+                f"Both runs used seed {self.seed} on {self.device} "
+                f"(deterministic={self._settings.deterministic}); nothing was compared with the reference.\n"
+                f"{diagnosis}"
+                "Fix: draw every random number from the seeded sources (ctx.seed, ctx.rng, ctx.generator()), "
+                "keep determinism on (ini repro_deterministic = true), or loosen the tolerance with "
+                "@pytest.mark.reproducible(tolerance=...) or pytest_repro.statistical(same_seed=True, margin=...)."
+            )
+
+    def _diagnose(self, c: _Check) -> str:
+        """Run the job twice more with step tracing and name the first parameter/gradient that differs."""
+        from .diagnose import first_divergence
+
+        folders = []
+        for i in range(2):
+            spec = self._spec(c, self.seed, i, diagnose=True)
+            result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+            if result.status != "ok":
+                return f"the traced run {i + 1} did not finish ({result.status}: {result.detail.splitlines()[-1:]})"
+            folders.append(result.workdir)
+        found = first_divergence(folders[0], folders[1])
+        if found is None:
+            return "the two traced runs agreed at every optimizer step (the divergence is outside the optimizer steps)"
+        return found.describe()
 
     def _audit_config(self, record: Record, c: _Check) -> None:
         audit = record.meta.get("config_audit") or {}
@@ -589,6 +628,14 @@ def _verdict(stored: Record, record: Record, spec: ToleranceSpec, ref_label: str
         f"{nodeid}: {problem}\nFix: run more seeds (pytest_repro.statistical(seeds=...)), then {_regen_command(nodeid)}"
     )
     raise AssertionError  # unreachable
+
+
+def _nondeterministic_op(traceback_text: str) -> str | None:
+    """Return the op torch named in a 'does not have a deterministic implementation' error, if that is the error."""
+    import re
+
+    m = re.search(r"(\S+) does not have a deterministic implementation, but you set", traceback_text)
+    return m.group(1) if m else None
 
 
 def _headline(cmp: Comparison, prefix: str) -> str:

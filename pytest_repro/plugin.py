@@ -44,6 +44,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="allow --repro-regen when the CI environment variable is set",
     )
+    group.addoption(
+        "--repro-diagnose",
+        action="store_true",
+        default=False,
+        help="when runs diverge, rerun them tracing every parameter and gradient per optimizer step "
+        "and report the first tensor that differs",
+    )
     group.addoption("--repro-runs", default=None, help="runs per test (ini repro_runs)")
     group.addoption("--repro-seed", default=None, help="base seed (ini repro_seed)")
     group.addoption("--repro-device", default=None, help="auto, cpu, cuda or cuda:N (ini repro_device)")
@@ -101,6 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
     ini = {name: config.getini(name) for name in (*INI_OPTIONS, *INI_LISTS)}
     cli = {name: config.getoption(name) for name in _CLI}
     cli["repro_regen"] = regen
+    cli["repro_diagnose"] = config.getoption("repro_diagnose")
     try:
         settings = base_settings(ini, cli, Path(config.rootpath))
     except SettingsError as exc:

@@ -113,6 +113,7 @@ class RunSpec:
     config_dir: str | None = None
     manifest_packages: tuple[str, ...] = ()
     identity: str = "hash"
+    diagnose: bool = False
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""
@@ -313,9 +314,16 @@ def execute(spec: RunSpec) -> int:
             config_dir=Path(spec.config_dir) if spec.config_dir else None,
         )
         ctx.workdir.mkdir(exist_ok=True)
+        tracer = None
+        if spec.diagnose:
+            from .diagnose import StepTracer
+
+            tracer = StepTracer().install()
         started = time.perf_counter()
         result = job(ctx)
         wall = time.perf_counter() - started
+        if tracer is not None:
+            tracer.save(workdir)
         flags = determinism_flags()
         flags["PYTHONHASHSEED"] = hash_seed
         meta: dict[str, Any] = {

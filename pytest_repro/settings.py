@@ -59,6 +59,7 @@ class Settings:
     identity: str = "hash"
     manifest_packages: tuple[str, ...] = ()
     env_key_fields: tuple[str, ...] = ()
+    diagnose: bool = False
 
 
 def _int(value: Any, where: str, minimum: int) -> int:
@@ -130,6 +131,7 @@ def base_settings(ini: dict[str, Any], cli: dict[str, Any], rootdir: Path) -> Se
         identity=_choice(ini["repro_manifest_identity"], "repro_manifest_identity", ("hash", "omit", "plain")),
         manifest_packages=tuple(ini.get("repro_manifest_packages") or ()),
         env_key_fields=tuple(ini.get("repro_env_key_fields") or ()),
+        diagnose=bool(cli.get("repro_diagnose")),
     )
 
 

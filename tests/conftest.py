@@ -36,6 +36,12 @@ USER_JOBS = textwrap.dedent(
             if cfg.get("nan_at") == step:
                 loss = loss * float("nan")
             loss.backward()
+            if cfg.get("grad_noise_at") == step:
+                noise = int.from_bytes(os.urandom(2), "little") + 1
+                model.weight.grad[0, 1] += noise * 1e-6
+            if cfg.get("nondeterministic_op_at") == step:
+                # put_ without accumulate has no deterministic implementation: torch raises in deterministic mode
+                torch.zeros(4).put_(torch.tensor([0, 0]), torch.tensor([1.0, 2.0]))
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())

@@ -358,3 +358,34 @@ def test_explicit_cuda_without_a_gpu_is_an_error_not_a_skip(userjobs: pytest.Pyt
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*A GPU gate must not pass without a GPU*"])
+
+
+def test_diagnose_names_the_first_diverging_tensor(userjobs: pytest.Pytester) -> None:
+    write_test(userjobs, config='{"steps": 6, "grad_noise_at": 3}')
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Rerun with --repro-diagnose to find the first step and tensor that diverge.*"])
+    result = userjobs.runpytest("--repro", "--repro-diagnose")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*runs 1 and 2 diverge at step 4*",
+            "Diagnosis (two more runs, tracing every parameter and gradient): "
+            "first divergence at step 3, `weight` grad, 1 of 8 elements, max abs diff *",
+        ]
+    )
+
+
+def test_op_without_deterministic_implementation_is_named(userjobs: pytest.Pytester) -> None:
+    write_test(userjobs, config='{"steps": 6, "nondeterministic_op_at": 2}')
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*run 1 of test_user.py::test_train: the job used `put_`, which has no deterministic "
+            "implementation on cpu*",
+            "*Options: use a deterministic alternative*warn_only=True*statistical tolerance*",
+        ]
+    )
+    write_test(userjobs, config='{"steps": 6, "nondeterministic_op_at": 2}', marker="(deterministic=False)")
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
