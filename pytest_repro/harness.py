@@ -11,7 +11,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,14 @@ class CheckOutcome:
     drift: list[str] = field(default_factory=list)  # numeric environment drift vs the reference
     details: list[str] = field(default_factory=list)  # e.g. the statistical verdict lines of a pass
     warnings: list[str] = field(default_factory=list)
+    seed: int | None = None
+    device: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form that travels in the test report (and so across xdist workers)."""
+        data = asdict(self)
+        data["path"] = str(self.path) if self.path is not None else None
+        return data
 
 
 @dataclass
@@ -65,6 +73,32 @@ class _Check:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
+def worker_gpu(worker: str | None, visible: str | None, count: int) -> str | None:
+    """Return CUDA_VISIBLE_DEVICES for an xdist worker's jobs: worker gwN gets the N-th GPU (round robin)."""
+    if not worker or not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+    if not devices:
+        return None
+    return devices[int(worker[2:]) % len(devices)]
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def job_env(device: str, environ: Mapping[str, str], count: Callable[[], int] = _cuda_count) -> dict[str, str]:
+    """Extra environment for job processes: under xdist, pin each worker's jobs to one GPU."""
+    worker = environ.get("PYTEST_XDIST_WORKER")
+    if device == "cpu" or not worker:
+        return {}
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    gpu = worker_gpu(worker, visible, 0 if visible else count())
+    return {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+
+
 class ReproSession:
     """Session-wide state: the runner (warm workers), the outcomes, and a scratch folder."""
 
@@ -73,8 +107,14 @@ class ReproSession:
         self.rootdir = rootdir
         self.invocation = invocation
         self.scratch = Path(tempfile.mkdtemp(prefix="pytest-repro-"))
-        self.runner = Runner(settings.isolation)
-        self.outcomes: list[CheckOutcome] = []
+        self.runner = Runner(settings.isolation, extra_env=job_env(settings.device, os.environ))
+        self.outcomes: list[dict[str, Any]] = []  # JSON form, gathered from test reports (all xdist workers)
+        # For the unused-reference check: reproducible tests collected/deselected (merged from xdist workers).
+        self.owned_nodeids: list[str] = []
+        self.deselected_reproducible: list[str] = []
+        self.worker_reports = 0
+        self.unused: list[Path] = []
+        self.unused_note = ""
         self._counter = 0
 
     def warm_up(self) -> None:
@@ -130,11 +170,12 @@ def _fail(message: str) -> None:
 class Repro:
     """The ``repro`` fixture: run a job reproducibly and check it against its reference."""
 
-    def __init__(self, session: ReproSession, settings: Settings, nodeid: str, test_path: Path) -> None:
+    def __init__(self, session: ReproSession, settings: Settings, item: pytest.Item) -> None:
         self._session = session
         self._settings = settings
-        self._nodeid = nodeid
-        self._test_dir = test_path.parent
+        self._item = item
+        self._nodeid = item.nodeid
+        self._test_dir = Path(item.path).parent
         self._names: set[str | None] = set()
         self._device: str | None = None
         self.records: list[Record] = []
@@ -210,8 +251,37 @@ class Repro:
             raise pytest.UsageError(f"{self._nodeid}: {exc}") from None
         cfg, config_dir = self._load_config(config)
         effective = self._validate_config(job, cfg, config)
-        outcome = CheckOutcome(self._nodeid, name, "passed", self.reference_dir(name))
-        self._session.outcomes.append(outcome)
+        outcome = CheckOutcome(self._nodeid, name, "passed", self.reference_dir(name), seed=self.seed)
+        try:
+            return self._check(ref, cfg, config, config_dir, effective, outcome)
+        finally:
+            self._publish(outcome)
+
+    def _publish(self, outcome: CheckOutcome) -> None:
+        """Attach the outcome to the test report: the summary, JSON report and JUnit XML read it from there."""
+        props = self._item.user_properties
+        props.append(("repro_outcome", json.dumps(outcome.to_dict(), sort_keys=True)))
+        suffix = f"[{outcome.name}]" if outcome.name else ""
+        props += [
+            (f"repro_verdict{suffix}", outcome.verdict),
+            (f"repro_environment{suffix}", outcome.env_key or ""),
+            (f"repro_seed{suffix}", str(outcome.seed)),
+            (f"repro_device{suffix}", outcome.device or ""),
+            (f"repro_run_seconds{suffix}", " ".join(f"{x:.3f}" for x in outcome.seconds)),
+        ]
+        if outcome.detail:
+            props.append((f"repro_detail{suffix}", outcome.detail))
+
+    def _check(
+        self,
+        ref: JobRef,
+        cfg: dict[str, Any],
+        config: object,
+        config_dir: str | None,
+        effective: dict[str, dict[str, Any]],
+        outcome: CheckOutcome,
+    ) -> Record:
+        outcome.device = self.device
         source = str(config) if isinstance(config, (str, Path)) else "dict"
         c = _Check(ref, cfg, source, config_dir, effective, outcome)
         stat = self._settings.tolerance.statistical

@@ -5,6 +5,7 @@ Nothing heavy is imported here: torch and friends load only when a reproducible 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from .settings import INI_LISTS, INI_OPTIONS, MARKER, SettingsError
 
 if TYPE_CHECKING:
-    from .harness import Repro, ReproSession  # noqa: F401 - ReproSession is named in a string below
+    from .harness import Repro, ReproSession
 
 session_key = pytest.StashKey["ReproSession"]()
 _CLI = ("repro_runs", "repro_seed", "repro_device", "repro_deterministic", "repro_timeout", "repro_isolation")
@@ -50,6 +51,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="when runs diverge, rerun them tracing every parameter and gradient per optimizer step "
         "and report the first tensor that differs",
+    )
+    group.addoption(
+        "--repro-report",
+        default=None,
+        metavar="PATH",
+        help="write every reproducibility check's outcome as JSON (schema: pytest_repro/report.schema.json)",
+    )
+    group.addoption(
+        "--repro-unused",
+        default=None,
+        choices=("report", "fail", "delete"),
+        help="after a full run, report (or fail on, or delete) reference folders no collected test owns",
+    )
+    group.addoption(
+        "--repro-unused-force",
+        action="store_true",
+        default=False,
+        help="check unused references even though the run was filtered (-k, -m, --lf, paths)",
     )
     group.addoption("--repro-runs", default=None, help="runs per test (ini repro_runs)")
     group.addoption("--repro-seed", default=None, help="base seed (ini repro_seed)")
@@ -120,7 +139,9 @@ def pytest_configure(config: pytest.Config) -> None:
             resolve_device(settings.device)
         except DeviceUnavailableError as exc:
             raise pytest.UsageError(f"pytest-repro: {exc}") from None
-    config.stash[session_key] = ReproSession(settings, Path(config.rootpath), ["pytest", *sys.argv[1:]])
+    session = ReproSession(settings, Path(config.rootpath), ["pytest", *sys.argv[1:]])
+    config.stash[session_key] = session
+    config.pluginmanager.register(_OutcomeCollector(session), "repro-outcomes")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -136,7 +157,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Start the warm worker now: its imports (seconds) overlap with collection.
     repro = session.config.stash.get(session_key, None)
-    if repro is not None and not session.config.option.collectonly:
+    xdist_controller = bool(getattr(session.config.option, "numprocesses", None)) and not hasattr(
+        session.config, "workerinput"
+    )
+    if repro is not None and not session.config.option.collectonly and not xdist_controller:
         repro.warm_up()
 
 
@@ -166,17 +190,107 @@ def repro(request: pytest.FixtureRequest) -> Repro:
     except SettingsError as exc:
         problem = str(exc)
     else:
-        return Repro(session, settings, request.node.nodeid, Path(request.node.path))
+        return Repro(session, settings, request.node)
     pytest.fail(f"{request.node.nodeid}: {problem}", pytrace=False)
+
+
+class _OutcomeCollector:
+    """Gathers every check's outcome from the test reports, which reach the main process also under xdist."""
+
+    def __init__(self, session: ReproSession) -> None:
+        self.session = session
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for key, value in report.user_properties:
+            if key == "repro_outcome":
+                self.session.outcomes.append(json.loads(str(value)))
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker(MARKER) is not None:
+            repro = item.config.stash.get(session_key, None)
+            if repro is not None:
+                repro.deselected_reproducible.append(item.nodeid)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    repro = session.config.stash.get(session_key, None)
+    if repro is not None:
+        repro.owned_nodeids += [i.nodeid for i in session.items if i.get_closest_marker(MARKER) is not None]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: merge what each worker collected, for the unused-reference check."""
+    repro = node.config.stash.get(session_key, None)
+    output = getattr(node, "workeroutput", None) or {}
+    if repro is not None and "repro_owned" in output:
+        repro.owned_nodeids += list(output["repro_owned"])
+        repro.deselected_reproducible += list(output["repro_deselected"])
+        repro.worker_reports += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    repro = config.stash.get(session_key, None)
+    if repro is None:
+        return
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:  # xdist worker: hand what it saw to the controller
+        workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))
+        workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
+        return
+    mode = config.getoption("repro_unused")
+    if not mode:
+        return
+    from . import unused
+
+    reason = unused.filter_reason(
+        list(config.args),
+        list(config.getini("testpaths")) or [str(config.rootpath)],
+        config.option.keyword,
+        bool(config.getoption("lf", False)),
+        len(set(repro.deselected_reproducible)),
+    )
+    if reason and not config.getoption("repro_unused_force"):
+        repro.unused_note = (
+            f"unused references not checked: the run was filtered ({reason}); "
+            "run the whole suite, or add --repro-unused-force"
+        )
+        return
+    owned = unused.owned_prefixes(repro.settings.reference_dir, [*repro.owned_nodeids, *repro.deselected_reproducible])
+    repro.unused = unused.find_unused(repro.settings.reference_dir, owned)
+    if repro.unused and mode == "delete":
+        unused.delete(repro.unused, repro.settings.reference_dir)
+        repro.unused_note = f"deleted {len(repro.unused)} unused reference folder(s)"
+    elif repro.unused and mode == "fail":
+        repro.unused_note = f"{len(repro.unused)} unused reference folder(s): failing (--repro-unused=fail)"
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif repro.unused:
+        repro.unused_note = f"{len(repro.unused)} unused reference folder(s)"
+    else:
+        repro.unused_note = "no unused references"
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     session = config.stash.get(session_key, None)
     if session is None:
         return
-    from .report import write_summary
+    from .report import relative, write_json_report, write_summary
 
     write_summary(terminalreporter, session.outcomes, session.rootdir)
+    if session.unused_note:
+        terminalreporter.write_line(f"reproducibility: {session.unused_note}")
+        for folder in session.unused:
+            terminalreporter.write_line(f"  {relative(str(folder), session.rootdir)}")
+    report = config.getoption("repro_report")
+    if report and not hasattr(config, "workerinput"):  # the xdist controller writes it, from all workers
+        path = Path(report)
+        write_json_report(path, session.outcomes, session.rootdir, exitstatus)
+        terminalreporter.write_line(f"reproducibility report: {path}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from .harness import CheckOutcome
+from typing import Any, Protocol
 
 LABELS = {
     "passed": ("PASSED", "green"),
@@ -34,22 +31,23 @@ class Writer(Protocol):
     def write_line(self, line: str, **markup: bool) -> None: ...
 
 
-def _where(path: Path | None, rootdir: Path) -> str:
+def relative(path: str | None, rootdir: Path) -> str:
+    """Return ``path`` relative to the rootdir when it lies inside it."""
     if path is None:
         return ""
     try:
-        return str(path.relative_to(rootdir))
+        return str(Path(path).relative_to(rootdir))
     except ValueError:
-        return str(path)
+        return path
 
 
-def write_summary(tr: Writer, outcomes: Sequence[CheckOutcome], rootdir: Path) -> None:
+def write_summary(tr: Writer, outcomes: Sequence[Mapping[str, Any]], rootdir: Path) -> None:
     """Write one line per check, then the references written."""
     if not outcomes:
         return
     counts: dict[str, int] = {}
     for o in outcomes:
-        counts[o.verdict] = counts.get(o.verdict, 0) + 1
+        counts[o["verdict"]] = counts.get(o["verdict"], 0) + 1
     tally = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     if tr.verbosity < 0:
         tr.write_line(f"reproducibility: {tally}")
@@ -57,19 +55,23 @@ def write_summary(tr: Writer, outcomes: Sequence[CheckOutcome], rootdir: Path) -
     tr.write_sep("=", "reproducibility")
     width = max(len(label) for label, _ in LABELS.values())
     for o in outcomes:
-        label, color = LABELS.get(o.verdict, (o.verdict.upper(), "red"))
-        name = o.nodeid + (f" [{o.name}]" if o.name else "") + (f" ({o.env_key})" if o.env_key else "")
-        runs = f"{len(o.seconds)} run(s), " + "/".join(f"{s:.2f}" for s in o.seconds) + " s" if o.seconds else ""
-        extra = f": {o.detail}" if o.detail else ""
-        tr.write_line(
-            f"{label:<{width}} {name}{extra}" + (f"  ({runs})" if runs and tr.verbosity > 0 else ""), **{color: True}
+        label, color = LABELS.get(o["verdict"], (o["verdict"].upper(), "red"))
+        name = o["nodeid"] + (f" [{o['name']}]" if o["name"] else "") + (f" ({o['env_key']})" if o["env_key"] else "")
+        runs = (
+            f"{len(o['seconds'])} run(s), " + "/".join(f"{s:.2f}" for s in o["seconds"]) + " s" if o["seconds"] else ""
         )
-    written = [o for o in outcomes if o.verdict == "written"]
+        extra = f": {o['detail']}" if o["detail"] else ""
+        suffix = f"  ({runs})" if runs and tr.verbosity > 0 else ""
+        tr.write_line(f"{label:<{width}} {name}{extra}{suffix}", **{color: True})
+        if tr.verbosity > 0:
+            for line in o["details"]:
+                tr.write_line(f"{'':<{width}} {line.strip()}")
+    written = [o for o in outcomes if o["verdict"] == "written"]
     if written:
         tr.write_line(f"references written ({len(written)}):")
         for o in written:
-            tr.write_line(f"  {_where(o.path, rootdir)}")
-    drifted = [o for o in outcomes if o.drift and o.verdict in ("passed", "unchanged", "passed-cross-env")]
+            tr.write_line(f"  {relative(o['path'], rootdir)}")
+    drifted = [o for o in outcomes if o["drift"] and o["verdict"] in ("passed", "unchanged", "passed-cross-env")]
     if drifted:
         tr.write_line(
             "environment drift: these passed, but numerics-relevant parts of the environment changed "
@@ -77,13 +79,40 @@ def write_summary(tr: Writer, outcomes: Sequence[CheckOutcome], rootdir: Path) -
             yellow=True,
         )
         for o in drifted:
-            tr.write_line(f"  {o.nodeid}:", yellow=True)
-            for line in o.drift:
+            tr.write_line(f"  {o['nodeid']}:", yellow=True)
+            for line in o["drift"]:
                 tr.write_line(f"    {line}", yellow=True)
-    warned = [o for o in outcomes if o.warnings]
+    warned = [o for o in outcomes if o["warnings"]]
     if warned:
         tr.write_line("warnings:", yellow=True)
         for o in warned:
-            for line in o.warnings:
-                tr.write_line(f"  {o.nodeid}: {line}", yellow=True)
+            for line in o["warnings"]:
+                tr.write_line(f"  {o['nodeid']}: {line}", yellow=True)
     tr.write_line(f"reproducibility: {tally}")
+
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def write_json_report(path: Path, outcomes: Sequence[Mapping[str, Any]], rootdir: Path, exitstatus: int) -> None:
+    """Write every check's outcome as JSON (see report.schema.json), atomically."""
+    import json
+    from datetime import datetime, timezone
+
+    from . import __version__
+    from .record import write_text_atomic
+
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o["verdict"]] = counts.get(o["verdict"], 0) + 1
+    body = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "plugin_version": __version__,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "rootdir": str(rootdir),
+        "exitstatus": int(exitstatus),
+        "summary": counts,
+        "tests": sorted(outcomes, key=lambda o: (o["nodeid"], o["name"] or "")),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(body, indent=2, sort_keys=True) + "\n")

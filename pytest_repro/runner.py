@@ -559,11 +559,20 @@ def shutdown_workers() -> None:
 class Runner:
     """Runs jobs in fresh processes, through a warm fork worker where possible."""
 
-    def __init__(self, isolation: str, preload: tuple[str, ...] = BASE_PRELOAD) -> None:
+    def __init__(
+        self, isolation: str, preload: tuple[str, ...] = BASE_PRELOAD, extra_env: dict[str, str] | None = None
+    ) -> None:
         if isolation not in ("auto", "fork", "spawn"):
             raise ValueError(f"isolation must be auto, fork or spawn, got {isolation!r}")
         self.isolation = "fork" if isolation in ("auto", "fork") and fork_supported() else "spawn"
         self.preload = preload
+        self.extra_env = dict(extra_env or {})
+
+    def env(self, deterministic: bool, hash_seed: int) -> dict[str, str]:
+        """The environment of job processes (and of the worker that forks them)."""
+        env = determinism_env(deterministic, hash_seed)
+        env.update(self.extra_env)
+        return env
 
     def _worker(self, env: dict[str, str]) -> _Worker:
         key = (sys.executable, tuple((k, env.get(k)) for k in STARTUP_ENV), self.preload)
@@ -576,7 +585,7 @@ class Runner:
     def warm_up(self, deterministic: bool, hash_seed: int) -> None:
         """Start a worker early so that its imports overlap with collection."""
         if self.isolation == "fork":
-            self._worker(determinism_env(deterministic, hash_seed))
+            self._worker(self.env(deterministic, hash_seed))
 
     def run(self, spec: RunSpec, timeout: float, hash_seed: int) -> RunOutcome:
         """Run the job once in a fresh process and report how it ended."""
@@ -591,7 +600,7 @@ class Runner:
         return self._outcome(reply, workdir, timeout)
 
     def _run_forked(self, spec: RunSpec, timeout: float, hash_seed: int) -> dict[str, Any]:
-        env = determinism_env(spec.deterministic, hash_seed)
+        env = self.env(spec.deterministic, hash_seed)
         worker = self._worker(env)
         try:
             return worker.request(spec, timeout, env)
@@ -605,7 +614,7 @@ class Runner:
         workdir = Path(spec.workdir)
         spec_file = workdir / "spec.json"
         spec_file.write_text(spec.to_json(), encoding="utf-8")
-        env = determinism_env(spec.deterministic, hash_seed)
+        env = self.env(spec.deterministic, hash_seed)
         started = time.perf_counter()
         with open(workdir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(

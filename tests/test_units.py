@@ -258,3 +258,17 @@ def test_manifest_and_its_diff(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert json.loads(capsys.readouterr().out) == {"changes": [], "numeric_drift": False}
     assert cli_main(["manifest", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["schema"] == 2
+
+
+def test_each_xdist_worker_gets_its_own_gpu() -> None:
+    from pytest_repro.harness import job_env, worker_gpu
+
+    assert [worker_gpu(f"gw{i}", "0,1,2,3", 0) for i in range(6)] == ["0", "1", "2", "3", "0", "1"]
+    assert worker_gpu("gw1", "4,7", 0) == "7"
+    assert worker_gpu("gw2", None, 2) == "0"
+    assert worker_gpu(None, "0,1", 0) is None and worker_gpu("master", "0,1", 0) is None
+    assert worker_gpu("gw0", None, 0) is None  # no GPU at all: leave the environment alone
+    fake = {"PYTEST_XDIST_WORKER": "gw3", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert job_env("cuda", fake) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert job_env("auto", {"PYTEST_XDIST_WORKER": "gw1"}, count=lambda: 4) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert job_env("cpu", fake) == {} and job_env("cuda", {"CUDA_VISIBLE_DEVICES": "0,1"}) == {}

@@ -1,0 +1,118 @@
+"""Reports: JSON (validated against its schema), JUnit properties, unused references, pytest-xdist."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TESTS = """
+import pytest
+from userjobs import train
+
+@pytest.mark.reproducible
+def test_a(repro):
+    repro.check(train, config={"steps": 4})
+
+@pytest.mark.reproducible
+def test_b(repro):
+    repro.check(train, config={"steps": 5})
+
+@pytest.mark.reproducible
+@pytest.mark.parametrize("lr", [0.01, 0.02])
+def test_c(repro, lr):
+    repro.check(train, config={"steps": 3, "lr": lr})
+
+def test_plain():
+    pass
+"""
+
+
+def test_json_report_matches_its_schema(userjobs: pytest.Pytester) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    import pytest_repro
+
+    userjobs.makepyfile(test_many=TESTS)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=5)
+    userjobs.makepyfile(test_many=TESTS.replace('"steps": 5', '"steps": 5, "lr": 0.07'))
+    result = userjobs.runpytest("--repro", "--repro-report=out/report.json")
+    result.assert_outcomes(passed=4, failed=1)
+    report = json.loads((userjobs.path / "out" / "report.json").read_text())
+    schema = json.loads((Path(pytest_repro.__file__).parent / "report.schema.json").read_text())
+    jsonschema.validate(report, schema)
+    assert report["summary"] == {"passed": 3, "differs": 1}
+    by_id = {t["nodeid"]: t for t in report["tests"]}
+    assert by_id["test_many.py::test_b"]["verdict"] == "differs"
+    assert by_id["test_many.py::test_b"]["detail"] == "differs from the reference at step 1"
+    assert by_id["test_many.py::test_a"]["env_key"] == "cpu" and len(by_id["test_many.py::test_a"]["seconds"]) == 2
+    assert report["exitstatus"] == 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**report, "tests": [{"nodeid": "x"}]}, schema)
+
+
+def test_junit_xml_carries_key_figures(userjobs: pytest.Pytester) -> None:
+    userjobs.makepyfile(test_many=TESTS)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=5)
+    userjobs.runpytest("--repro", "--junitxml=junit.xml").assert_outcomes(passed=5)
+    root = ET.parse(userjobs.path / "junit.xml").getroot()
+    case = next(c for c in root.iter("testcase") if c.get("name") == "test_a")
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert props["repro_verdict"] == "passed"
+    assert props["repro_environment"] == "cpu" and props["repro_device"] == "cpu"
+    assert props["repro_seed"].isdigit() and len(props["repro_run_seconds"].split()) == 2
+    plain = next(c for c in root.iter("testcase") if c.get("name") == "test_plain")
+    assert not list(plain.iter("property"))
+
+
+def test_unused_references_report_fail_delete_and_filtered_runs(userjobs: pytest.Pytester) -> None:
+    userjobs.makepyfile(test_many=TESTS)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=5)
+    refs = userjobs.path / "reference_outputs" / "test_many"
+    userjobs.makepyfile(test_many=TESTS.replace("def test_b(", "def test_b_renamed("))
+    result = userjobs.runpytest("--repro", "--repro-regen=missing", "--repro-unused=report")
+    result.stdout.fnmatch_lines(
+        ["reproducibility: 1 unused reference folder(s)", "  reference_outputs/test_many/test_b/cpu"]
+    )
+    assert result.ret == 0
+
+    result = userjobs.runpytest("--repro", "-k", "test_a", "--repro-unused=delete")
+    result.stdout.fnmatch_lines(["*unused references not checked: the run was filtered (-k 'test_a')*"])
+    assert (refs / "test_b").exists()
+
+    result = userjobs.runpytest("--repro", "--repro-unused=fail")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*1 unused reference folder(s): failing (--repro-unused=fail)*"])
+
+    result = userjobs.runpytest("--repro", "-m", "reproducible", "--repro-unused=delete")
+    result.stdout.fnmatch_lines(["*deleted 1 unused reference folder(s)*"])
+    assert not (refs / "test_b").exists() and (refs / "test_a" / "cpu" / "record.json").exists()
+    userjobs.runpytest("--repro", "--repro-unused=fail").assert_outcomes(passed=5)
+
+
+def test_xdist_gives_the_serial_verdicts_and_merges_reports(userjobs: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    userjobs.makepyfile(test_many=TESTS)
+    serial = userjobs.runpytest("--repro", "--repro-regen")
+    serial.assert_outcomes(passed=5)
+    userjobs.makepyfile(test_many=TESTS.replace('"steps": 4', '"steps": 4, "lr": 0.07'))
+    serial = userjobs.runpytest("--repro", "--repro-report=serial.json")
+    parallel = userjobs.runpytest("--repro", "-n", "2", "--repro-report=parallel.json", "--repro-unused=report")
+    parallel.assert_outcomes(passed=4, failed=1)
+
+    def verdicts(name: str) -> dict[str, str]:
+        data = json.loads((userjobs.path / name).read_text())
+        return {t["nodeid"]: t["verdict"] for t in data["tests"]}
+
+    assert verdicts("parallel.json") == verdicts("serial.json")
+    assert len(verdicts("parallel.json")) == 4  # every reproducible test, merged from both workers
+    parallel.stdout.fnmatch_lines(
+        [
+            "*DIFFERS*test_many.py::test_a (cpu)*",
+            "reproducibility: 1 differs, 3 passed",
+            "reproducibility: no unused references",
+        ]
+    )
