@@ -39,7 +39,30 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
+    h = sub.add_parser("html", help="render the HTML report from a saved JSON report (--repro-report)")
+    h.add_argument("report")
+    h.add_argument("-o", "--output", default="repro-report.html")
+    p = sub.add_parser("plot", help="plot a reference's loss trace to PNG")
+    p.add_argument("reference", help="a reference folder (the one holding record.json)")
+    p.add_argument("-o", "--output", default="loss.png")
     args = parser.parse_args(argv)
+
+    if args.command == "html":
+        from .report_html import write_html
+
+        write_html(Path(args.output), json.loads(Path(args.report).read_text(encoding="utf-8")))
+        print(f"wrote {args.output}")
+        return 0
+
+    if args.command == "plot":
+        from .record import load_record
+        from .report_html import loss_plot_png
+
+        record = load_record(Path(args.reference))
+        title = f"{args.reference} (seed {record.seed}, {record.device})"
+        Path(args.output).write_bytes(loss_plot_png({"reference": record.losses}, None, title))
+        print(f"wrote {args.output}")
+        return 0
 
     if args.command == "manifest":
         from .manifest import collect_manifest

@@ -288,3 +288,31 @@ def compare_records(expected: Record, actual: Record, spec: ToleranceSpec) -> Co
     diffs += compare_metrics(expected.metrics, actual.metrics, spec)
     diffs += compare_tensor_maps("outputs", expected.outputs, actual.outputs, spec)
     return Comparison(tuple(diffs))
+
+
+def section_max_abs(expected: Record, actual: Record) -> dict[str, float]:
+    """Return the largest absolute difference per section, whatever the tolerance (NaN where shapes differ)."""
+    import torch
+
+    def tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+        worst = 0.0
+        for key, exp in a.items():
+            act = b.get(key)
+            if act is None or act.shape != exp.shape:
+                return math.nan
+            if exp.numel():
+                diff = (act.to(torch.float64) - exp.to(torch.float64)).abs().max()
+                worst = max(worst, float(diff)) if not diff.isnan() else math.nan
+        return worst
+
+    steps = list(zip(expected.losses, actual.losses, strict=False))
+    losses = (
+        max((abs(a - b) for a, b in steps), default=0.0) if len(expected.losses) == len(actual.losses) else math.nan
+    )
+    metrics = max((abs(actual.metrics[k] - v) for k, v in expected.metrics.items() if k in actual.metrics), default=0.0)
+    return {
+        "losses": losses,
+        "weights": tensors(expected.weights, actual.weights),
+        "metrics": metrics,
+        "outputs": tensors(expected.outputs, actual.outputs),
+    }

@@ -52,6 +52,11 @@ class CheckOutcome:
     warnings: list[str] = field(default_factory=list)
     seed: int | None = None
     device: str | None = None
+    # For the HTML report and -v: loss curves (per run and of the reference), the differences found,
+    # and the largest absolute difference per section against the reference.
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    max_abs: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON form that travels in the test report (and so across xdist workers)."""
@@ -387,6 +392,7 @@ class Repro:
             result = self._session.runner.run(self._spec(c, seed, i), self._settings.timeout, self._settings.base_seed)
             c.outcome.seconds.append(result.wall_s)
             records.append(self._record_of(result, i + 1, c.outcome))
+            c.outcome.curves[f"run {i + 1}"] = records[-1].losses
             if i == 0:
                 c.manifest = self._read_manifest(result.workdir)
         return records
@@ -452,6 +458,7 @@ class Repro:
                 continue
             outcome.verdict = "diverged"
             outcome.detail = _headline(cmp, f"runs 1 and {k} diverge")
+            outcome.differences = [asdict(d) for d in cmp.differences]
             if self._settings.diagnose:
                 diagnosis = f"Diagnosis (two more runs, tracing every parameter and gradient): {self._diagnose(c)}\n"
             else:
@@ -573,6 +580,7 @@ class Repro:
                 self._compare_other_environments(record, c, test_dir, env_key)
             return
         verdict = _verdict(stored.record, record, self._settings.tolerance, "reference", self._nodeid)
+        self._note_reference(stored, record, verdict, c.outcome)
         if regen == "all" and not verdict.ok:
             self._write(record, c, target, f"reference updated ({verdict.where})")
         elif regen == "all" and stored.provenance.get("config") != c.cfg:
@@ -625,6 +633,7 @@ class Repro:
         outcome.compared_with = other_key
         outcome.path = stored.path
         verdict = _verdict(stored.record, record, spec, f"reference ({other_key})", self._nodeid)
+        self._note_reference(stored, record, verdict, c.outcome)
         drift = [d.describe() for d in numeric_drift(stored.manifest, c.manifest)] if stored.manifest else []
         outcome.drift = drift
         described = spec.statistical.describe() if spec.statistical else spec.default.describe()
@@ -648,6 +657,14 @@ class Repro:
             "ini repro_cross_env_tolerance)."
         )
 
+    @staticmethod
+    def _note_reference(stored: Reference, record: Record, verdict: _Verdict, outcome: CheckOutcome) -> None:
+        from .compare import section_max_abs
+
+        outcome.curves["reference"] = stored.record.losses
+        outcome.differences = verdict.differences
+        outcome.max_abs = section_max_abs(stored.record, record)
+
     def _relative(self, path: Path) -> str:
         try:
             return str(path.relative_to(self._session.rootdir))
@@ -662,6 +679,7 @@ class _Verdict:
     ok: bool
     where: str  # e.g. "at step 3", "in metrics['x']"
     lines: list[str]
+    differences: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> str:
         return "\n".join(self.lines)
@@ -673,7 +691,12 @@ def _verdict(stored: Record, record: Record, spec: ToleranceSpec, ref_label: str
         cmp = compare_records(stored, record, spec)
         if cmp.ok:
             return _Verdict(True, "", [])
-        return _Verdict(False, _headline(cmp, "").strip(), [cmp.describe(ref_label, "this run")])
+        return _Verdict(
+            False,
+            _headline(cmp, "").strip(),
+            [cmp.describe(ref_label, "this run")],
+            [asdict(d) for d in cmp.differences],
+        )
     from .stats import TooFewSeedsError, compare_statistical
 
     ref_stats, new_stats = stored.meta.get("statistical"), record.meta.get("statistical")

@@ -70,6 +70,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="check unused references even though the run was filtered (-k, -m, --lf, paths)",
     )
+    group.addoption(
+        "--repro-html",
+        default=None,
+        metavar="PATH",
+        help="write a self-contained HTML report: loss curves, difference tables, environment drift",
+    )
     group.addoption("--repro-runs", default=None, help="runs per test (ini repro_runs)")
     group.addoption("--repro-seed", default=None, help="base seed (ini repro_seed)")
     group.addoption("--repro-device", default=None, help="auto, cpu, cuda or cuda:N (ini repro_device)")
@@ -286,11 +292,19 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(f"reproducibility: {session.unused_note}")
         for folder in session.unused:
             terminalreporter.write_line(f"  {relative(str(folder), session.rootdir)}")
-    report = config.getoption("repro_report")
-    if report and not hasattr(config, "workerinput"):  # the xdist controller writes it, from all workers
-        path = Path(report)
-        write_json_report(path, session.outcomes, session.rootdir, exitstatus)
-        terminalreporter.write_line(f"reproducibility report: {path}")
+    json_path, html_path = config.getoption("repro_report"), config.getoption("repro_html")
+    if (json_path or html_path) and not hasattr(config, "workerinput"):  # the xdist controller writes them
+        from .report import build_report
+
+        report = build_report(session.outcomes, session.rootdir, exitstatus)
+        if json_path:
+            write_json_report(Path(json_path), report)
+            terminalreporter.write_line(f"reproducibility report: {json_path}")
+        if html_path:
+            from .report_html import write_html
+
+            write_html(Path(html_path), report)
+            terminalreporter.write_line(f"reproducibility report: {html_path}")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

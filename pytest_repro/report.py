@@ -64,6 +64,9 @@ def write_summary(tr: Writer, outcomes: Sequence[Mapping[str, Any]], rootdir: Pa
         suffix = f"  ({runs})" if runs and tr.verbosity > 0 else ""
         tr.write_line(f"{label:<{width}} {name}{extra}{suffix}", **{color: True})
         if tr.verbosity > 0:
+            if o["max_abs"]:
+                figures = ", ".join(f"{k} {v:.3g}" for k, v in o["max_abs"].items())
+                tr.write_line(f"{'':<{width}} max abs diff vs reference: {figures}")
             for line in o["details"]:
                 tr.write_line(f"{'':<{width}} {line.strip()}")
     written = [o for o in outcomes if o["verdict"] == "written"]
@@ -94,13 +97,11 @@ def write_summary(tr: Writer, outcomes: Sequence[Mapping[str, Any]], rootdir: Pa
 REPORT_SCHEMA_VERSION = 1
 
 
-def write_json_report(path: Path, outcomes: Sequence[Mapping[str, Any]], rootdir: Path, exitstatus: int) -> None:
-    """Write every check's outcome as JSON (see report.schema.json), atomically."""
-    import json
+def build_report(outcomes: Sequence[Mapping[str, Any]], rootdir: Path, exitstatus: int) -> dict[str, Any]:
+    """Return the JSON report (see report.schema.json) for a run's outcomes."""
     from datetime import datetime, timezone
 
     from . import __version__
-    from .record import write_text_atomic
 
     counts: dict[str, int] = {}
     for o in outcomes:
@@ -114,5 +115,27 @@ def write_json_report(path: Path, outcomes: Sequence[Mapping[str, Any]], rootdir
         "summary": counts,
         "tests": sorted(outcomes, key=lambda o: (o["nodeid"], o["name"] or "")),
     }
+    return finite(body)  # type: ignore[no-any-return]
+
+
+def write_json_report(path: Path, report: Mapping[str, Any]) -> None:
+    """Write a JSON report atomically."""
+    import json
+
+    from .record import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def finite(data: Any) -> Any:
+    """Replace NaN/inf (not representable in JSON) by None, recursively."""
+    import math
+
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, Mapping):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data

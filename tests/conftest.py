@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import textwrap
 
 import pytest
@@ -87,6 +89,9 @@ def heavy_modules() -> None:
     # The harness too: its warm workers live in pytest_repro.runner and are shared across inline runs.
     for name in ("torch", "numpy", "safetensors.torch", "deepdiff", "yaml", "pytest_repro.harness"):
         pytest.importorskip(name)
+    for optional in ("matplotlib.pyplot", "scipy.stats", "jsonschema"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(optional)
 
 
 @pytest.fixture

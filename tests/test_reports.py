@@ -116,3 +116,26 @@ def test_xdist_gives_the_serial_verdicts_and_merges_reports(userjobs: pytest.Pyt
             "reproducibility: no unused references",
         ]
     )
+
+
+def test_html_report_is_self_contained_with_plots_and_tables(userjobs: pytest.Pytester) -> None:
+    pytest.importorskip("matplotlib")
+    userjobs.makepyfile(test_many=TESTS)
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=5)
+    userjobs.makepyfile(test_many=TESTS.replace('"steps": 5', '"steps": 5, "lr": 0.07'))
+    result = userjobs.runpytest("--repro", "--repro-html=out/report.html", "--repro-report=out/report.json")
+    result.assert_outcomes(passed=4, failed=1)
+    page = (userjobs.path / "out" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4  # one loss plot per check
+    assert "<th>max abs diff vs reference</th>" in page and "<th>elements differing</th>" in page
+    assert "DIFFERS · cpu" in page and "differs from the reference at step 1" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # no network, no CDN
+    assert page.index("test_many.py::test_b") < page.index("test_many.py::test_a")  # failures first
+
+    from pytest_repro.cli import main
+
+    assert main(["html", str(userjobs.path / "out" / "report.json"), "-o", str(userjobs.path / "again.html")]) == 0
+    assert (userjobs.path / "again.html").read_text().count("data:image/png;base64,") == 4
+    ref = userjobs.path / "reference_outputs" / "test_many" / "test_a" / "cpu"
+    assert main(["plot", str(ref), "-o", str(userjobs.path / "loss.png")]) == 0
+    assert (userjobs.path / "loss.png").read_bytes().startswith(b"\x89PNG")
