@@ -5,6 +5,7 @@
 (b) `pytest --collect-only` of a generated 500-test suite with and without the plugin (goal: <= 5% more).
 (c) `collect_manifest()` with torch already imported (goal: < 300 ms).
 (d) the built-in LoRA job's wall time in deterministic vs default mode on the same device.
+(e) four built-in-job tests under pytest-xdist `-n 2` vs serial.
 
 Usage: python benchmarks/bench_harness.py [--repeats N] [--json PATH]
 """
@@ -62,7 +63,14 @@ def bench_runs(repeats: int) -> dict[str, float]:
     # The dev environment also has hypothesis' pytest plugin, which imports hypothesis (~1 s) at the
     # end of every session; time pytest with and without it so the plugin's own cost is visible.
     bare_cmd = [*pytest_cmd[:-1], "-p", "no:hypothesispytest", TEST_ID]
-    env = dict(os.environ, PYTHONHASHSEED="0", CUBLAS_WORKSPACE_CONFIG=":4096:8", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONHASHSEED="0",
+        CUBLAS_WORKSPACE_CONFIG=":4096:8",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )  # as the harness runs jobs (repro_threads = 1)
     harness, bare, cold = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
@@ -116,7 +124,7 @@ def bench_determinism(repeats: int) -> dict[str, float]:
             for det in (True, False):  # interleaved
                 workdir = Path(tmp) / f"{'det' if det else 'default'}-{r}"
                 spec = cold_spec(workdir, deterministic=det)
-                env = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false")
+                env = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
                 if det:
                     env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
                 timed([sys.executable, "-m", "pytest_repro.runner", "child", str(spec)], ROOT, env)
@@ -124,6 +132,41 @@ def bench_determinism(repeats: int) -> dict[str, float]:
                 times[det].append(record["meta"]["wall_s"])
     d, n = statistics.median(times[True]), statistics.median(times[False])
     return {"deterministic_s": d, "default_s": n, "overhead": d / n - 1}
+
+
+XDIST_TESTS = """
+import pytest
+from pytest_repro.jobs import lora_finetune
+
+@pytest.mark.reproducible
+@pytest.mark.parametrize("lr", [0.001, 0.002, 0.003, 0.004])
+def test_lora(repro, lr):
+    repro.check(lora_finetune, config={"train": {"lr": lr, "steps": 32}, "data": DATA})
+"""
+
+
+def bench_xdist(repeats: int) -> dict[str, float]:
+    """Four built-in-job tests with pytest-xdist -n 2 vs serial, on this machine."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        for name in ("corpus.jsonl", "splits_v1.json", "tokenizer.json"):
+            shutil.copy(ROOT / "fixtures" / name, project / name)
+        data = {
+            k: str(project / v)
+            for k, v in (("corpus", "corpus.jsonl"), ("splits", "splits_v1.json"), ("tokenizer", "tokenizer.json"))
+        }
+        (project / "test_four.py").write_text(XDIST_TESTS.replace("DATA", repr(data)))
+        (project / "pytest.ini").write_text("[pytest]\n")
+        base = [sys.executable, "-m", "pytest", "--repro", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest"]
+        timed([*base, "--repro-regen"], project)
+        serial, parallel = [], []
+        for _ in range(repeats):
+            serial.append(timed([*base, "-n", "0"], project))
+            parallel.append(timed([*base, "-n", "2"], project))
+    s, p = statistics.median(serial), statistics.median(parallel)
+    return {"serial_s": s, "xdist_2_s": p, "ratio": p / s}
 
 
 def bench_manifest(repeats: int) -> dict[str, float]:
@@ -164,10 +207,15 @@ def main() -> None:
         f"(d) LoRA job on cpu, deterministic {det['deterministic_s']:.3f} s vs default {det['default_s']:.3f} s: "
         f"overhead {det['overhead'] * 100:+.1f}%"
     )
+    xd = bench_xdist(max(args.repeats, 2))
+    print(
+        f"(e) 4 LoRA tests: serial {xd['serial_s']:.2f} s | pytest-xdist -n 2 {xd['xdist_2_s']:.2f} s | "
+        f"ratio {xd['ratio']:.2f} ({os.cpu_count()} cores)"
+    )
     man = bench_manifest(max(args.repeats, 10))
     print(f"(c) collect_manifest() with torch imported: {man['collect_manifest_s'] * 1000:.0f} ms (goal < 300 ms)")
     if args.json:
-        results = {"runs": runs, "collection": coll, "determinism": det, "manifest": man}
+        results = {"runs": runs, "collection": coll, "determinism": det, "xdist": xd, "manifest": man}
         args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 

@@ -104,6 +104,15 @@ def job_env(device: str, environ: Mapping[str, str], count: Callable[[], int] = 
     return {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """Pin the CPU thread pools of job processes: results then do not depend on the machine's core count,
+    and parallel workers (xdist) do not oversubscribe the cores (OpenMP spin-waits make that very slow)."""
+    if threads <= 0:
+        return {}
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
 class ReproSession:
     """Session-wide state: the runner (warm workers), the outcomes, and a scratch folder."""
 
@@ -112,7 +121,9 @@ class ReproSession:
         self.rootdir = rootdir
         self.invocation = invocation
         self.scratch = Path(tempfile.mkdtemp(prefix="pytest-repro-"))
-        self.runner = Runner(settings.isolation, extra_env=job_env(settings.device, os.environ))
+        self.runner = Runner(
+            settings.isolation, extra_env={**thread_env(settings.threads), **job_env(settings.device, os.environ)}
+        )
         self.outcomes: list[dict[str, Any]] = []  # JSON form, gathered from test reports (all xdist workers)
         # For the unused-reference check: reproducible tests collected/deselected (merged from xdist workers).
         self.owned_nodeids: list[str] = []

@@ -19,7 +19,15 @@ if TYPE_CHECKING:
     from .harness import Repro, ReproSession
 
 session_key = pytest.StashKey["ReproSession"]()
-_CLI = ("repro_runs", "repro_seed", "repro_device", "repro_deterministic", "repro_timeout", "repro_isolation")
+_CLI = (
+    "repro_runs",
+    "repro_seed",
+    "repro_device",
+    "repro_deterministic",
+    "repro_timeout",
+    "repro_isolation",
+    "repro_threads",
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -84,6 +92,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         choices=("true", "false"),
         help="torch deterministic mode (ini repro_deterministic)",
+    )
+    group.addoption(
+        "--repro-threads",
+        default=None,
+        help="CPU threads of job processes, 0 = torch's default (ini repro_threads, default 1)",
     )
     group.addoption("--repro-timeout", default=None, help="seconds per run before it is killed (ini repro_timeout)")
     group.addoption(

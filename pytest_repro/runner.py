@@ -301,6 +301,9 @@ def execute(spec: RunSpec) -> int:
         from .seeding import determinism_flags, seed_everything
 
         hash_seed = os.environ.get("PYTHONHASHSEED")
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if threads and threads.isdigit() and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))  # the worker imported torch before this run's env
         seed_everything(spec.seed, deterministic=spec.deterministic)
         job = _resolve_job(spec.job)
         config = TrackedConfig(spec.config)

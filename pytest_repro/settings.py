@@ -22,6 +22,7 @@ INI_OPTIONS: dict[str, tuple[str, str]] = {
     "repro_deterministic": ("true: torch deterministic algorithms and cuDNN/cuBLAS flags", "true"),
     "repro_timeout": ("seconds one run may take before it is killed", "600"),
     "repro_isolation": ("auto (fork worker on Linux), fork or spawn (fresh interpreter per run)", "auto"),
+    "repro_threads": ("CPU threads of job processes (torch, OpenMP, MKL); 0 leaves torch's default", "1"),
     "repro_cross_env_tolerance": (
         "tolerance against a reference from another environment: close, bitwise or a YAML map",
         "close",
@@ -54,6 +55,7 @@ class Settings:
     isolation: str
     tolerance: ToleranceSpec
     regen: str | None  # None, "all" or "missing"
+    threads: int = 1
     cross_env: ToleranceSpec = field(default_factory=lambda: ToleranceSpec(default=CLOSE))
     config_audit: str = "warn"
     identity: str = "hash"
@@ -124,6 +126,7 @@ def base_settings(ini: dict[str, Any], cli: dict[str, Any], rootdir: Path) -> Se
         deterministic=_bool(*pick("repro_deterministic")),
         timeout=_float(*pick("repro_timeout")),
         isolation=str(isolation),
+        threads=_int(*pick("repro_threads"), minimum=0),
         tolerance=ToleranceSpec(),
         regen=cli.get("repro_regen"),
         cross_env=_tolerance_text(ini["repro_cross_env_tolerance"], "repro_cross_env_tolerance"),

@@ -74,7 +74,8 @@ def test_numeric_drift_is_reported_even_when_the_test_passes(userjobs: pytest.Py
 def test_references_per_environment_and_cross_environment_checks(
     userjobs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    userjobs.makeini("[pytest]\nrepro_env_key_fields = env.OMP_NUM_THREADS\n")
+    # repro_threads = 0: the jobs keep the OMP_NUM_THREADS the test sets, so the environment key changes
+    userjobs.makeini("[pytest]\nrepro_env_key_fields = env.OMP_NUM_THREADS\nrepro_threads = 0\n")
     write(userjobs)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
@@ -113,7 +114,8 @@ def test_references_per_environment_and_cross_environment_checks(
 
 
 def test_cross_env_tolerance_from_marker(userjobs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
-    userjobs.makeini("[pytest]\nrepro_env_key_fields = env.OMP_NUM_THREADS\n")
+    # repro_threads = 0: the jobs keep the OMP_NUM_THREADS the test sets, so the environment key changes
+    userjobs.makeini("[pytest]\nrepro_env_key_fields = env.OMP_NUM_THREADS\nrepro_threads = 0\n")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     write(userjobs)
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)

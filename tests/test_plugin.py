@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,9 @@ def test_regen_writes_then_passes(userjobs: pytest.Pytester) -> None:
     files = {f.name for f in ref_dir(userjobs).iterdir()}
     assert files == {"record.json", "weights.safetensors", "outputs.safetensors", "manifest.yaml", "provenance.yaml"}
     assert not [f for f in (userjobs.path / "reference_outputs").rglob("*") if f.name.endswith(".pkl")]
+    meta = json.loads((ref_dir(userjobs) / "record.json").read_text())["meta"]
+    assert meta["torch_threads"] == 1, "jobs run with repro_threads (default 1) whatever the machine's cores"
+    assert meta["flags"]["use_deterministic_algorithms"] is True and meta["flags"]["PYTHONHASHSEED"] == "0"
     result = userjobs.runpytest("--repro", "-v")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*PASSED*test_user.py::test_train*2 run(s)*"])

@@ -272,3 +272,10 @@ def test_each_xdist_worker_gets_its_own_gpu() -> None:
     assert job_env("cuda", fake) == {"CUDA_VISIBLE_DEVICES": "1"}
     assert job_env("auto", {"PYTEST_XDIST_WORKER": "gw1"}, count=lambda: 4) == {"CUDA_VISIBLE_DEVICES": "1"}
     assert job_env("cpu", fake) == {} and job_env("cuda", {"CUDA_VISIBLE_DEVICES": "0,1"}) == {}
+
+
+def test_job_threads_are_pinned() -> None:
+    from pytest_repro.harness import thread_env
+
+    assert thread_env(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    assert thread_env(0) == {}
