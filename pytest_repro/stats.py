@@ -56,46 +56,24 @@ def tost(name: str, reference: Sequence[float], new: Sequence[float], margin: fl
     v_ref, v_new = statistics.variance(reference), statistics.variance(new)
     diff = m_new - m_ref
     se = math.sqrt(v_ref / len(reference) + v_new / len(new))
-    if se == 0.0:
-        # Both sides are constant: the difference is known exactly.
+    if se == 0.0:  # both sides constant: the difference is known exactly
         equivalent = abs(diff) < margin
-        return Equivalence(
-            name,
-            m_ref,
-            m_new,
-            len(reference),
-            len(new),
-            diff,
-            diff,
-            diff,
-            margin,
-            0.0 if equivalent else 1.0,
-            confidence,
-            equivalent,
-        )
-    # Welch-Satterthwaite degrees of freedom, computed scale-free so tiny variances do not underflow.
-    a, b = v_ref / len(reference), v_new / len(new)
-    top = max(a, b)
-    a, b = a / top, b / top
-    df = (a + b) ** 2 / (a**2 / (len(reference) - 1) + b**2 / (len(new) - 1))
-    t_crit = float(stats.t.ppf(1 - alpha, df))
-    p_lower = float(stats.t.sf((diff + margin) / se, df))  # H0: diff <= -margin
-    p_upper = float(stats.t.cdf((diff - margin) / se, df))  # H0: diff >= +margin
-    p_value = max(p_lower, p_upper)
-    equivalent = margin > 0 and p_value < alpha
+        ci_low = ci_high = diff
+        p_value = 0.0 if equivalent else 1.0
+    else:
+        # Welch-Satterthwaite degrees of freedom, computed scale-free so tiny variances do not underflow.
+        a, b = v_ref / len(reference), v_new / len(new)
+        top = max(a, b)
+        a, b = a / top, b / top
+        df = (a + b) ** 2 / (a**2 / (len(reference) - 1) + b**2 / (len(new) - 1))
+        t_crit = float(stats.t.ppf(1 - alpha, df))
+        ci_low, ci_high = diff - t_crit * se, diff + t_crit * se
+        p_lower = float(stats.t.sf((diff + margin) / se, df))  # H0: diff <= -margin
+        p_upper = float(stats.t.cdf((diff - margin) / se, df))  # H0: diff >= +margin
+        p_value = max(p_lower, p_upper)
+        equivalent = margin > 0 and p_value < alpha
     return Equivalence(
-        name,
-        m_ref,
-        m_new,
-        len(reference),
-        len(new),
-        diff,
-        diff - t_crit * se,
-        diff + t_crit * se,
-        margin,
-        p_value,
-        confidence,
-        equivalent,
+        name, m_ref, m_new, len(reference), len(new), diff, ci_low, ci_high, margin, p_value, confidence, equivalent
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,6 @@ def write(p: pytest.Pytester, config: str = CONFIG, marker: str = "") -> None:
 
 def refs_of(p: pytest.Pytester) -> Path:
     return p.path / "reference_outputs" / "test_env" / "test_train"
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def fake_old_torch(folder: Path) -> None:

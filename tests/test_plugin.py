@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,6 @@ def write_test(p: pytest.Pytester, config: str = '{"steps": 6}', marker: str = "
 
 def ref_dir(p: pytest.Pytester, name: str = "test_user", env: str = "cpu") -> Path:
     return p.path / "reference_outputs" / name / "test_train" / env
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def test_skipped_without_repro_with_reason(userjobs: pytest.Pytester) -> None:
