@@ -18,3 +18,18 @@ def test_lora_trainer_is_reproducible(repro):
     result = repro.check(lora_finetune_trainer, config="fixtures/tiny_lora.yaml")
     assert len(result.losses) == 32
     assert all(name.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for name in result.weights)
+
+
+@pytest.mark.reproducible
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_lora_half_precision_is_reproducible(repro, dtype):
+    import yaml
+
+    with open("fixtures/tiny_lora.yaml") as fh:
+        config = yaml.safe_load(fh)
+    config["dtype"] = dtype
+    config.pop("data")  # the defaults (fixtures/…) are relative to the rootdir, where the runs start
+    result = repro.check(lora_finetune, config=config)
+    assert result.meta["dtype"] == dtype  # the base model's dtype
+    # peft keeps LoRA adapters in float32 over a half-precision base (autocast_adapter_dtype=True)
+    assert all(str(t.dtype) == "torch.float32" for t in result.weights.values())
