@@ -128,7 +128,6 @@ class ReproSession:
         # For the unused-reference check: reproducible tests collected/deselected (merged from xdist workers).
         self.owned_nodeids: list[str] = []
         self.deselected_reproducible: list[str] = []
-        self.worker_reports = 0
         self.unused: list[Path] = []
         self.unused_note = ""
         self._counter = 0

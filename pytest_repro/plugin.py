@@ -249,7 +249,6 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     if repro is not None and "repro_owned" in output:
         repro.owned_nodeids += list(output["repro_owned"])
         repro.deselected_reproducible += list(output["repro_deselected"])
-        repro.worker_reports += 1
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
