@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,7 +157,7 @@ def pytest_configure(config: pytest.Config) -> None:
             resolve_device(settings.device)
         except DeviceUnavailableError as exc:
             raise pytest.UsageError(f"pytest-repro: {exc}") from None
-    session = ReproSession(settings, Path(config.rootpath), ["pytest", *sys.argv[1:]])
+    session = ReproSession(settings, Path(config.rootpath), ["pytest", *config.invocation_params.args])
     config.stash[session_key] = session
     config.pluginmanager.register(_OutcomeCollector(session), "repro-outcomes")
 
