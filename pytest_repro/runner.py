@@ -33,8 +33,10 @@ RECORD_DIR = "record"
 ERROR_FILE = "error.json"
 MANIFEST_FILE = "manifest.json"
 LOG_FILE = "output.log"
-# transformers.trainer_utils holds set_seed, which seed_everything calls: ~2 s to import, so do it once here.
-BASE_PRELOAD = ("pytest", "numpy", "torch", "transformers", "transformers.trainer_utils", "safetensors.torch")
+# transformers is not preloaded: importing it for set_seed costs ~2 s, paid only by jobs that use it
+# (they preload it through __repro_preload__ or import it themselves).
+# torch._inductor: torch.use_deterministic_algorithms() imports it (~1-2 s) on first call.
+BASE_PRELOAD = ("pytest", "numpy", "torch", "torch._inductor", "safetensors.torch")
 # Variables read while the worker starts and imports (not only later in the job): a worker is
 # reused only by runs that agree on these. Every other variable is set in each child before the job.
 STARTUP_ENV = (
@@ -304,8 +306,11 @@ def execute(spec: RunSpec) -> int:
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads and threads.isdigit() and "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(int(threads))  # the worker imported torch before this run's env
-        seed_everything(spec.seed, deterministic=spec.deterministic)
+        seed_everything(spec.seed, deterministic=spec.deterministic, transformers=False)
         job = _resolve_job(spec.job)
+        transformers = sys.modules.get("transformers")
+        if transformers is not None:  # the job uses transformers: seed it the way it expects, too
+            transformers.set_seed(spec.seed)
         config = TrackedConfig(spec.config)
         ctx = JobContext(
             seed=spec.seed,
@@ -329,6 +334,7 @@ def execute(spec: RunSpec) -> int:
             tracer.save(workdir)
         flags = determinism_flags()
         flags["PYTHONHASHSEED"] = hash_seed
+        flags["transformers_set_seed"] = transformers is not None
         meta: dict[str, Any] = {
             "seed": spec.seed,
             "device": spec.device,

@@ -109,12 +109,14 @@ def _optional(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> SeedState:
+def seed_everything(seed: int, deterministic: bool = True, transformers: bool | None = None) -> SeedState:
     """Seed Python, NumPy, torch (CPU and all CUDA devices) and transformers; set determinism flags.
 
     Use it plainly to seed for the rest of the process, or as ``with seed_everything(0): ...`` to
-    restore the previous RNG states and flags afterwards. ``CUBLAS_WORKSPACE_CONFIG`` and
-    ``PYTHONHASHSEED`` only take full effect in a process started with them (the harness does that).
+    restore the previous RNG states and flags afterwards. ``transformers.set_seed`` is called when
+    transformers is installed (``transformers=None``), always (``True``) or never (``False``).
+    ``CUBLAS_WORKSPACE_CONFIG`` and ``PYTHONHASHSEED`` only take full effect in a process started with
+    them (the harness does that).
     """
     seed = int(seed) % _SEED_MODULUS
     state = SeedState()
@@ -133,7 +135,10 @@ def seed_everything(seed: int, deterministic: bool = True) -> SeedState:
         torch.use_deterministic_algorithms(deterministic)
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cudnn.benchmark = not deterministic and torch.backends.cudnn.benchmark
-    transformers = _optional("transformers")
-    if transformers is not None:
-        transformers.set_seed(seed)
+    if transformers is not False:
+        module = _optional("transformers")
+        if module is not None:
+            module.set_seed(seed)
+        elif transformers:
+            raise ImportError("seed_everything(transformers=True) but transformers is not installed")
     return state

@@ -53,6 +53,12 @@ lora_finetune.__repro_schema__ = _lora_schema  # type: ignore[attr-defined]
 lora_finetune_trainer.__repro_schema__ = _lora_schema  # type: ignore[attr-defined]
 
 # Modules the warm worker imports once before forking runs of these jobs.
-_LORA_PRELOAD = ("peft", "tokenizers", "transformers.models.llama.modeling_llama", "pytest_repro.jobs.lora")
+_LORA_PRELOAD = (
+    "peft",
+    "tokenizers",
+    "transformers.trainer_utils",  # set_seed
+    "transformers.models.llama.modeling_llama",
+    "pytest_repro.jobs.lora",
+)
 lora_finetune.__repro_preload__ = _LORA_PRELOAD  # type: ignore[attr-defined]
 lora_finetune_trainer.__repro_preload__ = (*_LORA_PRELOAD, "transformers.trainer")  # type: ignore[attr-defined]
