@@ -412,6 +412,17 @@ def _kill_group(pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this job process if the worker dies (e.g. pytest was interrupted)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the worker died before prctl took effect
+            os._exit(1)
+
+
 def worker_main(preload: list[str]) -> None:
     """Serve run requests on stdin: import once, fork a fresh child per run, reply on the original stdout."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -440,6 +451,7 @@ def worker_main(preload: list[str]) -> None:
             code = 1
             try:
                 os.setpgid(0, 0)
+                _die_with_parent()
                 os.environ.clear()
                 os.environ.update(request["env"])
                 devnull = os.open(os.devnull, os.O_RDONLY)

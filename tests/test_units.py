@@ -279,3 +279,61 @@ def test_job_threads_are_pinned() -> None:
 
     assert thread_env(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     assert thread_env(0) == {}
+
+
+def hang_and_report_pid(ctx: object) -> dict[str, object]:
+    import time
+
+    (Path(ctx.workdir) / "pid").write_text(str(os.getpid()))  # type: ignore[attr-defined]
+    time.sleep(600)
+    return {"losses": [1.0]}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie waiting to be reaped is not running any more
+
+
+@pytest.mark.slow
+def test_job_processes_die_with_their_worker(tmp_path: Path) -> None:
+    import sys
+    import threading
+    import time
+
+    from pytest_repro.runner import _WORKERS, JobRef, Runner, RunSpec, fork_supported
+
+    if not fork_supported():
+        pytest.skip("the warm fork worker is Linux-only")
+    runner = Runner("fork")
+    spec = RunSpec(
+        job=JobRef.from_callable(hang_and_report_pid),
+        config={},
+        seed=0,
+        device="cpu",
+        deterministic=True,
+        run_index=0,
+        workdir=str(tmp_path / "run"),
+        cwd=str(tmp_path),
+        sys_path=tuple(sys.path),
+    )
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(spec, 600, 0)))
+    thread.start()
+    pid_file = tmp_path / "run" / "job" / "pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    assert _alive(pid)
+    for worker in list(_WORKERS.values()):
+        if worker.alive():
+            worker.close()  # what happens at exit, or when pytest is interrupted
+    thread.join(30)
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), "the hanging job outlived its worker"
+    assert outcome and outcome[0].status == "crashed"  # type: ignore[attr-defined]
