@@ -265,10 +265,11 @@ class Repro:
         except JobReferenceError as exc:
             raise pytest.UsageError(f"{self._nodeid}: {exc}") from None
         cfg, config_dir = self._load_config(config)
-        effective = self._validate_config(job, cfg, config)
+        source = str(config) if isinstance(config, (str, Path)) else "dict"
+        effective = self._validate_config(job, cfg, source)
         outcome = CheckOutcome(self._nodeid, name, "passed", self.reference_dir(name), seed=self.seed)
         try:
-            return self._check(ref, cfg, config, config_dir, effective, outcome)
+            return self._check(_Check(ref, cfg, source, config_dir, effective, outcome))
         finally:
             self._publish(outcome)
 
@@ -287,18 +288,9 @@ class Repro:
         if outcome.detail:
             props.append((f"repro_detail{suffix}", outcome.detail))
 
-    def _check(
-        self,
-        ref: JobRef,
-        cfg: dict[str, Any],
-        config: object,
-        config_dir: str | None,
-        effective: dict[str, dict[str, Any]],
-        outcome: CheckOutcome,
-    ) -> Record:
+    def _check(self, c: _Check) -> Record:
+        outcome = c.outcome
         outcome.device = self.device
-        source = str(config) if isinstance(config, (str, Path)) else "dict"
-        c = _Check(ref, cfg, source, config_dir, effective, outcome)
         stat = self._settings.tolerance.statistical
         records = self._run_all(c, self._seeds(stat))
         self.records = records
@@ -358,7 +350,7 @@ class Repro:
             )
 
     def _validate_config(
-        self, job: Callable[..., Any] | str, cfg: dict[str, Any], config: object
+        self, job: Callable[..., Any] | str, cfg: dict[str, Any], source: str
     ) -> dict[str, dict[str, Any]]:
         """Check the config against the job's schema here, before any process starts; return the effective config."""
         from .schema import effective_config
@@ -367,7 +359,6 @@ class Repro:
         schema = getattr(job, "__repro_schema__", None)
         if schema is not None and not isinstance(schema, type):
             schema = schema()
-        source = str(config) if isinstance(config, (str, Path)) else "dict"
         try:
             if validate is not None:
                 validate(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,13 +42,16 @@ def relative(path: str | None, rootdir: Path) -> str:
         return path
 
 
+def verdict_counts(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Return how many checks ended with each verdict."""
+    return dict(Counter(str(o["verdict"]) for o in outcomes))
+
+
 def write_summary(tr: Writer, outcomes: Sequence[Mapping[str, Any]], rootdir: Path) -> None:
     """Write one line per check, then the references written."""
     if not outcomes:
         return
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o["verdict"]] = counts.get(o["verdict"], 0) + 1
+    counts = verdict_counts(outcomes)
     tally = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     if tr.verbosity < 0:
         tr.write_line(f"reproducibility: {tally}")
@@ -103,9 +107,7 @@ def build_report(outcomes: Sequence[Mapping[str, Any]], rootdir: Path, exitstatu
 
     from . import __version__
 
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o["verdict"]] = counts.get(o["verdict"], 0) + 1
+    counts = verdict_counts(outcomes)
     body = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "plugin_version": __version__,
