@@ -16,9 +16,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .context import JobContext
     from .manifest import collect_manifest, diff_manifests
     from .record import Record
-    from .runner import JobContext
     from .seeding import seed_everything
     from .tolerances import statistical
 
@@ -27,7 +27,7 @@ _LAZY = {
     "collect_manifest": "manifest",
     "diff_manifests": "manifest",
     "Record": "record",
-    "JobContext": "runner",
+    "JobContext": "context",
     "statistical": "tolerances",
 }
 

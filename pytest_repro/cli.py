@@ -1,30 +1,314 @@
-"""The ``pytest-repro`` command: print this machine's manifest, or diff two manifests."""
+"""The ``pytest-repro`` command: print this machine's manifest, diff two manifests, render reports, migrate."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
+MANIFEST_FILE = "manifest.yaml"
+RECORD_FILE = "record.json"
+LEGACY_CPU_KEY = "cpu"
+_MANIFEST_KEYS = frozenset({"schema", "python", "cpu", "torch", "packages", "env"})
 
-def _load(path: str) -> dict[str, Any]:
-    """Load a manifest from YAML/JSON, or the manifest.yaml inside a reference folder."""
+
+class CliError(Exception):
+    """A user error: printed as one line ``pytest-repro <command>: <problem>; <fix>``, exit code 2."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem}; {fix}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line ending with the fix."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``<prog>: <message>; see <prog> --help`` on stderr and exit with code 2."""
+        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'\n")
+
+
+def _where(exc: Exception) -> str:
+    """Return ' (line L, column C: problem)' for a YAML/JSON parse error, on one line."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f" (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    if mark is not None:
+        return f" (line {mark.line + 1}, column {mark.column + 1}: {problem})"
+    return f" ({' '.join(str(exc).split())})"
+
+
+def _read_text(path: Path, what: str, fix: str) -> str:
+    """Read a text file, turning every way it can be unreadable into a CliError."""
+    if not path.exists():
+        raise CliError(f"{path} does not exist", fix)
+    if path.is_dir():
+        raise CliError(f"{path} is a folder, not {what}", fix)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is not a text file (not UTF-8)", fix) from None
+    except OSError as exc:
+        raise CliError(f"cannot read {path} ({exc.strerror or exc})", fix) from None
+
+
+def _children_with(folder: Path, filename: str) -> list[str]:
+    """Return the names of ``folder``'s sub-folders that hold ``filename``."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / filename).is_file())
+    except OSError:
+        return []
+
+
+def _environment_folder_error(folder: Path, filename: str, command: str, generic_fix: str) -> CliError:
+    """Explain a folder that lacks ``filename``: name its environment folders when it is a test folder."""
+    envs = _children_with(folder, filename)
+    if envs:
+        return CliError(
+            f"{folder} is a test folder holding the environment folder(s) {', '.join(envs)}, not a reference",
+            f"pass one of them, e.g. pytest-repro {command} {folder / envs[0]}",
+        )
+    return CliError(f"{folder} holds no {filename}", generic_fix)
+
+
+def load_manifest(path: str) -> dict[str, Any]:
+    """Load a manifest from a YAML/JSON file, or the manifest.yaml inside a reference folder."""
+    fix = (
+        "pass a file written by 'pytest-repro manifest' or a reference environment folder "
+        "(reference_outputs/<test module>/<test>/<environment>, the one holding manifest.yaml)"
+    )
     p = Path(path)
     if p.is_dir():
-        p = p / "manifest.yaml"
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))  # JSON is YAML too
-    if not isinstance(data, dict):
-        raise SystemExit(f"pytest-repro: {p} does not hold a manifest (a mapping)")
+        if not (p / MANIFEST_FILE).is_file():
+            raise _environment_folder_error(p, MANIFEST_FILE, "diff", fix)
+        p = p / MANIFEST_FILE
+    text = _read_text(p, "a manifest file", fix)
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)  # JSON is YAML too
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if p.suffix == ".json" else "YAML or JSON"
+        raise CliError(f"{p} is not valid {kind}{_where(exc)}", "fix the file, or write it again: " + fix) from None
+    if not isinstance(data, dict) or not _MANIFEST_KEYS & set(data):
+        raise CliError(f"{p} does not hold a pytest-repro manifest (a mapping with schema, python, torch, ...)", fix)
     return data
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code (diff: 1 when numeric drift was found)."""
-    parser = argparse.ArgumentParser(prog="pytest-repro", description=__doc__)
+def load_report(path: str) -> dict[str, Any]:
+    """Load a JSON report written by ``pytest --repro-report=PATH.json``; CliError when it is not one."""
+    from .report import REPORT_SCHEMA_VERSION
+
+    fix = "pass the file written by 'pytest --repro --repro-report=PATH.json'"
+    p = Path(path)
+    text = _read_text(p, "a JSON report", fix)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{p} is not valid JSON{_where(exc)}", fix) from None
+    if not isinstance(data, dict) or "schema_version" not in data or not isinstance(data.get("tests"), list):
+        raise CliError(f"{p} is not a pytest-repro report (no schema_version and tests list)", fix)
+    version = data["schema_version"]
+    if not isinstance(version, int) or version > REPORT_SCHEMA_VERSION:
+        raise CliError(
+            f"{p} has report schema_version {version!r}; this pytest-repro reads up to {REPORT_SCHEMA_VERSION}",
+            "upgrade pytest-repro, or render the report with the version that wrote it",
+        )
+    return data
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise CliError(f"cannot write {path} ({exc.strerror or exc})", "choose a writable path with -o") from None
+
+
+def _missing_matplotlib(exc: ModuleNotFoundError) -> CliError:
+    if (exc.name or "").split(".")[0] != "matplotlib":
+        raise exc
+    return CliError("matplotlib is not installed (it draws the loss plots)", "pip install 'pytest-repro[report]'")
+
+
+def _cmd_html(args: argparse.Namespace) -> int:
+    from .report_html import write_html
+
+    report = load_report(args.report)
+    out = Path(args.output)
+    try:
+        write_html(out, report)
+    except ModuleNotFoundError as exc:
+        raise _missing_matplotlib(exc) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {out} ({exc.strerror or exc})", "choose a writable path with -o") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise CliError(
+            f"{args.report} is a malformed pytest-repro report ({type(exc).__name__}: {exc})",
+            "write it again with 'pytest --repro --repro-report=PATH.json'",
+        ) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .record import CorruptRecordError, load_record
+    from .report_html import loss_plot_png
+
+    folder = Path(args.reference)
+    fix = "pass a reference environment folder (reference_outputs/<test module>/<test>/<environment>)"
+    if not folder.exists():
+        raise CliError(f"{folder} does not exist", fix)
+    if not folder.is_dir():
+        raise CliError(f"{folder} is a file, not a reference folder", fix)
+    if not (folder / RECORD_FILE).is_file():
+        raise _environment_folder_error(folder, RECORD_FILE, "plot", fix + ", the one holding record.json")
+    try:
+        record = load_record(folder)
+    except CorruptRecordError as exc:
+        raise CliError(
+            f"the reference {folder} is corrupt ({exc.detail})", "regenerate it with pytest --repro --repro-regen"
+        ) from None
+    title = f"{folder} (seed {record.seed}, {record.device})"
+    try:
+        png = loss_plot_png({"reference": record.losses}, None, title)
+    except ModuleNotFoundError as exc:
+        raise _missing_matplotlib(exc) from None
+    _write_bytes(Path(args.output), png)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from .manifest import collect_manifest
+
+    manifest = collect_manifest(extra_packages=args.package, identity=args.identity, kind="cli")
+    if args.json:
+        print(json.dumps(manifest, sort_keys=True, indent=2))
+    else:
+        print(yaml.safe_dump(manifest, sort_keys=True), end="")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from .manifest import diff_manifests, run_only_fields, run_only_note
+
+    old, new = load_manifest(args.a), load_manifest(args.b)
+    drifts = diff_manifests(old, new)
+    note = run_only_note(old, new)
+    numeric = any(x.category == "numeric" for x in drifts)
+    if args.json:
+        body: dict[str, Any] = {
+            "numeric_drift": numeric,
+            "changes": [{"path": x.path, "old": x.old, "new": x.new, "category": x.category} for x in drifts],
+        }
+        if note:
+            body["not_compared"] = {"fields": run_only_fields(old, new), "reason": note}
+        print(json.dumps(body, sort_keys=True, indent=2, default=str))
+        return 1 if numeric else 0
+    for x in drifts:
+        print(x.describe())
+    if note:
+        print(note)
+    if not drifts:
+        print("no drift: the compared fields are identical" if note else "no drift: the manifests are identical")
+    else:
+        print(f"{len(drifts)} change(s); numeric drift: {'yes' if numeric else 'no'}")
+    return 1 if numeric else 0
+
+
+def migrate_cpu_folders(root: Path, dry_run: bool = False, echo: Callable[[str], None] = print) -> int:
+    """Rename legacy ``cpu`` reference folders under ``root`` to their vendor/capability key; return how many stayed.
+
+    Each folder's new key comes from its own manifest.yaml (``environment_key(manifest, "cpu")``). A folder
+    is left as is when the target exists or its manifest cannot say which CPU recorded it.
+    """
+    from .manifest import environment_key
+
+    folders = sorted(
+        p.parent
+        for p in root.rglob(RECORD_FILE)
+        if p.parent.name == LEGACY_CPU_KEY and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    if not folders:
+        echo(f"no legacy '{LEGACY_CPU_KEY}' reference folders under {root}; nothing to migrate")
+        return 0
+    kept = 0
+    for folder in folders:
+        manifest, problem = _legacy_manifest(folder)
+        key = environment_key(manifest, "cpu")
+        if problem is None and (folder.parent / key).exists():
+            problem = f"{key} already exists beside it; compare the two, delete one, then run migrate again"
+        if problem is not None:
+            kept += 1
+            echo(f"kept {folder} (still used, as a reference from another environment): {problem}")
+        elif dry_run:
+            echo(f"would rename {folder} -> {key}")
+        else:
+            os.rename(folder, folder.parent / key)
+            _update_provenance_key(folder.parent / key, key)
+            echo(f"renamed {folder} -> {key}")
+    echo(f"{len(folders) - kept} folder(s) {'would be renamed' if dry_run else 'renamed'}, {kept} kept")
+    return kept
+
+
+def _legacy_manifest(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """Return a legacy folder's manifest, and why it cannot give the new key (None when it can)."""
+    from .manifest import cpu_capability, cpu_vendor
+
+    path = folder / MANIFEST_FILE
+    fix = "re-record it on that machine type with pytest --repro --repro-regen"
+    if not path.is_file():
+        return {}, f"it holds no {MANIFEST_FILE}; {fix}"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return {}, f"its {MANIFEST_FILE} is unreadable{_where(exc)}; {fix}"
+    if not isinstance(data, dict):
+        return {}, f"its {MANIFEST_FILE} is not a mapping; {fix}"
+    missing = [
+        name
+        for name, value in (("cpu.vendor/cpu.model", cpu_vendor(data)), ("torch.cpu_capability", cpu_capability(data)))
+        if value == "unknown"
+    ]
+    if missing:
+        return data, f"its {MANIFEST_FILE} lacks {' and '.join(missing)}, so its CPU is unknown; {fix}"
+    return data, None
+
+
+def _update_provenance_key(folder: Path, key: str) -> None:
+    """Point provenance.yaml's environment_key at the new folder name, leaving the rest of the file as is."""
+    path = folder / "provenance.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return
+    new = re.sub(rf"^environment_key: {LEGACY_CPU_KEY}$", f"environment_key: {key}", text, count=1, flags=re.M)
+    if new != text:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(new, encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    root = Path(args.reference_dir)
+    fix = "pass the reference folder (ini repro_reference_dir, default reference_outputs)"
+    if not root.exists():
+        raise CliError(f"{root} does not exist", fix)
+    if not root.is_dir():
+        raise CliError(f"{root} is a file, not a folder", fix)
+    return 1 if migrate_cpu_folders(root, args.dry_run) else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pytest-repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("manifest", help="print this machine's environment manifest (YAML)")
     m.add_argument("--json", action="store_true", help="print JSON instead of YAML")
@@ -35,59 +319,43 @@ def main(argv: list[str] | None = None) -> int:
         default="hash",
         help="how hostname and user name appear (default: hashed)",
     )
+    m.set_defaults(func=_cmd_manifest)
     d = sub.add_parser("diff", help="classified drift between two manifests (files or reference folders)")
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--json", action="store_true", help="print JSON instead of aligned lines")
+    d.set_defaults(func=_cmd_diff)
     h = sub.add_parser("html", help="render the HTML report from a saved JSON report (--repro-report)")
     h.add_argument("report")
     h.add_argument("-o", "--output", default="repro-report.html")
+    h.set_defaults(func=_cmd_html)
     p = sub.add_parser("plot", help="plot a reference's loss trace to PNG")
-    p.add_argument("reference", help="a reference folder (the one holding record.json)")
+    p.add_argument("reference", help="a reference environment folder (the one holding record.json)")
     p.add_argument("-o", "--output", default="loss.png")
-    args = parser.parse_args(argv)
+    p.set_defaults(func=_cmd_plot)
+    g = sub.add_parser("migrate", help="rename legacy 'cpu' reference folders to cpu-<vendor>-<capability>")
+    g.add_argument("reference_dir", nargs="?", default="reference_outputs", help="default: ./reference_outputs")
+    g.add_argument("--dry-run", action="store_true", help="print what would be renamed, rename nothing")
+    g.set_defaults(func=_cmd_migrate)
+    return parser
 
-    if args.command == "html":
-        from .report_html import write_html
 
-        write_html(Path(args.output), json.loads(Path(args.report).read_text(encoding="utf-8")))
-        print(f"wrote {args.output}")
-        return 0
-
-    if args.command == "plot":
-        from .record import load_record
-        from .report_html import loss_plot_png
-
-        record = load_record(Path(args.reference))
-        title = f"{args.reference} (seed {record.seed}, {record.device})"
-        Path(args.output).write_bytes(loss_plot_png({"reference": record.losses}, None, title))
-        print(f"wrote {args.output}")
-        return 0
-
-    if args.command == "manifest":
-        from .manifest import collect_manifest
-
-        manifest = collect_manifest(extra_packages=args.package, identity=args.identity)
-        if args.json:
-            print(json.dumps(manifest, sort_keys=True, indent=2))
-        else:
-            print(yaml.safe_dump(manifest, sort_keys=True), end="")
-        return 0
-
-    from .manifest import diff_manifests
-
-    drifts = diff_manifests(_load(args.a), _load(args.b))
-    numeric = any(x.category == "numeric" for x in drifts)
-    if args.json:
-        rows = [{"path": x.path, "old": x.old, "new": x.new, "category": x.category} for x in drifts]
-        print(json.dumps({"numeric_drift": numeric, "changes": rows}, sort_keys=True, indent=2, default=str))
-    elif not drifts:
-        print("no drift: the manifests are identical")
-    else:
-        for x in drifts:
-            print(x.describe())
-        print(f"{len(drifts)} change(s); numeric drift: {'yes' if numeric else 'no'}")
-    return 1 if numeric else 0
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (diff: 1 on numeric drift; 2 on a usage or input error)."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe (| head) surfaces here, inside the handler
+    except CliError as exc:
+        print(f"pytest-repro {args.command}: {exc.problem}; {exc.fix}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head -1`): stop quietly, as Unix tools do. Point stdout at devnull
+        # so that the interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+    return code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Nondeterminism diagnostics: hash every parameter and gradient at each optimizer step, find the first divergence.
+"""Nondeterminism diagnostics: hash each step's model inputs, loss, parameters and gradients; find the first divergence.
 
 Installed only in runs started for ``--repro-diagnose``; otherwise nothing here is imported or hooked.
 """
@@ -6,8 +6,11 @@ Installed only in runs started for ``--repro-diagnose``; otherwise nothing here 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import threading
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,10 +21,14 @@ if TYPE_CHECKING:
 TRACE_FILE = "diagnose.json"
 TENSORS_FILE = "diagnose.safetensors"
 TENSOR_BUDGET_BYTES = 64 * 2**20  # keep full tensors (for element-level figures) up to this size per run
+MAX_INPUT_TENSORS = 64  # per forward call of the model
+MAX_INPUT_DEPTH = 4  # nesting of lists/tuples/dicts searched for input tensors
+DATA_FIX = "seed the augmentation with ctx.seed / ctx.rng, pass a seeded generator and worker_init_fn to the DataLoader"
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 class StepTracer:
-    """Global torch hooks that record, before each optimizer step, a hash of every parameter and gradient."""
+    """Global torch hooks that hash, in execution order, model inputs, losses, parameters and gradients."""
 
     def __init__(self, budget: int = TENSOR_BUDGET_BYTES) -> None:
         self.entries: list[dict[str, Any]] = []
@@ -31,24 +38,114 @@ class StepTracer:
         self._steps: dict[int, int] = {}
         self._modules: list[weakref.ref[Any]] = []
         self._handles: list[Any] = []
+        self._restore: list[tuple[Any, str, Any]] = []
+        self._thread = 0
+        self._depth = 0  # nesting of module calls in the traced thread: 0 means a top-level call
+        self._calls = 0
+        self._in_backward = False
+        self._forward_names: dict[type, tuple[str, ...]] = {}
+        self._last_loss: weakref.ref[Any] | None = None
 
     def install(self) -> StepTracer:
-        """Register the global module-forward and optimizer-step hooks."""
-        from torch.nn.modules.module import register_module_forward_pre_hook
+        """Wrap ``Module.__call__`` and ``torch.autograd.backward`` and register the optimizer-step hook."""
+        import torch
         from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-        self._handles = [
-            register_module_forward_pre_hook(self._on_forward),
-            register_optimizer_step_pre_hook(self._on_step),
-        ]
+        module_call = torch.nn.Module.__call__
+        backward = torch.autograd.backward
+        compiling = torch.compiler.is_compiling
+        get_ident = threading.get_ident
+        self._thread = get_ident()
+
+        def traced_call(module: Any, *args: Any, **kwargs: Any) -> Any:
+            if get_ident() != self._thread or compiling():
+                return module_call(module, *args, **kwargs)
+            top = self._depth == 0 and next(module.parameters(), None) is not None
+            if top:
+                self._on_model_inputs(module, args, kwargs)
+            self._depth += 1
+            try:
+                output = module_call(module, *args, **kwargs)
+            finally:
+                self._depth -= 1
+            if top:
+                self._on_model_output(output)
+            return output
+
+        def traced_backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._in_backward or get_ident() != self._thread or compiling():
+                return backward(tensors, *args, **kwargs)
+            self._in_backward = True  # a backward inside backward (reentrant checkpointing) is not a loss
+            try:
+                self._on_backward(tensors)
+                return backward(tensors, *args, **kwargs)
+            finally:
+                self._in_backward = False
+
+        self._restore = [(torch.nn.Module, "__call__", module_call), (torch.autograd, "backward", backward)]
+        torch.nn.Module.__call__ = traced_call  # type: ignore[method-assign]
+        torch.autograd.backward = traced_backward
+        self._handles = [register_optimizer_step_pre_hook(self._on_step)]
         return self
 
-    def _on_forward(self, module: Any, args: Any) -> None:
-        if len(self._modules) < 10_000 and not any(r() is module for r in self._modules[-64:]):
+    def uninstall(self) -> None:
+        """Remove the hooks and wrappers (idempotent)."""
+        for owner, attr, original in reversed(self._restore):
+            setattr(owner, attr, original)
+        for handle in self._handles:
+            handle.remove()
+        self._restore, self._handles = [], []
+
+    def _step(self) -> int:
+        """The current step: how many steps the first optimizer seen has taken."""
+        return next(iter(self._steps.values()), 0)
+
+    def _on_model_inputs(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(self._modules) < 10_000 and not any(r() is module for r in self._modules):
             self._modules.append(weakref.ref(module))
+        self._calls += 1
+        names = self._positional_names(type(module))
+        found: list[tuple[str, Any]] = []
+        for i, value in enumerate(args):
+            _find_tensors(names[i] if i < len(names) else f"args[{i}]", value, found, 0)
+        for key, value in kwargs.items():
+            _find_tensors(key, value, found, 0)
+        step = self._step()
+        for label, tensor in found:
+            self._record(step, label, "input", tensor.detach(), call=self._calls, optional=True)
+
+    def _positional_names(self, cls: type) -> tuple[str, ...]:
+        names = self._forward_names.get(cls)
+        if names is None:
+            try:
+                params = list(inspect.signature(cls.forward).parameters.values())[1:]  # type: ignore[attr-defined]
+                names = tuple(p.name for p in params if p.kind in _POSITIONAL)
+            except (TypeError, ValueError, AttributeError):
+                names = ()
+            self._forward_names[cls] = names
+        return names
+
+    def _on_model_output(self, output: Any) -> None:
+        import torch
+
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self._record(self._step(), "loss", "loss", loss.detach(), optional=True)
+            self._last_loss = weakref.ref(loss)
+
+    def _on_backward(self, tensors: Any) -> None:
+        import torch
+
+        many = not isinstance(tensors, torch.Tensor)
+        items = list(tensors) if many and isinstance(tensors, (list, tuple)) else [tensors]
+        last = self._last_loss() if self._last_loss is not None else None
+        for i, tensor in enumerate(items):
+            if isinstance(tensor, torch.Tensor) and tensor is not last:  # the model's output.loss is recorded
+                name = f"backward[{i}]" if many else "backward"
+                self._record(self._step(), name, "loss", tensor.detach(), optional=True)
 
     def _names(self) -> dict[int, str]:
-        """Map parameter ids to names, from the largest module seen running forward (the model)."""
+        """Map parameter ids to names, from the largest top-level module seen running forward (the model)."""
         modules = [m for m in (r() for r in self._modules) if m is not None]
         if not modules:
             return {}
@@ -66,24 +163,49 @@ class StepTracer:
                 if param.grad is not None:
                     self._record(step, name, "grad", param.grad.detach())
 
-    def _record(self, step: int, name: str, kind: str, tensor: torch.Tensor) -> None:
-        data = tensor.to("cpu").contiguous()
-        digest = hashlib.sha256(data.view(-1).view(_bytes_dtype()).numpy().tobytes()).hexdigest()
-        key = f"{step}/{name}/{kind}"
-        self.entries.append({"step": step, "name": name, "kind": kind, "sha256": digest, "key": key})
+    def _record(
+        self, step: int, name: str, kind: str, tensor: torch.Tensor, call: int = 0, optional: bool = False
+    ) -> None:
+        try:
+            data = tensor.to("cpu").contiguous()
+            digest = hashlib.sha256(data.reshape(-1).view(_bytes_dtype()).numpy().data).hexdigest()
+        except Exception:  # an exotic input (sparse, nested, meta...) is left out rather than breaking the job
+            if not optional:
+                raise
+            return
+        key = f"{len(self.entries)}/{step}/{name}/{kind}"
+        entry: dict[str, Any] = {"step": step, "name": name, "kind": kind, "sha256": digest, "key": key}
+        if call:
+            entry["call"] = call
+        self.entries.append(entry)
         size = data.numel() * data.element_size()
         if self._used + size <= self.budget:
             self.tensors[key] = data.clone()
             self._used += size
 
     def save(self, folder: Path) -> None:
-        """Write the trace (JSON) and the kept tensors (safetensors) into ``folder``."""
+        """Remove the hooks, then write the trace (JSON) and the kept tensors (safetensors) into ``folder``."""
         from safetensors.torch import save_file
 
-        for handle in self._handles:
-            handle.remove()
+        self.uninstall()
         (folder / TRACE_FILE).write_text(json.dumps(self.entries), encoding="utf-8")
         save_file(self.tensors, str(folder / TENSORS_FILE))
+
+
+def _find_tensors(label: str, value: Any, found: list[tuple[str, Any]], depth: int) -> None:
+    """Collect (label, tensor) pairs from a model input, searching nested lists, tuples and mappings."""
+    import torch
+
+    if len(found) >= MAX_INPUT_TENSORS:
+        return
+    if isinstance(value, torch.Tensor):
+        found.append((label, value))
+    elif depth < MAX_INPUT_DEPTH and isinstance(value, Mapping):
+        for key, item in value.items():
+            _find_tensors(f"{label}[{key!r}]", item, found, depth + 1)
+    elif depth < MAX_INPUT_DEPTH and isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _find_tensors(f"{label}[{i}]", item, found, depth + 1)
 
 
 def _bytes_dtype() -> Any:
@@ -98,36 +220,144 @@ class FirstDivergence:
 
     step: int
     name: str
-    kind: str
-    detail: str  # element-level figures when both tensors were kept
+    kind: str  # "input", "loss", "value" (a parameter before the optimizer step) or "grad"
+    detail: str  # value/grad: element-level figures when both tensors were kept; input/loss: what differs
+    context: str = ""  # input/loss: what was identical
+    same_path: bool = True  # False when the runs recorded different entries here
 
     def describe(self) -> str:
         """Return the diagnosis in one line."""
-        what = "grad" if self.kind == "grad" else "value before the optimizer step"
+        if self.kind == "input" and self.same_path:
+            return (
+                f"the input batch at step {self.step} differs ({self.detail}){self.context}: "
+                f"the data pipeline is nondeterministic ({DATA_FIX})"
+            )
+        if self.kind == "loss" and self.same_path:
+            where = "the forward pass" if self.name == "loss" else "the forward pass or the loss computation"
+            parts = "; ".join(p for p in (self.detail, self.context) if p)
+            return f"the loss at step {self.step} differs{f' ({parts})' if parts else ''}: {where} is nondeterministic"
+        what = {"grad": "grad", "input": "model input", "loss": "loss"}.get(
+            self.kind, "value before the optimizer step"
+        )
         return f"first divergence at step {self.step}, `{self.name}` {what}{self.detail}"
 
 
+class _Tensors:
+    """The kept tensors of both runs, loaded on first use."""
+
+    def __init__(self, run_a: Path, run_b: Path) -> None:
+        self._runs = (run_a, run_b)
+        self._loaded: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def pair(self, a: dict[str, Any], b: dict[str, Any]) -> tuple[Any, Any] | None:
+        """Both runs' tensors of an entry, or None when either was not kept."""
+        from safetensors.torch import load_file
+
+        if self._loaded is None:
+            self._loaded = (load_file(str(self._runs[0] / TENSORS_FILE)), load_file(str(self._runs[1] / TENSORS_FILE)))
+        ta, tb = self._loaded[0].get(a["key"]), self._loaded[1].get(b["key"])
+        return None if ta is None or tb is None else (ta, tb)
+
+    def difference(self, a: dict[str, Any], b: dict[str, Any]) -> Any:
+        """The bitwise Difference between both runs' tensors of an entry, or None when not kept."""
+        from .compare import compare_tensor
+        from .tolerances import BITWISE
+
+        pair = self.pair(a, b)
+        return None if pair is None else compare_tensor("trace", a["name"], pair[0], pair[1], BITWISE)
+
+
 def first_divergence(run_a: Path, run_b: Path) -> FirstDivergence | None:
-    """Compare two traced runs entry by entry; return the first parameter or gradient that differs."""
-    from safetensors.torch import load_file
-
-    from .compare import compare_tensor
-    from .tolerances import BITWISE
-
+    """Compare two traced runs entry by entry; return the first input, loss, parameter or gradient that differs."""
     trace_a = json.loads((run_a / TRACE_FILE).read_text(encoding="utf-8"))
     trace_b = json.loads((run_b / TRACE_FILE).read_text(encoding="utf-8"))
-    for a, b in zip(trace_a, trace_b, strict=False):
+    tensors = _Tensors(run_a, run_b)
+    for i, (a, b) in enumerate(zip(trace_a, trace_b, strict=False)):
         if (a["step"], a["name"], a["kind"]) != (b["step"], b["name"], b["kind"]):
-            return FirstDivergence(a["step"], a["name"], a["kind"], " (the runs took different paths here)")
+            return FirstDivergence(
+                a["step"], a["name"], a["kind"], " (the runs took different paths here)", same_path=False
+            )
         if a["sha256"] == b["sha256"]:
             continue
-        tensors_a, tensors_b = load_file(str(run_a / TENSORS_FILE)), load_file(str(run_b / TENSORS_FILE))
-        detail = ""
-        if a["key"] in tensors_a and b["key"] in tensors_b:
-            d = compare_tensor("trace", a["name"], tensors_a[a["key"]], tensors_b[b["key"]], BITWISE)
-            if d is not None and d.kind == "value":
-                detail = f", {d.n_diff} of {d.numel} elements, max abs diff {d.max_abs:.3g}"
-        return FirstDivergence(a["step"], a["name"], a["kind"], detail)
+        if a["kind"] == "input":
+            return _input_divergence(trace_a, trace_b, i, tensors)
+        if a["kind"] == "loss":
+            return _loss_divergence(trace_a, trace_b, i, tensors)
+        return _tensor_divergence(a, b, tensors)
     if len(trace_a) != len(trace_b):
         return FirstDivergence(min(len(trace_a), len(trace_b)), "(trace length)", "value", " (one run took more steps)")
     return None
+
+
+def _tensor_divergence(a: dict[str, Any], b: dict[str, Any], tensors: _Tensors) -> FirstDivergence:
+    d = tensors.difference(a, b)
+    detail = f", {d.n_diff} of {d.numel} elements, max abs diff {d.max_abs:.3g}" if d and d.kind == "value" else ""
+    return FirstDivergence(a["step"], a["name"], a["kind"], detail)
+
+
+def _params_at(trace_a: list[Any], trace_b: list[Any], i: int) -> tuple[bool, int | None]:
+    """Whether the parameters used at entry i's step were traced, and the index of the first that differs."""
+    step, traced = trace_a[i]["step"], False
+    for j in range(i + 1, min(len(trace_a), len(trace_b))):
+        a, b = trace_a[j], trace_b[j]
+        if (a["kind"] in ("input", "loss") and a["step"] != step) or (a["name"], a["kind"]) != (b["name"], b["kind"]):
+            break
+        if a["kind"] == "value" and a["step"] == step:
+            traced = True
+            if a["sha256"] != b["sha256"]:
+                return True, j
+    return traced, None
+
+
+def _input_divergence(trace_a: list[Any], trace_b: list[Any], i: int, tensors: _Tensors) -> FirstDivergence:
+    call, found = trace_a[i].get("call"), []
+    for a, b in zip(trace_a[i:], trace_b[i:], strict=False):
+        if a["kind"] != "input" or a.get("call") != call or a["name"] != b["name"]:
+            break
+        if a["sha256"] != b["sha256"]:
+            found.append(_input_figures(a, b, tensors))
+    shown = "; ".join(found[:4]) + (f"; and {len(found) - 4} more" if len(found) > 4 else "")
+    traced, j = _params_at(trace_a, trace_b, i)
+    if j is not None:
+        context = f", parameters differed too (first `{trace_a[j]['name']}`)"
+    else:
+        context = ", parameters were identical" if traced else ""
+    return FirstDivergence(trace_a[i]["step"], trace_a[i]["name"], "input", shown, context)
+
+
+def _input_figures(a: dict[str, Any], b: dict[str, Any], tensors: _Tensors) -> str:
+    pair = tensors.pair(a, b)
+    if pair is None:
+        return str(a["name"])
+    ta, tb = pair
+    if ta.shape != tb.shape:
+        return f"{a['name']}, shape {tuple(ta.shape)} vs {tuple(tb.shape)}"
+    if ta.dtype != tb.dtype:
+        return f"{a['name']}, dtype {ta.dtype} vs {tb.dtype}"
+    d = tensors.difference(a, b)
+    return f"{a['name']}, {d.n_diff} of {d.numel} elements differ" if d is not None else str(a["name"])
+
+
+def _loss_divergence(trace_a: list[Any], trace_b: list[Any], i: int, tensors: _Tensors) -> FirstDivergence:
+    a, b = trace_a[i], trace_b[i]
+    traced, j = _params_at(trace_a, trace_b, i)
+    if j is not None:  # the parameters this loss was computed with already differed
+        return _tensor_divergence(trace_a[j], trace_b[j], tensors)
+    detail = ""
+    pair = tensors.pair(a, b)
+    if pair is not None and pair[0].shape == pair[1].shape:
+        if pair[0].numel() == 1:
+            detail = f"{float(pair[0].reshape(())):.9g} vs {float(pair[1].reshape(())):.9g}"
+        elif (d := tensors.difference(a, b)) is not None and d.kind == "value":
+            detail = f"{d.n_diff} of {d.numel} elements differ, max abs diff {d.max_abs:.3g}"
+    inputs = False
+    for e in reversed(trace_a[:i]):
+        if e["step"] != a["step"] and e["kind"] in ("input", "loss"):
+            break
+        inputs = inputs or (e["kind"] == "input" and e["step"] == a["step"])
+    context = {
+        (True, True): "inputs and parameters identical",
+        (True, False): "inputs identical",
+        (False, True): "parameters identical",
+    }.get((inputs, traced), "")
+    return FirstDivergence(a["step"], a["name"], "loss", detail, context)

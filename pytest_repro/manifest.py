@@ -49,6 +49,32 @@ CPU_FLAGS = {
     "asimd",
 }
 
+# /proc/cpuinfo vendor_id -> vendor part of the CPU environment key.
+VENDOR_IDS = {"AuthenticAMD": "amd", "GenuineIntel": "intel"}
+# Model-string fallbacks (manifests recorded before cpu.vendor existed, machines without /proc/cpuinfo).
+VENDOR_MODELS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("amd", re.compile(r"\b(AMD|EPYC|Ryzen|Threadripper|Opteron)\b", re.IGNORECASE)),
+    ("intel", re.compile(r"\b(Intel|Xeon)", re.IGNORECASE)),
+    ("arm", re.compile(r"\b(ARM|Neoverse|Cortex|Apple|Graviton|Ampere|aarch64|arm64)\b", re.IGNORECASE)),
+)
+# torch's CPU capability names that mean "no vector extension" ("NO" is what older manifests recorded).
+_NO_VECTOR_CAPABILITY = {"NO AVX", "NO_AVX", "NO", "DEFAULT"}
+# Fields the harness sets inside job processes (determinism flags, one thread, PYTHONHASHSEED, ...).
+# A manifest printed by `pytest-repro manifest` (kind "cli") cannot match them, so they are compared
+# only between two manifests of the same kind.
+RUN_ONLY_FIELDS = (
+    "determinism",
+    "torch.intra_op_threads",
+    "torch.inter_op_threads",
+    "env.OMP_NUM_THREADS",
+    "env.MKL_NUM_THREADS",
+    "env.OPENBLAS_NUM_THREADS",
+    "env.PYTHONHASHSEED",
+    "env.CUBLAS_WORKSPACE_CONFIG",
+    "env.PYTORCH_NVML_BASED_CUDA_CHECK",
+)
+MANIFEST_KINDS = ("job", "cli")
+
 # First matching prefix decides what a changed field means for results.
 CATEGORY_RULES: tuple[tuple[str, str], ...] = (
     ("git", "code"),
@@ -77,9 +103,28 @@ def _probe(fn: Callable[[], Any]) -> Any:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def vendor_from_cpuinfo(text: str) -> str | None:
+    """Return the CPU vendor named by /proc/cpuinfo text (``vendor_id`` or ARM's ``CPU implementer``), or None."""
+    m = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+    if m and m.group(1) in VENDOR_IDS:
+        return VENDOR_IDS[m.group(1)]
+    if re.search(r"^CPU implementer\s*:", text, re.M):
+        return "arm"
+    return None
+
+
+def vendor_from_model(model: str, machine: str = "") -> str:
+    """Return the CPU vendor guessed from a model string (and machine type): amd, intel, arm or unknown."""
+    for vendor, pattern in VENDOR_MODELS:
+        if pattern.search(model):
+            return vendor
+    return "arm" if machine.lower() in ("aarch64", "arm64") or machine.lower().startswith("armv") else "unknown"
+
+
 def _cpu() -> dict[str, Any]:
     model = platform.processor() or ""
     flags: list[str] = []
+    vendor: str | None = None
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         text = cpuinfo.read_text(errors="replace")
@@ -87,7 +132,14 @@ def _cpu() -> dict[str, Any]:
         model = m.group(2).strip() if m else model
         f = re.search(r"^(flags|Features)\s*:\s*(.+)$", text, re.M)
         flags = sorted(set(f.group(2).split()) & CPU_FLAGS) if f else []
-    return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(), "isa_flags": flags}
+        vendor = vendor_from_cpuinfo(text)
+    return {
+        "model": model,
+        "vendor": vendor or vendor_from_model(model, platform.machine()),
+        "machine": platform.machine(),
+        "logical_cores": os.cpu_count(),
+        "isa_flags": flags,
+    }
 
 
 def _torch() -> dict[str, Any]:
@@ -98,7 +150,7 @@ def _torch() -> dict[str, Any]:
     build = torch.__config__.show()
     blas = re.search(r"BLAS_INFO=([^,\s]+)", build)
     lapack = re.search(r"LAPACK_INFO=([^,\s]+)", build)
-    capability = re.search(r"CPU capability usage: (\S+)", build)
+    capability = re.search(r"CPU capability usage: (.+)", build)
     info: dict[str, Any] = {
         "version": torch.__version__,
         "git_version": getattr(torch.version, "git_version", None),
@@ -107,7 +159,7 @@ def _torch() -> dict[str, Any]:
         "debug": torch.version.debug,
         "blas": blas.group(1) if blas else None,
         "lapack": lapack.group(1) if lapack else None,
-        "cpu_capability": capability.group(1) if capability else None,
+        "cpu_capability": capability.group(1).strip() if capability else None,
         "parallel_backend": _parallel_backend(torch.__config__.parallel_info()),
         "intra_op_threads": torch.get_num_threads(),
         "inter_op_threads": torch.get_num_interop_threads(),
@@ -244,17 +296,22 @@ def _user() -> str:
 
 
 def collect_manifest(
-    cwd: str | Path | None = None, extra_packages: Iterable[str] = (), identity: str = "hash"
+    cwd: str | Path | None = None, extra_packages: Iterable[str] = (), identity: str = "hash", kind: str = "job"
 ) -> dict[str, Any]:
     """Return this process's environment manifest as a plain, YAML/JSON-serializable dict.
 
     ``identity`` decides how hostname and user name appear: ``hash`` (default), ``omit`` or ``plain``.
+    ``kind`` says where it was collected: ``job`` (inside a job process, under the harness's settings)
+    or ``cli`` (a plain process, e.g. ``pytest-repro manifest``); see ``RUN_ONLY_FIELDS``.
     """
     if identity not in ("hash", "omit", "plain"):
         raise ValueError(f"identity must be hash, omit or plain, got {identity!r}")
+    if kind not in MANIFEST_KINDS:
+        raise ValueError(f"kind must be job or cli, got {kind!r}")
     libc = platform.libc_ver()
     manifest = {
         "schema": MANIFEST_SCHEMA,
+        "kind": kind,
         "collected_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "python": _probe(
             lambda: {
@@ -312,16 +369,83 @@ class Drift:
 def category(path: str) -> str:
     """Classify a manifest field path as numeric, code or cosmetic."""
     for prefix, cat in CATEGORY_RULES:
-        if path == prefix or path.startswith((prefix + ".", prefix + "[")):
+        if _matches(path, (prefix,)):
             return cat
     return "cosmetic"
 
 
+def manifest_kind(manifest: Mapping[str, Any]) -> str:
+    """Return where a manifest was collected: ``job`` or ``cli`` (manifests without the field are job ones)."""
+    kind = manifest.get("kind")
+    return kind if kind in MANIFEST_KINDS else "job"
+
+
+def _matches(path: str, prefixes: Iterable[str]) -> bool:
+    return any(path == p or path.startswith((p + ".", p + "[")) for p in prefixes)
+
+
+def _has_path(manifest: Mapping[str, Any], path: str) -> bool:
+    value: Any = manifest
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
+def _without(manifest: Mapping[str, Any], paths: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``manifest`` without the given dotted paths (copying only the sections it changes)."""
+    out = dict(manifest)
+    for path in paths:
+        *parents, leaf = path.split(".")
+        node: dict[str, Any] = out
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, Mapping):
+                break
+            node[part] = node = dict(child)
+        else:
+            node.pop(leaf, None)
+    return out
+
+
+def _with_vendor(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill cpu.vendor of a manifest recorded before the field existed, so that its absence is no drift."""
+    cpu = manifest.get("cpu")
+    if isinstance(cpu, Mapping) and "vendor" not in cpu and "error" not in cpu and "model" in cpu:
+        manifest["cpu"] = {**cpu, "vendor": cpu_vendor(manifest)}
+    return manifest
+
+
+def run_only_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Return the run-only fields ``diff_manifests`` skips: those present when the two kinds differ, else none."""
+    if manifest_kind(old) == manifest_kind(new):
+        return []
+    return [f for f in RUN_ONLY_FIELDS if _has_path(old, f) or _has_path(new, f)]
+
+
+def run_only_note(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | None:
+    """Return one line naming the fields not compared and why, or None when everything was compared."""
+    skipped = run_only_fields(old, new)
+    if not skipped:
+        return None
+    names = ", ".join(f + ".*" if f == "determinism" else f for f in skipped)
+    return (
+        f"not compared: {names} (a {manifest_kind(old)} manifest vs a {manifest_kind(new)} manifest: "
+        "the harness sets these inside job processes, so a plain process cannot match them)"
+    )
+
+
 def diff_manifests(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift]:
-    """Return every changed field between two manifests, classified, numeric first."""
+    """Return every changed field between two manifests, classified, numeric first.
+
+    Between a ``job`` and a ``cli`` manifest the run-only fields (``run_only_fields``) are skipped.
+    """
     from deepdiff import DeepDiff
 
-    diff = DeepDiff(dict(old), dict(new), ignore_order=False, view="tree")
+    skip = ("kind", *run_only_fields(old, new))
+    a, b = _with_vendor(_without(old, skip)), _with_vendor(_without(new, skip))
+    diff = DeepDiff(a, b, ignore_order=False, view="tree")
     drifts: list[Drift] = []
     for change_type in diff:
         for level in diff[change_type]:
@@ -340,9 +464,34 @@ def numeric_drift(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift]
     return [d for d in diff_manifests(old, new) if d.category == "numeric"]
 
 
+def cpu_vendor(manifest: Mapping[str, Any]) -> str:
+    """Return the manifest's CPU vendor (amd, intel, arm, ...): cpu.vendor, else derived from cpu.model."""
+    cpu = manifest.get("cpu")
+    if not isinstance(cpu, Mapping):
+        return "unknown"
+    vendor = cpu.get("vendor")
+    if isinstance(vendor, str) and vendor and vendor != "unknown":
+        return vendor.lower()
+    return vendor_from_model(str(cpu.get("model") or ""), str(cpu.get("machine") or ""))
+
+
+def cpu_capability(manifest: Mapping[str, Any]) -> str:
+    """Return torch's CPU capability from the manifest, lower-cased (avx512, avx2, default), or unknown."""
+    torch_info = manifest.get("torch")
+    value = torch_info.get("cpu_capability") if isinstance(torch_info, Mapping) else None
+    if not isinstance(value, str) or not value.strip():
+        return "unknown"
+    value = value.strip().upper()
+    return "default" if value in _NO_VECTOR_CAPABILITY else value.lower()
+
+
 def environment_key(manifest: Mapping[str, Any], device: str, extra_fields: Iterable[str] = ()) -> str:
-    """Return the key references are stored under: device type and GPU family, plus chosen manifest fields."""
-    parts = ["cpu"]
+    """Return the key references are stored under: device type and GPU family, plus chosen manifest fields.
+
+    CPU keys name the vendor and torch's CPU capability (``cpu-amd-avx512``): CPUs of different vendors or
+    vector widths round float32 differently, so their references are not compared bitwise.
+    """
+    parts = [f"cpu-{cpu_vendor(manifest)}-{cpu_capability(manifest)}"]
     if device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
         gpus = manifest.get("gpu") or []

@@ -5,7 +5,6 @@ Nothing heavy is imported here: torch and friends load only when a reproducible 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,9 +14,13 @@ import pytest
 from .settings import INI_LISTS, INI_OPTIONS, MARKER, SettingsError
 
 if TYPE_CHECKING:
-    from .harness import Repro, ReproSession
+    from .fixture import Repro
+    from .session import ReproSession
 
 session_key = pytest.StashKey["ReproSession"]()
+repro_key = pytest.StashKey["Repro"]()
+phase_key = pytest.StashKey[dict[str, tuple[str, str]]]()  # when -> (outcome, why) of setup and call
+skipped_key = pytest.StashKey[int]()  # reproducible tests skipped because --repro is off
 _CLI = (
     "repro_runs",
     "repro_seed",
@@ -139,8 +142,17 @@ def pytest_configure(config: pytest.Config) -> None:
             f"(CI={os.environ.get('CI')!r}): references must change in a reviewed commit, not in a CI run. "
             "Regenerate locally with `pytest --repro --repro-regen`, or add --repro-regen-force to do it here anyway."
         )
-    from .harness import ReproSession
+    from .session import ReproSession
     from .settings import base_settings
+
+    for option in ("repro_report", "repro_html"):
+        target = config.getoption(option)
+        if target and Path(target).is_dir():
+            flag = "--" + option.replace("_", "-")
+            raise pytest.UsageError(
+                f"pytest-repro: {flag}={target} is a folder; give a file path, e.g. {flag}={Path(target) / 'repro'}"
+                + (".json" if option == "repro_report" else ".html")
+            )
 
     ini = {name: config.getini(name) for name in (*INI_OPTIONS, *INI_LISTS)}
     cli = {name: config.getoption(name) for name in _CLI}
@@ -151,7 +163,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:
         raise pytest.UsageError(f"pytest-repro: {exc}") from None
     if settings.device.startswith("cuda"):
-        from .harness import DeviceUnavailableError, resolve_device
+        from .session import DeviceUnavailableError, resolve_device
 
         try:
             resolve_device(settings.device)
@@ -166,9 +178,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if session_key in config.stash:
         return
     skip = pytest.mark.skip(reason=f"reproducibility test: run with `pytest --repro` (marked @pytest.mark.{MARKER})")
-    for item in items:
-        if item.get_closest_marker(MARKER) is not None:
-            item.add_marker(skip)
+    marked = [item for item in items if item.get_closest_marker(MARKER) is not None]
+    for item in marked:
+        item.add_marker(skip)
+    config.stash[skipped_key] = len(marked)
 
 
 @pytest.hookimpl(trylast=True)
@@ -193,7 +206,7 @@ def repro(request: pytest.FixtureRequest) -> Repro:
             result = repro.check(train, config={"lr": 1e-3, "steps": 8})
             assert result.metrics["accuracy"] > 0.5
     """
-    from .harness import Repro
+    from .fixture import Repro
     from .settings import apply_marker
 
     marker = request.node.get_closest_marker(MARKER)
@@ -208,8 +221,46 @@ def repro(request: pytest.FixtureRequest) -> Repro:
     except SettingsError as exc:
         problem = str(exc)
     else:
-        return Repro(session, settings, request.node)
+        fixture = Repro(session, settings, request.node)
+        request.node.stash[repro_key] = fixture
+        return fixture
     pytest.fail(f"{request.node.nodeid}: {problem}", pytrace=False)
+
+
+def _phase_outcome(report: pytest.TestReport) -> tuple[str, str]:
+    """Pytest's outcome of one phase and a one-line reason (the exception) when it did not pass."""
+    if hasattr(report, "wasxfail"):
+        return ("xfailed" if report.skipped else "xpassed"), ""
+    if report.passed:
+        return "passed", ""
+    why = report.longreprtext.strip().splitlines()
+    return report.outcome, (why[-1][:300] if why else "")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """After the test's last phase: let its checks commit or discard references and publish their outcomes."""
+    fixture = item.stash.get(repro_key, None)
+    failure = None
+    if fixture is not None and call.when == "teardown":
+        phases = item.stash.get(phase_key, {})
+        outcome, why = phases.get("call", ("error", "the test did not run"))
+        setup = phases.get("setup", ("passed", ""))
+        if setup[0] != "passed":
+            outcome, why = "error", setup[1]
+        elif call.excinfo is not None:
+            outcome, why = "error", call.excinfo.exconly()[:300]
+        failure = fixture.finish(outcome, why)
+        item.user_properties += fixture.properties()
+    report: pytest.TestReport = yield
+    if call.when in ("setup", "call"):
+        item.stash.setdefault(phase_key, {})[call.when] = _phase_outcome(report)
+    if fixture is not None and call.when == "teardown":
+        report.repro_outcomes = [o.to_dict() for o in fixture.outcomes]  # type: ignore[attr-defined]
+        if failure is not None and report.passed:
+            report.outcome = "failed"
+            report.longrepr = failure
+    return report
 
 
 class _OutcomeCollector:
@@ -219,11 +270,34 @@ class _OutcomeCollector:
         self.session = session
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
-            return
-        for key, value in report.user_properties:
-            if key == "repro_outcome":
-                self.session.outcomes.append(json.loads(str(value)))
+        if report.when == "teardown":
+            self.session.outcomes += getattr(report, "repro_outcomes", None) or []
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.session.not_collected.append(f"{report.nodeid or '.'} (collection error)")
+        elif report.skipped:
+            self.session.not_collected.append(f"{report.nodeid or '.'} (skipped while collecting)")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> Any:
+        ignored = yield
+        if ignored and _could_hold_tests(collection_path, config):
+            self.session.not_collected.append(f"{collection_path} (ignored)")
+        return ignored
+
+
+def _could_hold_tests(path: Path, config: pytest.Config) -> bool:
+    """Whether an ignored path is one that would otherwise hold tests (not a venv, cache or excluded folder)."""
+    import fnmatch
+
+    if path.name == "__pycache__" or path.name.startswith("."):
+        return False
+    if path.is_dir():
+        if (path / "pyvenv.cfg").exists() or (path / "conda-meta").is_dir():
+            return False
+        return not any(fnmatch.fnmatch(path.name, pattern) for pattern in config.getini("norecursedirs"))
+    return path.suffix == ".py" and any(fnmatch.fnmatch(path.name, p) for p in config.getini("python_files"))
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -248,6 +322,7 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     if repro is not None and "repro_owned" in output:
         repro.owned_nodeids += list(output["repro_owned"])
         repro.deselected_reproducible += list(output["repro_deselected"])
+        repro.not_collected += list(output.get("repro_not_collected", []))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -259,63 +334,35 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if workeroutput is not None:  # xdist worker: hand what it saw to the controller
         workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))
         workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
+        workeroutput["repro_not_collected"] = sorted(set(repro.not_collected))
         return
     mode = config.getoption("repro_unused")
-    if not mode:
-        return
-    from . import unused
+    if mode:
+        from . import unused
 
-    reason = unused.filter_reason(
-        list(config.args),
-        list(config.getini("testpaths")) or [str(config.rootpath)],
-        config.option.keyword,
-        bool(config.getoption("lf", False)),
-        len(set(repro.deselected_reproducible)),
-    )
-    if reason and not config.getoption("repro_unused_force"):
-        repro.unused_note = (
-            f"unused references not checked: the run was filtered ({reason}); "
-            "run the whole suite, or add --repro-unused-force"
-        )
-        return
-    owned = unused.owned_prefixes(repro.settings.reference_dir, [*repro.owned_nodeids, *repro.deselected_reproducible])
-    repro.unused = unused.find_unused(repro.settings.reference_dir, owned)
-    if repro.unused and mode == "delete":
-        unused.delete(repro.unused, repro.settings.reference_dir)
-        repro.unused_note = f"deleted {len(repro.unused)} unused reference folder(s)"
-    elif repro.unused and mode == "fail":
-        repro.unused_note = f"{len(repro.unused)} unused reference folder(s): failing (--repro-unused=fail)"
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    elif repro.unused:
-        repro.unused_note = f"{len(repro.unused)} unused reference folder(s)"
-    else:
-        repro.unused_note = "no unused references"
+        unused.check(repro, config, mode)
+        if repro.unused and mode == "fail":
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    from .report import write_reports
+
+    written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
+    if not written and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     session = config.stash.get(session_key, None)
     if session is None:
+        skipped = config.stash.get(skipped_key, 0)
+        if skipped:
+            terminalreporter.write_line(
+                f"reproducibility: {skipped} reproducibility test(s) skipped: run them with `pytest --repro`",
+                yellow=True,
+            )
         return
-    from .report import relative, write_json_report, write_summary
+    from .report import write_summary
 
-    write_summary(terminalreporter, session.outcomes, session.rootdir)
-    if session.unused_note:
-        terminalreporter.write_line(f"reproducibility: {session.unused_note}")
-        for folder in session.unused:
-            terminalreporter.write_line(f"  {relative(str(folder), session.rootdir)}")
-    json_path, html_path = config.getoption("repro_report"), config.getoption("repro_html")
-    if (json_path or html_path) and not hasattr(config, "workerinput"):  # the xdist controller writes them
-        from .report import build_report
-
-        report = build_report(session.outcomes, session.rootdir, exitstatus)
-        if json_path:
-            write_json_report(Path(json_path), report)
-            terminalreporter.write_line(f"reproducibility report: {json_path}")
-        if html_path:
-            from .report_html import write_html
-
-            write_html(Path(html_path), report)
-            terminalreporter.write_line(f"reproducibility report: {html_path}")
+    write_summary(terminalreporter, session)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

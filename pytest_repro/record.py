@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(value, Mapping):
         raise RecordError(f"{where}: expected a mapping of name -> tensor, got {type(value).__name__}")
     out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
     for name, tensor in value.items():
         if not isinstance(name, str):
             raise RecordError(f"{where}: keys must be strings, got {name!r}")
@@ -77,7 +79,17 @@ def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
                 tensor = torch.as_tensor(tensor)
             except Exception as exc:
                 raise RecordError(f"{where}[{name!r}]: expected a tensor, got {type(tensor).__name__}") from exc
-        out[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.layout != torch.strided:
+            raise RecordError(f"{where}[{name!r}]: {tensor.layout} tensors are not supported; return .to_dense()")
+        # Tied weights (an embedding shared with the LM head) share storage, which safetensors refuses
+        # to save: store every tensor on its own, under each of its names.
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
+        if ptr and ptr in storages:
+            tensor = tensor.clone()
+        elif ptr:
+            storages.add(ptr)
+        out[name] = tensor
     return out
 
 
@@ -114,6 +126,63 @@ def normalize_result(result: Any, meta: Mapping[str, Any]) -> Record:
     )
 
 
+@dataclass(frozen=True)
+class NonFinite:
+    """Where a record holds NaN or inf."""
+
+    section: str
+    key: str | None
+    count: int
+    first: str  # the step, or the first element's index
+    value: float
+
+    def describe(self) -> str:
+        """Return e.g. "weights['w']: 3 NaN/inf values, first at index (0, 1) (nan)"."""
+        where = self.section if self.key is None else f"{self.section}[{self.key!r}]"
+        return f"{where}: {self.count} non-finite value(s), first {self.first} ({self.value})"
+
+
+def find_non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> list[NonFinite]:
+    """Return every section/key of a record that holds NaN or inf, except where ``allowed(section, key)``."""
+    found: list[NonFinite] = []
+    bad = [i for i, v in enumerate(record.losses) if not math.isfinite(v)]
+    if bad and not allowed("losses", None):
+        i = bad[0]
+        shown = ", ".join(f"{v:.6g}" for v in record.losses[max(0, i - 3) : i + 1])
+        found.append(
+            NonFinite("losses", None, len(bad), f"at step {i}; steps {max(0, i - 3)}..{i}: {shown}", record.losses[i])
+        )
+    for key, v in record.metrics.items():
+        if not math.isfinite(v) and not allowed("metrics", key):
+            found.append(NonFinite("metrics", key, 1, "value", v))
+    for section in TENSOR_SECTIONS:
+        tensors: dict[str, torch.Tensor] = getattr(record, section)
+        for key, t in tensors.items():
+            if not (t.dtype.is_floating_point or t.dtype.is_complex) or allowed(section, key):
+                continue
+            finite = t.isfinite()
+            if bool(finite.all()):
+                continue
+            flat = int((~finite).reshape(-1).nonzero()[0, 0])
+            index = tuple(int(i) for i in _unravel(flat, tuple(t.shape)))
+            value = complex(t.reshape(-1)[flat]) if t.dtype.is_complex else float(t.reshape(-1)[flat])
+            found.append(NonFinite(section, key, int((~finite).sum()), f"at index {index}", value))  # type: ignore[arg-type]
+    return found
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
+    out = []
+    for size in reversed(shape):
+        out.append(flat % size)
+        flat //= size
+    return list(reversed(out))
+
+
+def is_empty(record: Record) -> bool:
+    """Whether a record holds nothing to compare (no losses, weights, metrics or outputs)."""
+    return not (record.losses or record.weights or record.metrics or record.outputs)
+
+
 def first_non_finite(values: list[float]) -> int | None:
     """Return the index of the first NaN/inf value, or None."""
     for i, v in enumerate(values):
@@ -134,11 +203,16 @@ def sha256_file(path: Path) -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text to ``path`` through a temp file in the same folder and os.replace."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def dump_json(data: Any) -> str:

@@ -1,25 +1,25 @@
-"""Terminal reporting: the ``reproducibility`` summary section."""
+"""Reporting: the ``reproducibility`` terminal section and the JSON report (HTML: report_html)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-LABELS = {
-    "passed": ("PASSED", "green"),
-    "unchanged": ("UNCHANGED", "green"),
-    "passed-cross-env": ("CROSS-ENV", "yellow"),
-    "written": ("WRITTEN", "yellow"),
-    "diverged": ("DIVERGED", "red"),
-    "differs": ("DIFFERS", "red"),
-    "missing": ("MISSING", "red"),
-    "corrupt": ("CORRUPT", "red"),
-    "error": ("ERROR", "red"),
-    "timeout": ("TIMEOUT", "red"),
-    "non-finite": ("NON-FINITE", "red"),
-}
+from .verdict import PASSING, Verdict, parse_verdict
+
+if TYPE_CHECKING:
+    from .session import ReproSession
+
+_GREEN = {"passed", "unchanged"}
+_YELLOW = {"passed-cross-env", "written"}
+
+
+def _label(verdict: str) -> tuple[str, str]:
+    v = parse_verdict(verdict)
+    color = "green" if v.value in _GREEN else "yellow" if v.value in _YELLOW else "red"
+    return v.label, color
 
 
 class Writer(Protocol):
@@ -47,19 +47,29 @@ def verdict_counts(outcomes: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return dict(Counter(str(o["verdict"]) for o in outcomes))
 
 
-def write_summary(tr: Writer, outcomes: Sequence[Mapping[str, Any]], rootdir: Path) -> None:
-    """Write one line per check, then the references written."""
+def write_summary(tr: Writer, session: ReproSession) -> None:
+    """Write one line per check, then the references written, drift, warnings and session notes."""
+    outcomes, rootdir = session.outcomes, session.rootdir
+    notes = list(session.notes)
+    if session.unused_note:
+        notes.append(session.unused_note)
+        notes += [f"  {relative(str(folder), rootdir)}" for folder in session.unused]
+        notes += [f"  kept: {path}" for path in session.unused_kept]
     if not outcomes:
+        for line in notes:
+            tr.write_line(f"reproducibility: {line}" if not line.startswith(" ") else line)
         return
     counts = verdict_counts(outcomes)
     tally = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     if tr.verbosity < 0:
         tr.write_line(f"reproducibility: {tally}")
+        for line in notes:
+            tr.write_line(f"reproducibility: {line}" if not line.startswith(" ") else line)
         return
     tr.write_sep("=", "reproducibility")
-    width = max(len(label) for label, _ in LABELS.values())
+    width = max(len(v.label) for v in Verdict)
     for o in outcomes:
-        label, color = LABELS.get(o["verdict"], (o["verdict"].upper(), "red"))
+        label, color = _label(o["verdict"])
         name = o["nodeid"] + (f" [{o['name']}]" if o["name"] else "") + (f" ({o['env_key']})" if o["env_key"] else "")
         runs = (
             f"{len(o['seconds'])} run(s), " + "/".join(f"{s:.2f}" for s in o["seconds"]) + " s" if o["seconds"] else ""
@@ -69,16 +79,17 @@ def write_summary(tr: Writer, outcomes: Sequence[Mapping[str, Any]], rootdir: Pa
         tr.write_line(f"{label:<{width}} {name}{extra}{suffix}", **{color: True})
         if tr.verbosity > 0:
             if o["max_abs"]:
-                figures = ", ".join(f"{k} {v:.3g}" for k, v in o["max_abs"].items())
+                figures = ", ".join(f"{k} {_g(v)}" for k, v in o["max_abs"].items())
                 tr.write_line(f"{'':<{width}} max abs diff vs reference: {figures}")
             for line in o["details"]:
                 tr.write_line(f"{'':<{width}} {line.strip()}")
-    written = [o for o in outcomes if o["verdict"] == "written"]
+    written = [o for o in outcomes if o["verdict"] == Verdict.WRITTEN.value]
     if written:
         tr.write_line(f"references written ({len(written)}):")
         for o in written:
             tr.write_line(f"  {relative(o['path'], rootdir)}")
-    drifted = [o for o in outcomes if o["drift"] and o["verdict"] in ("passed", "unchanged", "passed-cross-env")]
+    good = {v.value for v in PASSING}
+    drifted = [o for o in outcomes if o["drift"] and o["verdict"] in good]
     if drifted:
         tr.write_line(
             "environment drift: these passed, but numerics-relevant parts of the environment changed "
@@ -95,10 +106,40 @@ def write_summary(tr: Writer, outcomes: Sequence[Mapping[str, Any]], rootdir: Pa
         for o in warned:
             for line in o["warnings"]:
                 tr.write_line(f"  {o['nodeid']}: {line}", yellow=True)
+    for line in notes:
+        tr.write_line(f"reproducibility: {line}" if not line.startswith(" ") else line)
     tr.write_line(f"reproducibility: {tally}")
 
 
-REPORT_SCHEMA_VERSION = 1
+def _g(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+
+def write_reports(session: ReproSession, json_path: str | None, html_path: str | None, exitstatus: int) -> bool:
+    """Write the JSON and HTML reports; on failure note why (the run then fails) and return False."""
+    if not (json_path or html_path):
+        return True
+    report = build_report(session.outcomes, session.rootdir, exitstatus)
+    ok = True
+    for path, kind in ((json_path, "JSON"), (html_path, "HTML")):
+        if not path:
+            continue
+        try:
+            if kind == "JSON":
+                write_json_report(Path(path), report)
+            else:
+                from .report_html import write_html
+
+                write_html(Path(path), report)
+        except OSError as exc:
+            ok = False
+            session.notes.append(f"could not write the {kind} report {path}: {exc}; give a writable file path")
+            continue
+        session.notes.append(f"{kind} report: {path}")
+    return ok
+
+
+REPORT_SCHEMA_VERSION = 2
 
 
 def build_report(outcomes: Sequence[Mapping[str, Any]], rootdir: Path, exitstatus: int) -> dict[str, Any]:
@@ -126,6 +167,8 @@ def write_json_report(path: Path, report: Mapping[str, Any]) -> None:
 
     from .record import write_text_atomic
 
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n")
 

@@ -16,22 +16,44 @@ COLORS = {
     "passed-cross-env": "#9a6700",
     "written": "#9a6700",
 }
+RED = "#cf222e"
+GRAY = "#59636e"
+FLOOR = 1e-12  # where an exact zero difference is drawn on the log-scale difference plot
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#1f2328}
 h1{font-size:1.6rem;margin-bottom:.2rem} .meta{color:#59636e;margin-bottom:1.5rem}
+.tally{margin:.3rem 0}
 .tally span{display:inline-block;margin-right:.6rem;padding:.15rem .55rem;border-radius:1rem;color:#fff;font-size:.9rem}
 section{border:1px solid #d1d9e0;border-radius:8px;padding:1rem 1.2rem;margin:1.2rem 0}
 section h2{font-size:1.05rem;margin:0 0 .4rem 0;font-family:ui-monospace,SFMono-Regular,Menlo,monospace}
+h3{font-size:.95rem;margin:.9rem 0 .3rem 0}
 .verdict{font-weight:600} .detail{color:#59636e;margin:.2rem 0 .8rem 0}
+.outcome{font-weight:600;font-size:.85rem;padding:.05rem .45rem;border-radius:1rem;color:#fff}
+.context{border-left:4px solid #cf222e;background:#fff5f5}
+.note{color:#59636e;font-size:.9rem}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.88rem} th,td{border:1px solid #d1d9e0;padding:.25rem .55rem}
 th{background:#f6f8fa;text-align:left} td.num{text-align:right;font-family:ui-monospace,monospace}
 pre{background:#f6f8fa;padding:.6rem;border-radius:6px;overflow-x:auto;font-size:.85rem}
-img{max-width:100%;height:auto}
+img{max-width:100%;height:auto;display:block}
 """
 
 
 def _color(verdict: str) -> str:
-    return COLORS.get(verdict, "#cf222e")
+    return COLORS.get(verdict, RED)
+
+
+def _outcome(test: Mapping[str, Any]) -> str | None:
+    """Pytest's own outcome of the test (schema 2), None in older reports."""
+    value = test.get("test_outcome")
+    return None if value is None else str(value)
+
+
+def _rank(test: Mapping[str, Any]) -> int:
+    """0: a failure (bad verdict, or the test failed/errored), 1: skipped, 2: fine."""
+    outcome = _outcome(test)
+    if str(test.get("verdict")) not in COLORS or outcome in ("failed", "error"):
+        return 0
+    return 1 if outcome not in (None, "passed") else 2
 
 
 def _fmt(value: Any) -> str:
@@ -40,34 +62,16 @@ def _fmt(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def loss_plot_png(curves: Mapping[str, Sequence[float | None]], divergence: int | None, title: str) -> bytes:
-    """Plot each run's and the reference's loss per step, marking the first divergent step."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=110)
-    for name, values in curves.items():
-        ys = [math.nan if v is None else v for v in values]
-        style = {"color": "black", "linewidth": 2.2, "alpha": 0.55} if name == "reference" else {"linewidth": 1.2}
-        ax.plot(range(len(ys)), ys, label=name, **style)
-    if divergence is not None:
-        ax.axvline(divergence, color="#cf222e", linestyle="--", linewidth=1)
-        ax.annotate(
-            f"first divergence: step {divergence}",
-            (divergence, 1),
-            xycoords=("data", "axes fraction"),
-            xytext=(4, -12),
-            textcoords="offset points",
-            color="#cf222e",
-            fontsize=8,
-        )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    return plt
+
+
+def _png(plt: Any, fig: Any) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -75,37 +79,257 @@ def loss_plot_png(curves: Mapping[str, Sequence[float | None]], divergence: int 
     return buf.getvalue()
 
 
+def _mark_step(ax: Any, step: int, text: str) -> None:
+    ax.axvline(step, color=RED, linestyle="--", linewidth=1)
+    left, right = ax.get_xlim()
+    flip = step > (left + right) / 2  # past the middle: write the label to the left of the line
+    ax.annotate(
+        text,
+        (step, 1),
+        xycoords=("data", "axes fraction"),
+        xytext=(-4 if flip else 4, -12),
+        textcoords="offset points",
+        ha="right" if flip else "left",
+        color=RED,
+        fontsize=8,
+        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+    )
+
+
+def loss_plot_png(curves: Mapping[str, Sequence[float | None]], divergence: int | None, title: str) -> bytes:
+    """Plot each run's and the reference's loss per step, marking the first divergent step."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=110)
+    for name, values in curves.items():
+        ys = [math.nan if v is None else v for v in values]
+        style = {"color": "black", "linewidth": 2.2, "alpha": 0.55} if name == "reference" else {"linewidth": 1.2}
+        if name.startswith("reference "):  # one of several reference seeds (statistical mode)
+            style = {"color": "black", "linewidth": 1.4, "alpha": 0.4, "linestyle": "--"}
+        ax.plot(range(len(ys)), ys, label=name, **style)
+    if divergence is not None:
+        _mark_step(ax, divergence, f"first divergence: step {divergence}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2 if len(curves) > 6 else 1)
+    return _png(plt, fig)
+
+
+def diff_plot_png(
+    series: Mapping[str, Sequence[float]],
+    divergence: int | None,
+    first_nonzero: int | None,
+    title: str,
+    floor: float = FLOOR,
+) -> bytes:
+    """Plot |loss difference| per step on a log scale; exact zeros are drawn at ``floor``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 2.8), dpi=110)
+    top = floor
+    for name, values in series.items():
+        ys = [v if math.isnan(v) else max(v, floor) for v in values]
+        top = max([top, *(y for y in ys if not math.isnan(y))])
+        ax.plot(range(len(ys)), ys, label=name, linewidth=1.2, marker=".", markersize=4)
+    ax.axhline(floor, color=GRAY, linestyle=":", linewidth=1, label=f"identical (difference 0), drawn at {floor:g}")
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 4, max(top * 30, floor * 100))
+    # the step markers go into the legend, which loc="best" keeps off the curves
+    if divergence is not None:
+        ax.axvline(divergence, color=RED, linestyle="--", linewidth=1, label=f"first divergence: step {divergence}")
+    if first_nonzero is not None and first_nonzero != divergence:
+        label = f"first nonzero difference: step {first_nonzero}"
+        ax.axvline(first_nonzero, color=GRAY, linestyle="-.", linewidth=1, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"|Δ loss|  (0 drawn at {floor:g})", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best", ncol=2 if len(series) > 4 else 1)
+    return _png(plt, fig)
+
+
+def _absdiff(a: Sequence[float | None], b: Sequence[float | None]) -> list[float]:
+    """|a - b| per step; NaN where either side is missing or non-finite; over the shorter length."""
+    out = []
+    for x, y in zip(a, b, strict=False):
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            out.append(math.nan)
+        else:
+            out.append(abs(float(x) - float(y)))
+    return out
+
+
+def _seed_labels(test: Mapping[str, Any]) -> dict[str, str]:
+    """Map 'run k' to 'seed S' for a statistical check (run k used seeds[k-1])."""
+    stat = test.get("statistical") or {}
+    seeds = list(stat.get("seeds") or [])
+    labels = {}
+    for k, seed in enumerate(seeds, start=1):
+        labels[f"run {k}"] = f"seed {seed}" if seeds.count(seed) == 1 else f"seed {seed} (run {k})"
+    return labels
+
+
+def _runs(test: Mapping[str, Any]) -> dict[str, Sequence[float | None]]:
+    """This run's loss curves, labelled by seed for statistical checks."""
+    curves: Mapping[str, Sequence[float | None]] = test.get("curves") or {}
+    runs = {k: v for k, v in curves.items() if k != "reference"}
+    stat = test.get("statistical") or {}
+    if not runs and stat.get("losses"):
+        runs = {f"run {k}": v for k, v in enumerate(stat["losses"], start=1)}
+    labels = _seed_labels(test)
+    return {labels.get(k, k): v for k, v in runs.items()}
+
+
+def _references(test: Mapping[str, Any]) -> dict[str, Sequence[float | None]]:
+    """The reference's loss curves: one per reference seed for statistical checks, else 'reference'."""
+    ref = (test.get("statistical") or {}).get("reference") or {}
+    seeds, losses = list(ref.get("seeds") or []), list(ref.get("losses") or [])
+    if losses and len(seeds) == len(losses) and len(set(seeds)) == len(seeds):
+        return {f"reference seed {s}": v for s, v in zip(seeds, losses, strict=True)}
+    curve = (test.get("curves") or {}).get("reference")
+    return {"reference": curve} if curve else {}
+
+
+def _diff_series(test: Mapping[str, Any]) -> tuple[dict[str, list[float]], str]:
+    """|run - reference| per run (matched by seed when statistical), else |run k - run 1|; and what against."""
+    runs, refs = _runs(test), _references(test)
+    stat = test.get("statistical") or {}
+    if refs:
+        plain = refs.get("reference") or (test.get("curves") or {}).get("reference")
+        series = {}
+        for label, values in runs.items():
+            seed_ref = refs.get(f"reference {label.split(' (')[0]}") if label.startswith("seed ") else None
+            if seed_ref is not None:
+                series[f"{label} − reference {label.split(' (')[0]}"] = _absdiff(values, seed_ref)
+            elif plain:
+                series[f"{label} − reference"] = _absdiff(values, plain)
+        return series, "reference"
+    items = list(runs.items())
+    seeds = list(stat.get("seeds") or [])
+    if len(items) < 2:
+        return {}, ""
+    first_label, first = items[0]
+    series = {}
+    for k, (label, values) in enumerate(items[1:], start=1):
+        if seeds and k < len(seeds) and seeds[k] != seeds[0]:
+            continue  # different seeds are meant to differ
+        series[f"{label} − {first_label}"] = _absdiff(values, first)
+    return series, first_label
+
+
+def _first_nonzero(series: Mapping[str, Sequence[float]]) -> int | None:
+    steps = [next((i for i, v in enumerate(vs) if math.isnan(v) or v > 0), None) for vs in series.values()]
+    found = [s for s in steps if s is not None]
+    return min(found) if found else None
+
+
 def _divergence(test: Mapping[str, Any]) -> int | None:
-    for d in test.get("differences", []):
+    for d in test.get("differences") or []:
         if d.get("section") == "losses" and d.get("step") is not None:
             return int(d["step"])
     return None
 
 
+def _img(png: bytes, kind: str, alt: str) -> str:
+    data = base64.b64encode(png).decode()
+    return f'<img data-plot="{kind}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _plots(test: Mapping[str, Any], name: str) -> list[str]:
+    parts = []
+    curves = {**_runs(test), **_references(test)}
+    if any(curves.values()):
+        parts.append(_img(loss_plot_png(curves, _divergence(test), name), "loss", f"loss curves of {name}"))
+    series, against = _diff_series(test)
+    series = {k: v for k, v in series.items() if v}
+    if not series or all(math.isnan(v) for vs in series.values() for v in vs):
+        return parts
+    first = _first_nonzero(series)
+    if first is None:
+        parts.append(
+            f'<p class="note" data-plot="identical">losses identical to the {html.escape(against)} '
+            "at every step (|Δ loss| = 0)</p>"
+        )
+        return parts
+    title = f"{name}: |loss difference| vs the {against} per step"
+    png = diff_plot_png(series, _divergence(test), first, title)
+    parts.append(_img(png, "diff", f"loss difference per step of {name} against the {against}"))
+    return parts
+
+
+def _statistical_table(stat: Mapping[str, Any]) -> str:
+    """Per-seed metric values of this run and of the reference, one column per seed."""
+    ref = stat.get("reference") or {}
+    sides = [("this run", list(stat.get("seeds") or []), stat.get("metrics") or {})]
+    if ref:
+        sides.append(("reference", list(ref.get("seeds") or []), ref.get("metrics") or {}))
+
+    def keyed(seeds: list[Any]) -> list[tuple[Any, int]]:
+        return [(s, seeds[:i].count(s)) for i, s in enumerate(seeds)]
+
+    columns: list[tuple[Any, int]] = []
+    for _, seeds, _ in sides:
+        columns += [c for c in keyed(seeds) if c not in columns]
+    names = list(dict.fromkeys(n for _, _, metrics in sides for n in metrics))
+    if not names or not columns:
+        return ""
+    head = "<th>metric</th><th></th>" + "".join(
+        f"<th>seed {_fmt(s)}{f' #{n + 1}' if n else ''}</th>" for s, n in columns
+    )
+    rows = []
+    for name in names:
+        for side, seeds, metrics in sides:
+            values = list(metrics.get(name) or [])
+            by_col = dict(zip(keyed(seeds), values, strict=False))
+            finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+            mean = sum(finite) / len(finite) if finite else None
+            cells = "".join(f"<td class=num>{_fmt(by_col.get(c))}</td>" for c in columns)
+            rows.append(f"<tr><td>{_fmt(name)}</td><td>{side}</td>{cells}<td class=num>{_fmt(mean)}</td></tr>")
+    return f'<h3>per-seed values</h3><table data-table="seeds"><tr>{head}<th>mean</th></tr>{"".join(rows)}</table>'
+
+
+def _verdict_line(test: Mapping[str, Any]) -> str:
+    verdict, outcome = str(test.get("verdict")), _outcome(test)
+    label, color = verdict.upper(), _color(verdict)
+    if outcome not in (None, "passed"):
+        color = GRAY if outcome == "skipped" and verdict in COLORS else RED
+        if verdict in COLORS:  # the check agreed, but the test did not pass: never shown as a pass
+            label = f"TEST {outcome.upper()} (check: {verdict})"
+    env = f" · {html.escape(str(test['env_key']))}" if test.get("env_key") else ""
+    badge = ""
+    if outcome is not None:
+        bg = {"passed": COLORS["passed"], "skipped": GRAY}.get(outcome, RED)
+        badge = (
+            f' <span class="outcome" data-outcome="{html.escape(outcome)}" style="background:{bg}">'
+            f"test {html.escape(outcome)}</span>"
+        )
+    return f'<div class="verdict" style="color:{color}">{html.escape(label)}{env}{badge}</div>'
+
+
 def _section(test: Mapping[str, Any]) -> str:
-    verdict = str(test["verdict"])
-    name = test["nodeid"] + (f" [{test['name']}]" if test.get("name") else "")
-    parts = [
-        f"<section><h2>{html.escape(name)}</h2>",
-        f'<div class="verdict" style="color:{_color(verdict)}">{html.escape(verdict.upper())}'
-        f"{' · ' + html.escape(str(test['env_key'])) if test.get('env_key') else ''}</div>",
-    ]
+    name = str(test.get("nodeid", "")) + (f" [{test['name']}]" if test.get("name") else "")
+    parts = [f"<section><h2>{html.escape(name)}</h2>", _verdict_line(test)]
     if test.get("detail"):
         parts.append(f'<div class="detail">{html.escape(str(test["detail"]))}</div>')
+    if test.get("context") and _rank(test) == 0:
+        parts.append(
+            '<h3>Changed since the reference was recorded</h3><pre class="context">'
+            + html.escape("\n".join(str(x) for x in test["context"]))
+            + "</pre>"
+        )
+    stat = test.get("statistical") or {}
+    seeds = stat.get("seeds") or []
     facts = [
-        ("seed", test.get("seed")),
+        ("seed", test.get("seed") if not seeds else ", ".join(str(s) for s in seeds)),
         ("device", test.get("device")),
-        ("seconds per run", " / ".join(f"{s:.2f}" for s in test.get("seconds", []))),
+        ("seconds per run", " / ".join(f"{s:.2f}" for s in test.get("seconds") or [])),
         ("reference", test.get("path")),
+        ("compared with", test.get("compared_with")),
     ]
     parts.append("<table>" + "".join(f"<tr><th>{k}</th><td>{_fmt(v)}</td></tr>" for k, v in facts if v) + "</table>")
-    curves = test.get("curves") or {}
-    if any(curves.values()):
-        png = loss_plot_png(curves, _divergence(test), name)
-        parts.append(
-            f'<img alt="loss curves of {html.escape(name)}" '
-            f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        )
+    parts += _plots(test, name)
+    if stat:
+        parts.append(_statistical_table(stat))
     if test.get("max_abs"):
         parts.append(
             "<table><tr><th>section</th><th>max abs diff vs reference</th></tr>"
@@ -125,7 +349,7 @@ def _section(test: Mapping[str, Any]) -> str:
             where = d.get("step") if d.get("step") is not None else d.get("index")
             count = f"{d.get('n_diff')} of {d.get('numel')}" if d.get("numel") else ""
             rows.append(
-                f"<tr><td>{_fmt(d['section'])}</td><td>{_fmt(d.get('key'))}</td><td>{_fmt(d['kind'])}</td>"
+                f"<tr><td>{_fmt(d.get('section'))}</td><td>{_fmt(d.get('key'))}</td><td>{_fmt(d.get('kind'))}</td>"
                 f"<td>{_fmt(where)}</td><td class=num>{count}</td><td class=num>{_fmt(d.get('max_abs'))}</td>"
                 f"<td class=num>{_fmt(d.get('max_rel'))}</td></tr>"
             )
@@ -141,15 +365,27 @@ def _section(test: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _tally(counts: Mapping[str, int], color: Any) -> str:
+    return "".join(
+        f'<span style="background:{color(v)}">{n} {html.escape(v)}</span>' for v, n in sorted(counts.items())
+    )
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """Render a JSON report (see report.schema.json) as one self-contained HTML page."""
-    tests = list(report.get("tests", []))
-    bad = [t for t in tests if t["verdict"] not in COLORS]
-    ordered = bad + [t for t in tests if t not in bad]  # what needs attention first
-    tally = "".join(
-        f'<span style="background:{_color(v)}">{n} {html.escape(v)}</span>'
-        for v, n in sorted(report.get("summary", {}).items())
-    )
+    tests = list(report.get("tests") or [])
+    ordered = sorted(tests, key=_rank)  # what needs attention first; stable within each rank
+    tally = f'<div class="tally">checks: {_tally(report.get("summary") or {}, _color)}</div>'
+    outcomes: dict[str, int] = {}
+    for t in tests:
+        if _outcome(t) is not None:
+            outcomes[str(_outcome(t))] = outcomes.get(str(_outcome(t)), 0) + 1
+    if outcomes:
+        tally += (
+            '<div class="tally">tests: '
+            + _tally(outcomes, lambda o: {"passed": COLORS["passed"], "skipped": GRAY}.get(o, RED))
+            + "</div>"
+        )
     body = "\n".join(_section(t) for t in ordered) or "<p>No reproducibility checks ran.</p>"
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
@@ -159,7 +395,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         f'<div class="meta">{html.escape(str(report.get("created", "")))} · pytest-repro '
         f"{html.escape(str(report.get('plugin_version', '')))} · {html.escape(str(report.get('rootdir', '')))} · "
         f"exit status {html.escape(str(report.get('exitstatus', '')))}</div>"
-        f'<div class="tally">{tally}</div>{body}</body></html>\n'
+        f"{tally}{body}</body></html>\n"
     )
 
 

@@ -21,18 +21,14 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .child import ERROR_FILE, LOG_FILE, RECORD_DIR, execute
+from .context import RunSpec
 from .seeding import determinism_env
 
-RECORD_DIR = "record"
-ERROR_FILE = "error.json"
-MANIFEST_FILE = "manifest.json"
-LOG_FILE = "output.log"
 # transformers is not preloaded: importing it for set_seed costs ~2 s, paid only by jobs that use it
 # (they preload it through __repro_preload__ or import it themselves).
 # torch._inductor: torch.use_deterministic_algorithms() imports it (~1-2 s) on first call.
@@ -55,83 +51,6 @@ WORKER_START_TIMEOUT = 600.0
 _GRACE = 30.0
 
 
-class JobReferenceError(ValueError):
-    """A job that cannot be run in a separate process (not an importable top-level function)."""
-
-
-@dataclass(frozen=True)
-class JobRef:
-    """How a child process finds a job: module, qualified name, and the file as a fallback."""
-
-    module: str
-    qualname: str
-    file: str | None = None
-    preload: tuple[str, ...] = ()
-
-    @classmethod
-    def from_callable(cls, job: Callable[..., Any] | str) -> JobRef:
-        """Describe a top-level function (or a "module:function" string) for a child process."""
-        if isinstance(job, str):
-            module, sep, qualname = job.partition(":")
-            if not sep or not module or not qualname:
-                raise JobReferenceError(f"job {job!r}: expected 'package.module:function'")
-            return cls(module, qualname)
-        if not callable(job):
-            raise JobReferenceError(f"job {job!r} is not callable")
-        mod_name: str | None = getattr(job, "__module__", None)
-        qual: str | None = getattr(job, "__qualname__", None)
-        if not mod_name or not qual or "<locals>" in qual or "<lambda>" in qual:
-            raise JobReferenceError(
-                f"job {job!r} must be an importable top-level function (defined at module level, "
-                "not a lambda or a nested function) so that a fresh process can import it"
-            )
-        if mod_name == "__main__":
-            raise JobReferenceError(f"job {qual!r} is defined in __main__; move it into an importable module")
-        code = getattr(job, "__code__", None)
-        file = getattr(code, "co_filename", None) or getattr(sys.modules.get(mod_name), "__file__", None)
-        preload = tuple(getattr(job, "__repro_preload__", ()))
-        return cls(mod_name, qual, file, preload)
-
-    @property
-    def name(self) -> str:
-        """Return the job's 'module:qualname' form."""
-        return f"{self.module}:{self.qualname}"
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything a child process needs to run one job once."""
-
-    job: JobRef
-    config: dict[str, Any]
-    seed: int
-    device: str
-    deterministic: bool
-    run_index: int
-    workdir: str
-    cwd: str
-    sys_path: tuple[str, ...] = ()
-    manifest: bool = False
-    config_dir: str | None = None
-    manifest_packages: tuple[str, ...] = ()
-    identity: str = "hash"
-    diagnose: bool = False
-
-    def to_json(self) -> str:
-        """Serialize for the worker protocol."""
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunSpec:
-        """Rebuild from the JSON form."""
-        d = dict(data)
-        job = d.pop("job")
-        job["preload"] = tuple(job.get("preload", ()))
-        d["sys_path"] = tuple(d.get("sys_path", ()))
-        d["manifest_packages"] = tuple(d.get("manifest_packages", ()))
-        return cls(job=JobRef(**job), **d)
-
-
 @dataclass(frozen=True)
 class RunOutcome:
     """How one run ended: ok, error (the job raised), timeout, or crashed."""
@@ -141,228 +60,13 @@ class RunOutcome:
     workdir: Path
     detail: str = ""
     log_tail: str = ""
+    stage: str = ""  # where an error happened: setup, import, job, record
+    orphans: int = 0  # processes the job left behind (killed when the run ended)
 
     @property
     def record_dir(self) -> Path:
         """Where the child wrote its record."""
         return self.workdir / RECORD_DIR
-
-
-class TrackedConfig(dict[str, Any]):
-    """A config dict that remembers which keys the job read, and which absent keys it asked for."""
-
-    def __init__(self, data: Mapping[str, Any], prefix: str = "", log: dict[str, set[str]] | None = None) -> None:
-        super().__init__(data)
-        self._prefix = prefix
-        self._log = log if log is not None else {"read": set(), "undeclared": set()}
-
-    def _path(self, key: Any) -> str:
-        return f"{self._prefix}{key}"
-
-    def _wrap(self, key: Any, value: Any) -> Any:
-        if isinstance(value, dict) and not isinstance(value, TrackedConfig):
-            value = TrackedConfig(value, f"{self._path(key)}.", self._log)
-            super().__setitem__(key, value)
-        return value
-
-    def __getitem__(self, key: Any) -> Any:
-        if key not in self:
-            self._log["undeclared"].add(self._path(key))
-        self._log["read"].add(self._path(key))
-        return self._wrap(key, super().__getitem__(key))
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """Like dict.get, and record the read (a missing key means the job used an undeclared default)."""
-        if key not in self:
-            self._log["undeclared"].add(self._path(key))
-            return default
-        return self[key]
-
-    def items(self) -> Any:  # type: ignore[override]
-        """Like dict.items; every key counts as read."""
-        return [(k, self[k]) for k in self.keys()]
-
-    def values(self) -> Any:  # type: ignore[override]
-        """Like dict.values; every key counts as read."""
-        return [self[k] for k in self.keys()]
-
-    def audit(self) -> dict[str, list[str]]:
-        """Return the undeclared reads and the declared leaf keys the job never read."""
-        read = self._log["read"]
-
-        def used(path: str) -> bool:
-            # A section read whole and handed on (none of its keys read one by one) counts as used.
-            while path not in read:
-                if "." not in path:
-                    return False
-                path = path.rsplit(".", 1)[0]
-                if path in read:
-                    return not any(r.startswith(path + ".") for r in read)
-            return True
-
-        unused = sorted(p for p in _leaf_paths(self) if not used(p))
-        return {"undeclared_reads": sorted(self._log["undeclared"]), "unused_keys": unused}
-
-
-def _leaf_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
-    for key, value in dict.items(data):  # dict's own items(): walking the tree is not a read
-        if isinstance(value, dict) and value:
-            out += _leaf_paths(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}")
-    return out
-
-
-@dataclass
-class JobContext:
-    """What a job receives: seed, device, config, a work dir and seeded generators."""
-
-    seed: int
-    device: str
-    config: dict[str, Any]
-    workdir: Path
-    run_index: int = 0
-    deterministic: bool = True
-    config_dir: Path | None = None
-    _rng: Any = field(default=None, repr=False)
-
-    @property
-    def rng(self) -> Any:
-        """A numpy.random.Generator seeded with this run's seed."""
-        if self._rng is None:
-            import numpy as np
-
-            self._rng = np.random.default_rng(self.seed)
-        return self._rng
-
-    def generator(self, device: str | None = None) -> Any:
-        """Return a torch.Generator on ``device`` (default: the run's device) seeded with this run's seed."""
-        import torch
-
-        gen = torch.Generator(device=device or self.device)
-        gen.manual_seed(self.seed)
-        return gen
-
-    def path(self, value: str | os.PathLike[str]) -> Path:
-        """Resolve a path from the config: relative paths are taken from the config file's folder."""
-        p = Path(value)
-        if p.is_absolute():
-            return p
-        if self.config_dir is not None and (self.config_dir / p).exists():
-            return self.config_dir / p
-        return Path.cwd() / p
-
-
-# ---------------------------------------------------------------- child side
-
-
-def _resolve_job(ref: JobRef) -> Callable[..., Any]:
-    try:
-        obj: Any = importlib.import_module(ref.module)
-    except ImportError:
-        if not ref.file or not Path(ref.file).exists():
-            raise
-        name = f"_pytest_repro_job_{abs(hash(ref.file))}"
-        spec = importlib.util.spec_from_file_location(name, ref.file)
-        if spec is None or spec.loader is None:
-            raise
-        obj = importlib.util.module_from_spec(spec)
-        sys.modules[name] = obj
-        spec.loader.exec_module(obj)
-    for part in ref.qualname.split("."):
-        obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
-
-
-def _main_dtype(weights: Mapping[str, Any], config: Mapping[str, Any]) -> str | None:
-    if isinstance(config.get("dtype"), str):
-        return str(config["dtype"])
-    counts: dict[str, int] = {}
-    for t in weights.values():
-        if t.dtype.is_floating_point:
-            name = str(t.dtype).replace("torch.", "")
-            counts[name] = counts.get(name, 0) + t.numel()
-    return max(counts, key=lambda k: counts[k]) if counts else None
-
-
-def execute(spec: RunSpec) -> int:
-    """Run one job in this (fresh) process and write its record to ``spec.workdir``; return an exit code."""
-    workdir = Path(spec.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_fd = os.open(workdir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    try:
-        os.chdir(spec.cwd)
-        for entry in reversed(spec.sys_path):
-            if entry not in sys.path:
-                sys.path.insert(0, entry)
-        from .manifest import collect_manifest
-        from .record import dump_json, normalize_result, save_record
-        from .seeding import determinism_flags, seed_everything
-
-        hash_seed = os.environ.get("PYTHONHASHSEED")
-        threads = os.environ.get("OMP_NUM_THREADS")
-        if threads and threads.isdigit() and "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(int(threads))  # the worker imported torch before this run's env
-        seed_everything(spec.seed, deterministic=spec.deterministic, transformers=False)
-        job = _resolve_job(spec.job)
-        transformers = sys.modules.get("transformers")
-        if transformers is not None:  # the job uses transformers: seed it the way it expects, too
-            transformers.set_seed(spec.seed)
-        config = TrackedConfig(spec.config)
-        ctx = JobContext(
-            seed=spec.seed,
-            device=spec.device,
-            config=config,
-            workdir=workdir / "job",
-            run_index=spec.run_index,
-            deterministic=spec.deterministic,
-            config_dir=Path(spec.config_dir) if spec.config_dir else None,
-        )
-        ctx.workdir.mkdir(exist_ok=True)
-        tracer = None
-        if spec.diagnose:
-            from .diagnose import StepTracer
-
-            tracer = StepTracer().install()
-        started = time.perf_counter()
-        result = job(ctx)
-        wall = time.perf_counter() - started
-        if tracer is not None:
-            tracer.save(workdir)
-        flags = determinism_flags()
-        flags["PYTHONHASHSEED"] = hash_seed
-        flags["transformers_set_seed"] = transformers is not None
-        meta: dict[str, Any] = {
-            "seed": spec.seed,
-            "device": spec.device,
-            "deterministic": spec.deterministic,
-            "run_index": spec.run_index,
-            "job": spec.job.name,
-            "flags": flags,
-            "wall_s": round(wall, 4),
-        }
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            meta["torch_threads"] = torch.get_num_threads()
-        meta["config_audit"] = config.audit()
-        record = normalize_result(result, meta)
-        record.meta["dtype"] = _main_dtype(record.weights, spec.config)
-        save_record(record, workdir / RECORD_DIR)
-        if spec.manifest:
-            manifest = collect_manifest(spec.cwd, spec.manifest_packages, spec.identity)
-            (workdir / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
-        return 0
-    except BaseException as exc:
-        error = {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
-        (workdir / ERROR_FILE).write_text(json.dumps(error), encoding="utf-8")
-        return 1
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
 
 
 # ---------------------------------------------------------------- worker side
@@ -393,15 +97,34 @@ def _wait_child(pid: int, timeout: float) -> dict[str, Any]:
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
+            orphans = reap_group(pid)
             if os.WIFSIGNALED(status):
-                return {"status": "signaled", "signal": os.WTERMSIG(status)}
-            return {"status": "exited", "returncode": os.WEXITSTATUS(status)}
+                return {"status": "signaled", "signal": os.WTERMSIG(status), "orphans": orphans}
+            return {"status": "exited", "returncode": os.WEXITSTATUS(status), "orphans": orphans}
         if time.monotonic() >= deadline:
             _kill_group(pid)
             os.waitpid(pid, 0)
             return {"status": "timeout"}
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def reap_group(pgid: int) -> int:
+    """Kill what is left of a finished job's process group (processes it started and left running).
+
+    Returns how many were found: the job itself has exited, so every member is an orphan.
+    """
+    members = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != b"Z":
+                    members.append(int(entry))
+    if members or not os.path.isdir("/proc"):
+        _kill_group(pgid)
+    return len(members)
 
 
 def _kill_group(pid: int) -> None:
@@ -639,7 +362,7 @@ class Runner:
         started = time.perf_counter()
         with open(workdir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_repro.runner", "child", str(spec_file)],
+                [sys.executable, "-m", "pytest_repro.child", str(spec_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -653,12 +376,19 @@ class Runner:
                 proc.wait()
                 return {"status": "timeout", "wall_s": time.perf_counter() - started}
         wall = time.perf_counter() - started
+        orphans = reap_group(proc.pid)
         if code < 0:
-            return {"status": "signaled", "signal": -code, "wall_s": wall}
-        return {"status": "exited", "returncode": code, "wall_s": wall}
+            return {"status": "signaled", "signal": -code, "wall_s": wall, "orphans": orphans}
+        return {"status": "exited", "returncode": code, "wall_s": wall, "orphans": orphans}
 
     @staticmethod
     def _outcome(reply: dict[str, Any], workdir: Path, timeout: float) -> RunOutcome:
+        outcome = Runner._classify(reply, workdir, timeout)
+        orphans = int(reply.get("orphans") or 0)
+        return replace(outcome, orphans=orphans) if orphans else outcome
+
+    @staticmethod
+    def _classify(reply: dict[str, Any], workdir: Path, timeout: float) -> RunOutcome:
         wall = float(reply.get("wall_s", 0.0))
         tail = _tail(workdir / LOG_FILE)
         status = reply.get("status")
@@ -670,12 +400,14 @@ class Runner:
             )
         error_file = workdir / ERROR_FILE
         if error_file.exists():
+            stage = "job"
             try:
                 err = json.loads(error_file.read_text(encoding="utf-8"))
                 detail = str(err["traceback"])
+                stage = str(err.get("stage", "job"))
             except (OSError, ValueError, KeyError):
                 detail = "the job raised, and its error report is unreadable"
-            return RunOutcome("error", wall, workdir, detail, tail)
+            return RunOutcome("error", wall, workdir, detail, tail, stage=stage)
         if status == "signaled":
             name = signal.Signals(int(reply["signal"])).name
             return RunOutcome("crashed", wall, workdir, f"the job process was killed by {name}", tail)
@@ -694,10 +426,7 @@ def _main(argv: list[str]) -> int:
     if argv and argv[0] == "worker":
         worker_main(argv[1:])
         return 0
-    if len(argv) == 2 and argv[0] == "child":
-        spec = RunSpec.from_dict(json.loads(Path(argv[1]).read_text(encoding="utf-8")))
-        return execute(spec)
-    print("usage: python -m pytest_repro.runner worker [MODULE...] | child SPEC.json", file=sys.stderr)
+    print("usage: python -m pytest_repro.runner worker [MODULE...]", file=sys.stderr)
     return 2
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,26 +76,104 @@ def _load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def recover_interrupted(path: Path) -> bool:
-    """Put back the previous reference if a regeneration was killed between its two renames."""
-    if path.exists():
+class ReferenceBlockedError(OSError):
+    """Something other than a reference folder stands where the reference should be (a file, a symlink out)."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
+
+
+PLUGIN_FILES = frozenset({RECORD_FILE, "weights.safetensors", "outputs.safetensors", MANIFEST_FILE, PROVENANCE_FILE})
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)-(?P<pid>\d+)$")
+
+
+@contextlib.contextmanager
+def locked(folder: Path, exclusive: bool) -> Iterator[None]:
+    """Hold an advisory lock on a test's reference folder: readers share it, a writer holds it alone."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    backups = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not backups:
-        return False
-    os.replace(backups[-1], path)
+    except PermissionError:
+        return True
     return True
 
 
-def load_reference(path: Path) -> Reference:
-    """Load and verify a reference; raise MissingReferenceError or CorruptRecordError."""
-    recover_interrupted(path)
-    if not (path / RECORD_FILE).exists():
-        if path.is_dir() and any(path.iterdir()):
-            raise CorruptRecordError(path / RECORD_FILE, "is missing while other reference files exist")
+def _stale(folder: Path) -> list[tuple[Path, str, str]]:
+    """Return (path, env name, kind) of staging/backup folders under ``folder`` left by dead processes."""
+    out = []
+    for entry in folder.iterdir() if folder.is_dir() else []:
+        m = _STAGING.match(entry.name)
+        if m and not _alive(int(m["pid"])):
+            out.append((entry, m["name"], m["kind"]))
+    return out
+
+
+def clean_stale(test_dir: Path) -> list[str]:
+    """Finish what a killed writer left: restore an interrupted swap, remove dead staging folders; say what."""
+    if not _stale(test_dir):
+        return []
+    notes = []
+    with locked(test_dir, exclusive=True):
+        for entry, name, kind in _stale(test_dir):
+            target = test_dir / name
+            pid = entry.name.rsplit("-", 1)[1]
+            if kind == "old" and not target.exists():
+                os.replace(entry, target)
+                notes.append(
+                    f"restored {target.name} from the backup {entry.name} of a killed regeneration (pid {pid})"
+                )
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            what = "staging" if kind == "new" else "backup"
+            notes.append(f"removed the stale {what} folder {entry.name} of a killed regeneration (pid {pid} is gone)")
+    return notes
+
+
+def check_in_the_way(path: Path, root: Path | None = None) -> None:
+    """Raise ReferenceBlockedError if a file or an outward symlink stands at ``path`` or one of its parents."""
+    stop = root.parent if root is not None else None
+    current = path
+    while current != stop and current != current.parent:
+        if current.is_symlink():
+            resolved = current.resolve()
+            if root is not None and not resolved.is_relative_to(root.resolve()):
+                raise ReferenceBlockedError(current, f"is a symlink to {resolved}, outside {root}; it is not followed")
+        if current.exists() and not current.is_dir():
+            raise ReferenceBlockedError(current, "is a file, not a reference folder")
+        current = current.parent
+
+
+def load_reference(path: Path, root: Path | None = None) -> Reference:
+    """Load and verify a reference; raise MissingReferenceError, CorruptRecordError or ReferenceBlockedError."""
+    check_in_the_way(path, root)
+    if not path.parent.is_dir():
         raise MissingReferenceError(str(path))
-    record = load_record(path)
-    return Reference(path, record, _load_yaml(path / MANIFEST_FILE), _load_yaml(path / PROVENANCE_FILE))
+    with locked(path.parent, exclusive=False):
+        if not (path / RECORD_FILE).exists():
+            if path.is_dir() and any(path.iterdir()):
+                raise CorruptRecordError(path / RECORD_FILE, "is missing while other reference files exist")
+            raise MissingReferenceError(str(path))
+        record = load_record(path)
+        return Reference(path, record, _load_yaml(path / MANIFEST_FILE), _load_yaml(path / PROVENANCE_FILE))
 
 
 class _PlainDumper(yaml.SafeDumper):
@@ -107,12 +188,10 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_PlainDumper, sort_keys=True, default_flow_style=False, allow_unicode=True)
 
 
-def write_reference(path: Path, record: Record, manifest: dict[str, Any], provenance: dict[str, Any]) -> None:
-    """Write a reference folder atomically: build it beside the target, then swap it into place."""
+def stage_reference(path: Path, record: Record, manifest: dict[str, Any], provenance: dict[str, Any]) -> Path:
+    """Write a complete, verified reference beside ``path`` (hidden); return the staging folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(path)
     staging = path.with_name(f".{path.name}.new-{os.getpid()}")
-    backup = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     stable = Record(
         losses=record.losses,
@@ -126,12 +205,62 @@ def write_reference(path: Path, record: Record, manifest: dict[str, Any], proven
         write_text_atomic(staging / MANIFEST_FILE, dump_yaml(manifest))
         write_text_atomic(staging / PROVENANCE_FILE, dump_yaml(provenance))
         load_record(staging)  # verify what we are about to publish
-        if path.exists():
-            os.replace(path, backup)
-        os.replace(staging, path)
     except BaseException:
-        if not path.exists() and backup.exists():
-            os.replace(backup, path)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    return staging
+
+
+def user_files(path: Path) -> list[str]:
+    """Return the names of files in a reference folder that pytest-repro did not write."""
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if p.name not in PLUGIN_FILES and not p.name.startswith("."))
+
+
+def commit_reference(staging: Path, path: Path) -> list[str]:
+    """Swap a staged reference into place atomically, keeping files the user added; return those kept."""
+    with locked(path.parent, exclusive=True):
+        kept = user_files(path)
+        for name in kept:
+            src = path / name
+            if src.is_dir():
+                shutil.copytree(src, staging / name, symlinks=True)
+            else:
+                shutil.copy2(src, staging / name, follow_symlinks=False)
+        if path.exists():
+            if not _exchange(staging, path):
+                backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, backup)
+                os.replace(staging, path)
+                staging = backup
+            shutil.rmtree(staging, ignore_errors=True)  # now the old reference
+        else:
+            os.replace(staging, path)
+    return kept
+
+
+def discard_staged(staging: Path) -> None:
+    """Remove a staged reference that must not be published."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return bool(rc == 0)
+
+
+def write_reference(path: Path, record: Record, manifest: dict[str, Any], provenance: dict[str, Any]) -> list[str]:
+    """Write a reference folder atomically (stage, then swap into place); return the user files kept."""
+    return commit_reference(stage_reference(path, record, manifest, provenance), path)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .record import RECORD_FILE
-from .storage import reference_path
+from .storage import PLUGIN_FILES, reference_path
+
+if TYPE_CHECKING:
+    import pytest
+
+    from .session import ReproSession
 
 
 def owned_prefixes(reference_dir: Path, nodeids: Iterable[str]) -> set[Path]:
@@ -30,14 +36,68 @@ def find_unused(reference_dir: Path, owned: set[Path]) -> list[Path]:
     return unused
 
 
-def delete(folders: Iterable[Path], reference_dir: Path) -> None:
-    """Remove unused reference folders, then any parent folders left empty (never ``reference_dir`` itself)."""
+def delete(folders: Iterable[Path], reference_dir: Path) -> list[str]:
+    """Remove the files pytest-repro wrote in unused reference folders, then folders left empty.
+
+    Files the plugin did not write are kept (with their folders); their paths are returned.
+    """
+    kept: list[str] = []
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        for name in PLUGIN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+        left = sorted(p for p in folder.iterdir()) if folder.is_dir() else []
+        if left:
+            kept += [str(p.relative_to(reference_dir)) for p in left]
+            continue
+        folder.rmdir()
         parent = folder.parent
         while parent != reference_dir and parent.is_relative_to(reference_dir) and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+    return kept
+
+
+def check(session: ReproSession, config: pytest.Config, mode: str) -> None:
+    """Find (and per ``mode`` report, fail on or delete) unused references, only when the run saw every test."""
+    reason = filter_reason(
+        list(config.args),
+        list(config.getini("testpaths")) or [str(config.rootpath)],
+        config.option.keyword,
+        bool(config.getoption("lf", False)),
+        len(set(session.deselected_reproducible)),
+    )
+    if reason and not config.getoption("repro_unused_force"):
+        session.unused_note = (
+            f"unused references not checked: the run was filtered ({reason}); "
+            "run the whole suite, or add --repro-unused-force"
+        )
+        return
+    unseen = sorted(set(session.not_collected))
+    if unseen:
+        shown = "; ".join(unseen[:5]) + (f"; and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        session.unused_note = (
+            f"unused references not checked: {len(unseen)} path(s) were not collected ({shown}); the references "
+            "of tests that were not collected are unknown, not unused. Fix the collection errors (or run without "
+            "the ignores/skips), then rerun with --repro-unused"
+        )
+        return
+    reference_dir = session.settings.reference_dir
+    owned = owned_prefixes(reference_dir, [*session.owned_nodeids, *session.deselected_reproducible])
+    session.unused = find_unused(reference_dir, owned)
+    count = len(session.unused)
+    if session.unused and mode == "delete":
+        session.unused_kept = delete(session.unused, reference_dir)
+        kept = f"; kept {len(session.unused_kept)} file(s) pytest-repro did not write" if session.unused_kept else ""
+        session.unused_note = f"deleted {count} unused reference folder(s){kept}"
+    elif session.unused and mode == "fail":
+        session.unused_note = (
+            f"{count} unused reference folder(s): failing (--repro-unused=fail); remove them with --repro-unused=delete"
+        )
+    elif session.unused:
+        session.unused_note = f"{count} unused reference folder(s); remove them with --repro-unused=delete"
+    else:
+        session.unused_note = "no unused references"
 
 
 def filter_reason(

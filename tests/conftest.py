@@ -87,7 +87,7 @@ def heavy_modules() -> None:
     next import of it and crashes the interpreter. Session scope makes this run before pytester.
     """
     # The harness too: its warm workers live in pytest_repro.runner and are shared across inline runs.
-    for name in ("torch", "numpy", "safetensors.torch", "deepdiff", "yaml", "pytest_repro.harness"):
+    for name in ("torch", "numpy", "safetensors.torch", "deepdiff", "yaml", "pytest_repro.fixture"):
         pytest.importorskip(name)
     for optional in ("matplotlib.pyplot", "scipy.stats", "jsonschema"):
         with contextlib.suppress(ImportError):

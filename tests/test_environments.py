@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import snapshot
+from helpers import env_key, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def fake_old_torch(folder: Path) -> None:
 def test_numeric_drift_is_shown_first_on_failure(userjobs: pytest.Pytester) -> None:
     write(userjobs)
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
-    fake_old_torch(refs_of(userjobs) / "cpu")
+    fake_old_torch(refs_of(userjobs) / env_key())
     write(userjobs, CONFIG.replace('"lr": 0.05', '"lr": 0.06'))
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
@@ -56,7 +56,7 @@ def test_numeric_drift_is_shown_first_on_failure(userjobs: pytest.Pytester) -> N
 def test_numeric_drift_is_reported_even_when_the_test_passes(userjobs: pytest.Pytester) -> None:
     write(userjobs)
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
-    fake_old_torch(refs_of(userjobs) / "cpu")
+    fake_old_torch(refs_of(userjobs) / env_key())
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
@@ -161,13 +161,13 @@ def test_provenance_records_the_effective_config_with_sources(userjobs: pytest.P
     """
     )
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
-    folder = userjobs.path / "reference_outputs" / "test_lora" / "test_lora" / "cpu"
+    folder = userjobs.path / "reference_outputs" / "test_lora" / "test_lora" / env_key()
     prov = yaml.safe_load((folder / "provenance.yaml").read_text())
     eff = prov["effective_config"]
     assert eff["train.steps"] == {"source": "user:tiny.yaml", "value": 2}
     assert eff["train.lr"] == {"source": "default", "value": 0.001}
     assert eff["lora.scaling"] == {"source": "derived", "value": 2.0}
-    assert prov["config_source"] == "tiny.yaml" and prov["environment_key"] == "cpu"
+    assert prov["config_source"] == "tiny.yaml" and prov["environment_key"] == env_key()
 
     # The corpus changes under a versioned split: the job refuses to run on it.
     corpus = userjobs.path / "corpus.jsonl"

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pytest_repro.context import TrackedConfig
 from pytest_repro.manifest import (
     REDACTED,
     SECRET_NAME,
@@ -18,8 +19,11 @@ from pytest_repro.manifest import (
     diff_manifests,
     environment_key,
     redact_env,
+    run_only_fields,
+    run_only_note,
+    vendor_from_cpuinfo,
+    vendor_from_model,
 )
-from pytest_repro.runner import TrackedConfig
 from pytest_repro.schema import effective_config
 from pytest_repro.splits import load_split, make_split
 
@@ -116,13 +120,132 @@ def test_drift_categories(path: str, expected: str) -> None:
     assert category(path) == expected
 
 
-def test_environment_keys() -> None:
-    m = {"gpu": [{"capability": "9.0"}, {"capability": "8.0"}], "env": {"OMP_NUM_THREADS": "4"}}
-    assert environment_key(m, "cpu") == "cpu"
+def _cpu_manifest(model: str, vendor: str | None, capability: str | None, machine: str = "x86_64") -> dict[str, Any]:
+    cpu: dict[str, Any] = {"model": model, "machine": machine}
+    if vendor is not None:
+        cpu["vendor"] = vendor
+    return {"cpu": cpu, "torch": {"cpu_capability": capability}, "gpu": [], "env": {"OMP_NUM_THREADS": "4"}}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "key"),
+    [
+        (_cpu_manifest("AMD EPYC 9654", "amd", "AVX512"), "cpu-amd-avx512"),
+        (_cpu_manifest("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", "intel", "AVX2"), "cpu-intel-avx2"),
+        (_cpu_manifest("Neoverse-V1", "arm", "NO AVX", machine="aarch64"), "cpu-arm-default"),
+        (_cpu_manifest("", "arm", "DEFAULT", machine="aarch64"), "cpu-arm-default"),
+        (_cpu_manifest("", "arm", "SVE256", machine="aarch64"), "cpu-arm-sve256"),
+        (_cpu_manifest("Mystery CPU", "unknown", None), "cpu-unknown-unknown"),
+        ({"cpu": {"error": "OSError: no /proc here"}, "torch": {"installed": False}}, "cpu-unknown-unknown"),
+        ({}, "cpu-unknown-unknown"),
+        # recorded before cpu.vendor existed: the vendor comes from the model string
+        (_cpu_manifest("AMD EPYC", None, "AVX512"), "cpu-amd-avx512"),
+        (_cpu_manifest("AMD Ryzen 9 7950X 16-Core Processor", None, "AVX512"), "cpu-amd-avx512"),
+        (_cpu_manifest("Intel(R) Core(TM) i7-8700 CPU", None, "AVX2"), "cpu-intel-avx2"),
+        (_cpu_manifest("Genuine Xeon", None, "AVX2"), "cpu-intel-avx2"),
+        (_cpu_manifest("", None, "NO", machine="aarch64"), "cpu-arm-default"),  # old regex kept only "NO"
+        (_cpu_manifest("Some CPU", None, "AVX2"), "cpu-unknown-avx2"),
+    ],
+)
+def test_cpu_environment_keys_name_vendor_and_capability(manifest: dict[str, Any], key: str) -> None:
+    assert environment_key(manifest, "cpu") == key
+
+
+def test_gpu_environment_keys_and_extra_fields() -> None:
+    m = {
+        **_cpu_manifest("AMD EPYC", "amd", "AVX512"),
+        "gpu": [{"capability": "9.0"}, {"capability": "8.0"}],
+    }
     assert environment_key(m, "cuda") == "cuda-sm90"
     assert environment_key(m, "cuda:1") == "cuda-sm80"
     assert environment_key({}, "cuda") == "cuda"
-    assert environment_key(m, "cpu", ["env.OMP_NUM_THREADS"]) == "cpu_OMP_NUM_THREADS-4"
+    assert environment_key(m, "cpu", ["env.OMP_NUM_THREADS"]) == "cpu-amd-avx512_OMP_NUM_THREADS-4"
+    assert environment_key(m, "cuda", ["env.OMP_NUM_THREADS"]) == "cuda-sm90_OMP_NUM_THREADS-4"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "vendor"),
+    [
+        ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n", "amd"),
+        ("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R)\n", "intel"),
+        ("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\nCPU part\t: 0xd40\n", "arm"),
+        ("processor\t: 0\nvendor_id\t: HygonGenuine\n", None),
+        ("", None),
+    ],
+)
+def test_cpu_vendor_from_cpuinfo(cpuinfo: str, vendor: str | None) -> None:
+    assert vendor_from_cpuinfo(cpuinfo) == vendor
+
+
+def test_cpu_vendor_from_model_and_machine() -> None:
+    assert vendor_from_model("AMD EPYC 7R13 Processor") == "amd"
+    assert vendor_from_model("Intel(R) Xeon(R) CPU") == "intel"
+    assert vendor_from_model("Apple M2", "arm64") == "arm"
+    assert vendor_from_model("", "aarch64") == "arm"
+    assert vendor_from_model("Harmony 3000", "x86_64") == "unknown"  # no word match inside other words
+
+
+def test_this_machine_manifest_names_its_cpu_vendor_and_key() -> None:
+    m = collect_manifest()
+    assert m["kind"] == "job" and m["cpu"]["vendor"] in ("amd", "intel", "arm", "unknown")
+    assert environment_key(m, "cpu").startswith(f"cpu-{m['cpu']['vendor']}-")
+    assert collect_manifest(kind="cli")["kind"] == "cli"
+    with pytest.raises(ValueError, match="kind must be job or cli"):
+        collect_manifest(kind="plain")
+
+
+def _job_and_cli() -> tuple[dict[str, Any], dict[str, Any]]:
+    job = {
+        "kind": "job",
+        "torch": {"version": "2.5.0", "intra_op_threads": 1, "inter_op_threads": 1},
+        "determinism": {"use_deterministic_algorithms": True, "cudnn_benchmark": False},
+        "env": {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "PYTHONHASHSEED": "0",
+            "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+            "CUDA_VISIBLE_DEVICES": "0",
+        },
+    }
+    cli = {
+        "kind": "cli",
+        "torch": {"version": "2.5.0", "intra_op_threads": 16, "inter_op_threads": 16},
+        "determinism": {"use_deterministic_algorithms": False, "cudnn_benchmark": False},
+        "env": {"CUDA_VISIBLE_DEVICES": "0"},
+    }
+    return job, cli
+
+
+def test_a_cli_manifest_is_not_compared_on_run_only_fields() -> None:
+    job, cli = _job_and_cli()
+    assert diff_manifests(job, cli) == [] and diff_manifests(cli, job) == []
+    assert "determinism" in run_only_fields(job, cli) and "env.PYTHONHASHSEED" in run_only_fields(job, cli)
+    note = run_only_note(job, cli)
+    assert note is not None and "\n" not in note
+    assert note.startswith("not compared: determinism.*, torch.intra_op_threads, torch.inter_op_threads")
+    assert "a job manifest vs a cli manifest" in note
+    # what is not run-only is still compared
+    cli["torch"]["version"] = "2.6.0"
+    cli["env"]["CUDA_VISIBLE_DEVICES"] = "1"
+    assert [(d.path, d.category) for d in diff_manifests(job, cli)] == [
+        ("env.CUDA_VISIBLE_DEVICES", "numeric"),
+        ("torch.version", "numeric"),
+    ]
+    # a manifest recorded before "kind" existed is a job manifest
+    old = {k: v for k, v in job.items() if k != "kind"}
+    assert diff_manifests(old, cli) == diff_manifests(job, cli)
+
+
+def test_two_manifests_of_one_kind_compare_every_field() -> None:
+    job, cli = _job_and_cli()
+    other = {**cli, "kind": "job"}
+    paths = {d.path for d in diff_manifests(job, other)}
+    assert {"determinism.use_deterministic_algorithms", "torch.intra_op_threads"} <= paths
+    assert any(p.startswith("env") for p in paths)  # (deepdiff reports a mostly-changed section whole)
+    assert run_only_fields(job, other) == [] and run_only_note(job, other) is None
+    old = {k: v for k, v in job.items() if k != "kind"}
+    assert diff_manifests(old, job) == []  # a missing kind is "job": no invented drift
 
 
 def test_effective_config_tags_every_field_with_its_provenance() -> None:
@@ -158,3 +281,10 @@ def test_stratified_split_keeps_label_proportions(tmp_path: Path) -> None:
     split = load_split(out, src)
     labels = [r["label"] for r in split.splits["eval"]]
     assert labels.count("a") == 20 and labels.count("b") == 5
+
+
+def test_a_manifest_recorded_before_cpu_vendor_existed_shows_no_vendor_drift() -> None:
+    old = {"cpu": {"model": "AMD EPYC", "machine": "x86_64"}}
+    assert diff_manifests(old, {"cpu": {**old["cpu"], "vendor": "amd"}}) == []
+    [drift] = diff_manifests(old, {"cpu": {**old["cpu"], "vendor": "intel"}})
+    assert (drift.path, drift.old, drift.new, drift.category) == ("cpu.vendor", "amd", "intel", "numeric")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import snapshot
+from helpers import env_key, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,8 @@ def write_test(p: pytest.Pytester, config: str = '{"steps": 6}', marker: str = "
     p.makepyfile(**{name: TEST_FILE.format(config=config, marker=marker)})
 
 
-def ref_dir(p: pytest.Pytester, name: str = "test_user", env: str = "cpu") -> Path:
-    return p.path / "reference_outputs" / name / "test_train" / env
+def ref_dir(p: pytest.Pytester, name: str = "test_user", env: str | None = None) -> Path:
+    return p.path / "reference_outputs" / name / "test_train" / (env or env_key())
 
 
 def test_skipped_without_repro_with_reason(userjobs: pytest.Pytester) -> None:
@@ -45,8 +45,8 @@ def test_missing_reference_fails_with_path_and_command(userjobs: pytest.Pytester
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*no reference for test_user.py::test_train in environment 'cpu': "
-            "expected one at reference_outputs/test_user/test_train/cpu",
+            f"*no reference for test_user.py::test_train in environment '{env_key()}': "
+            f"expected one at reference_outputs/test_user/test_train/{env_key()}",
             "*Record it for this environment*with: pytest --repro --repro-regen=missing test_user.py::test_train",
         ]
     )
@@ -59,9 +59,9 @@ def test_regen_writes_then_passes(userjobs: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "*WRITTEN*test_user.py::test_train (cpu)*",
+            f"*WRITTEN*test_user.py::test_train ({env_key()})*",
             "references written (1):",
-            "  reference_outputs/test_user/test_train/cpu",
+            f"  reference_outputs/test_user/test_train/{env_key()}",
         ]
     )
     files = {f.name for f in ref_dir(userjobs).iterdir()}
@@ -79,7 +79,7 @@ def test_reference_dir_is_configurable(userjobs: pytest.Pytester) -> None:
     userjobs.makeini("[pytest]\nrepro_reference_dir = refs/golden\n")
     write_test(userjobs)
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
-    assert (userjobs.path / "refs" / "golden" / "test_user" / "test_train" / "cpu" / "record.json").is_file()
+    assert (userjobs.path / "refs" / "golden" / "test_user" / "test_train" / env_key() / "record.json").is_file()
 
 
 def test_regen_missing_writes_only_absent(userjobs: pytest.Pytester) -> None:
@@ -121,7 +121,7 @@ def test_intentional_change_reports_what_moved(userjobs: pytest.Pytester) -> Non
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "differs from its reference reference_outputs/test_user/test_train/cpu." in out
+    assert f"differs from its reference reference_outputs/test_user/test_train/{env_key()}." in out
     # losses: step 0 is computed before any update, so the first divergent step is 1
     expected = [
         "losses: first divergent step 1: reference ",
@@ -187,7 +187,13 @@ def test_nan_loss_names_first_non_finite_step(userjobs: pytest.Pytester) -> None
     write_test(userjobs, config='{"steps": 6, "nan_at": 4}')
     result = userjobs.runpytest("--repro", "--repro-regen")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*the loss is nan at step 4 (first non-finite step*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*the job returned non-finite values; nothing was compared or written:",
+            "  run 1 (seed *): losses: 2 non-finite value(s), first at step 4; steps 1..4: *, nan (nan)",
+            "*NON-FINITE*test_user.py::test_train: run 1 (seed *): losses*",
+        ]
+    )
     assert not ref_dir(userjobs).exists()
 
 

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from helpers import env_key
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_json_report_matches_its_schema(userjobs: pytest.Pytester) -> None:
     by_id = {t["nodeid"]: t for t in report["tests"]}
     assert by_id["test_many.py::test_b"]["verdict"] == "differs"
     assert by_id["test_many.py::test_b"]["detail"] == "differs from the reference at step 1"
-    assert by_id["test_many.py::test_a"]["env_key"] == "cpu" and len(by_id["test_many.py::test_a"]["seconds"]) == 2
+    assert by_id["test_many.py::test_a"]["env_key"] == env_key() and len(by_id["test_many.py::test_a"]["seconds"]) == 2
     assert report["exitstatus"] == 1
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**report, "tests": [{"nodeid": "x"}]}, schema)
@@ -62,7 +63,7 @@ def test_junit_xml_carries_key_figures(userjobs: pytest.Pytester) -> None:
     case = next(c for c in root.iter("testcase") if c.get("name") == "test_a")
     props = {p.get("name"): p.get("value") for p in case.iter("property")}
     assert props["repro_verdict"] == "passed"
-    assert props["repro_environment"] == "cpu" and props["repro_device"] == "cpu"
+    assert props["repro_environment"] == env_key() and props["repro_device"] == "cpu"
     assert props["repro_seed"].isdigit() and len(props["repro_run_seconds"].split()) == 2
     plain = next(c for c in root.iter("testcase") if c.get("name") == "test_plain")
     assert not list(plain.iter("property"))
@@ -75,7 +76,7 @@ def test_unused_references_report_fail_delete_and_filtered_runs(userjobs: pytest
     userjobs.makepyfile(test_many=TESTS.replace("def test_b(", "def test_b_renamed("))
     result = userjobs.runpytest("--repro", "--repro-regen=missing", "--repro-unused=report")
     result.stdout.fnmatch_lines(
-        ["reproducibility: 1 unused reference folder(s)", "  reference_outputs/test_many/test_b/cpu"]
+        ["reproducibility: 1 unused reference folder(s)", f"  reference_outputs/test_many/test_b/{env_key()}"]
     )
     assert result.ret == 0
 
@@ -89,7 +90,7 @@ def test_unused_references_report_fail_delete_and_filtered_runs(userjobs: pytest
 
     result = userjobs.runpytest("--repro", "-m", "reproducible", "--repro-unused=delete")
     result.stdout.fnmatch_lines(["*deleted 1 unused reference folder(s)*"])
-    assert not (refs / "test_b").exists() and (refs / "test_a" / "cpu" / "record.json").exists()
+    assert not (refs / "test_b").exists() and (refs / "test_a" / env_key() / "record.json").exists()
     userjobs.runpytest("--repro", "--repro-unused=fail").assert_outcomes(passed=5)
 
 
@@ -111,7 +112,7 @@ def test_xdist_gives_the_serial_verdicts_and_merges_reports(userjobs: pytest.Pyt
     assert len(verdicts("parallel.json")) == 4  # every reproducible test, merged from both workers
     parallel.stdout.fnmatch_lines(
         [
-            "*DIFFERS*test_many.py::test_a (cpu)*",
+            f"*DIFFERS*test_many.py::test_a ({env_key()})*",
             "reproducibility: 1 differs, 3 passed",
             "reproducibility: no unused references",
         ]
@@ -136,6 +137,6 @@ def test_html_report_is_self_contained_with_plots_and_tables(userjobs: pytest.Py
 
     assert main(["html", str(userjobs.path / "out" / "report.json"), "-o", str(userjobs.path / "again.html")]) == 0
     assert (userjobs.path / "again.html").read_text().count("data:image/png;base64,") == 4
-    ref = userjobs.path / "reference_outputs" / "test_many" / "test_a" / "cpu"
+    ref = userjobs.path / "reference_outputs" / "test_many" / "test_a" / env_key()
     assert main(["plot", str(ref), "-o", str(userjobs.path / "loss.png")]) == 0
     assert (userjobs.path / "loss.png").read_bytes().startswith(b"\x89PNG")

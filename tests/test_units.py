@@ -15,11 +15,11 @@ np = pytest.importorskip("numpy")
 
 from pytest_repro import seed_everything  # noqa: E402
 from pytest_repro.cli import main as cli_main  # noqa: E402
+from pytest_repro.context import JobRef, JobReferenceError  # noqa: E402
 from pytest_repro.jobs.lora import parse_config  # noqa: E402
 from pytest_repro.jobs.trainer import record_from_trainer  # noqa: E402
 from pytest_repro.manifest import collect_manifest, diff_manifests  # noqa: E402
 from pytest_repro.record import CorruptRecordError, Record, load_record, normalize_result, save_record  # noqa: E402
-from pytest_repro.runner import JobRef, JobReferenceError  # noqa: E402
 from pytest_repro.schema import ConfigError  # noqa: E402
 from pytest_repro.seeding import derive_seed  # noqa: E402
 from pytest_repro.splits import SplitError, load_split, make_split  # noqa: E402
@@ -261,7 +261,7 @@ def test_manifest_and_its_diff(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_each_xdist_worker_gets_its_own_gpu() -> None:
-    from pytest_repro.harness import job_env, worker_gpu
+    from pytest_repro.session import job_env, worker_gpu
 
     assert [worker_gpu(f"gw{i}", "0,1,2,3", 0) for i in range(6)] == ["0", "1", "2", "3", "0", "1"]
     assert worker_gpu("gw1", "4,7", 0) == "7"
@@ -275,7 +275,7 @@ def test_each_xdist_worker_gets_its_own_gpu() -> None:
 
 
 def test_job_threads_are_pinned() -> None:
-    from pytest_repro.harness import thread_env
+    from pytest_repro.session import thread_env
 
     assert thread_env(1) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     assert thread_env(0) == {}
@@ -303,7 +303,8 @@ def test_job_processes_die_with_their_worker(tmp_path: Path) -> None:
     import threading
     import time
 
-    from pytest_repro.runner import _WORKERS, JobRef, Runner, RunSpec, fork_supported
+    from pytest_repro.context import JobRef, RunSpec
+    from pytest_repro.runner import _WORKERS, Runner, fork_supported
 
     if not fork_supported():
         pytest.skip("the warm fork worker is Linux-only")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..runner import JobContext
+    from ..context import JobContext
 
 __all__ = ["lora_finetune", "lora_finetune_trainer", "record_from_trainer"]
 

@@ -16,7 +16,7 @@ from ..splits import load_split
 if TYPE_CHECKING:
     import torch
 
-    from ..runner import JobContext
+    from ..context import JobContext
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 

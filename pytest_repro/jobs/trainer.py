@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..runner import JobContext
+    from ..context import JobContext
 
 # Trainer logs wall-clock figures next to real metrics; they differ on every run, so never compare them.
 TIMING_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_flos")

@@ -1,0 +1,151 @@
+"""The job process's side: seed, run the job once, write its record. Depends only on context/record/seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .context import JobContext, JobRef, RunSpec, TrackedConfig
+
+RECORD_DIR = "record"
+ERROR_FILE = "error.json"
+MANIFEST_FILE = "manifest.json"
+LOG_FILE = "output.log"
+
+
+def _resolve_job(ref: JobRef) -> Callable[..., Any]:
+    try:
+        obj: Any = importlib.import_module(ref.module)
+    except ImportError:
+        if not ref.file or not Path(ref.file).exists():
+            raise
+        name = f"_pytest_repro_job_{abs(hash(ref.file))}"
+        spec = importlib.util.spec_from_file_location(name, ref.file)
+        if spec is None or spec.loader is None:
+            raise
+        obj = importlib.util.module_from_spec(spec)
+        sys.modules[name] = obj
+        spec.loader.exec_module(obj)
+    for part in ref.qualname.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[no-any-return]
+
+
+def _main_dtype(weights: Mapping[str, Any], config: Mapping[str, Any]) -> str | None:
+    if isinstance(config.get("dtype"), str):
+        return str(config["dtype"])
+    counts: dict[str, int] = {}
+    for t in weights.values():
+        if t.dtype.is_floating_point:
+            name = str(t.dtype).replace("torch.", "")
+            counts[name] = counts.get(name, 0) + t.numel()
+    return max(counts, key=lambda k: counts[k]) if counts else None
+
+
+def _write_error(workdir: Path, stage: str, exc: BaseException) -> None:
+    error = {"stage": stage, "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+    (workdir / ERROR_FILE).write_text(json.dumps(error), encoding="utf-8")
+
+
+def execute(spec: RunSpec) -> int:
+    """Run one job in this (fresh) process and write its record to ``spec.workdir``; return an exit code."""
+    workdir = Path(spec.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(workdir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    stage = "setup"
+    try:
+        os.chdir(spec.cwd)
+        for entry in reversed(spec.sys_path):
+            if entry not in sys.path:
+                sys.path.insert(0, entry)
+        from .manifest import collect_manifest
+        from .record import dump_json, normalize_result, save_record
+        from .seeding import determinism_flags, seed_everything
+
+        hash_seed = os.environ.get("PYTHONHASHSEED")
+        threads = os.environ.get("OMP_NUM_THREADS")
+        if threads and threads.isdigit() and "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(threads))  # the worker imported torch before this run's env
+        seed_everything(spec.seed, deterministic=spec.deterministic, transformers=False)
+        stage = "import"
+        job = _resolve_job(spec.job)
+        transformers = sys.modules.get("transformers")
+        if transformers is not None:  # the job uses transformers: seed it the way it expects, too
+            transformers.set_seed(spec.seed)
+        config = TrackedConfig(spec.config)
+        ctx = JobContext(
+            seed=spec.seed,
+            device=spec.device,
+            config=config,
+            workdir=workdir / "job",
+            run_index=spec.run_index,
+            deterministic=spec.deterministic,
+            config_dir=Path(spec.config_dir) if spec.config_dir else None,
+        )
+        ctx.workdir.mkdir(exist_ok=True)
+        tracer = None
+        if spec.diagnose:
+            from .diagnose import StepTracer
+
+            tracer = StepTracer().install()
+        stage = "job"
+        started = time.perf_counter()
+        result = job(ctx)
+        wall = time.perf_counter() - started
+        stage = "record"  # from here on a failure is the result's (or ours), not the job's
+        os.chdir(spec.cwd)  # the job may have changed directory
+        if tracer is not None:
+            tracer.save(workdir)
+        flags = determinism_flags()
+        flags["PYTHONHASHSEED"] = hash_seed
+        flags["transformers_set_seed"] = transformers is not None
+        meta: dict[str, Any] = {
+            "seed": spec.seed,
+            "device": spec.device,
+            "deterministic": spec.deterministic,
+            "run_index": spec.run_index,
+            "job": spec.job.name,
+            "flags": flags,
+            "wall_s": round(wall, 4),
+        }
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            meta["torch_threads"] = torch.get_num_threads()
+        meta["config_audit"] = config.audit()
+        record = normalize_result(result, meta)
+        record.meta["dtype"] = _main_dtype(record.weights, spec.config)
+        save_record(record, workdir / RECORD_DIR)
+        if spec.manifest:
+            manifest = collect_manifest(spec.cwd, spec.manifest_packages, spec.identity)
+            (workdir / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
+        return 0
+    except BaseException as exc:
+        _write_error(workdir, stage, exc)
+        return 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of a spawned job process: ``python -m pytest_repro.child SPEC.json``."""
+    if len(argv) != 1:
+        print("usage: python -m pytest_repro.child SPEC.json", file=sys.stderr)
+        return 2
+    return execute(RunSpec.from_dict(json.loads(Path(argv[0]).read_text(encoding="utf-8"))))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

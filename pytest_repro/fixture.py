@@ -1,0 +1,476 @@
+"""The ``repro`` fixture's object: build a check, run it, decide once, publish the outcome at teardown."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from . import messages, policy
+from .child import MANIFEST_FILE
+from .context import JobRef, JobReferenceError, RunSpec
+from .policy import Decision
+from .record import CorruptRecordError, Record, load_record
+from .runner import RunOutcome
+from .seeding import derive_seed
+from .session import DeviceUnavailableError, ReproSession, resolve_device
+from .settings import Settings
+from .storage import (
+    MissingReferenceError,
+    ReferenceBlockedError,
+    clean_stale,
+    commit_reference,
+    discard_staged,
+    environment_dirs,
+    load_reference,
+    reference_path,
+    stage_reference,
+)
+from .tolerances import Statistical
+from .verdict import Outcome, Verdict, reconcile
+
+
+class _Stop(Exception):
+    """A decided failure that ends a check early (bad config, a run that failed, …)."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.detail)
+        self.decision = decision
+
+
+def _stop(verdict: Verdict, detail: str, message: str) -> _Stop:
+    return _Stop(Decision(verdict, detail, message))
+
+
+class Repro:
+    """The ``repro`` fixture: run a job reproducibly and check it against its reference."""
+
+    def __init__(self, session: ReproSession, settings: Settings, item: pytest.Item) -> None:
+        self._session = session
+        self._settings = settings
+        self._item = item
+        self._nodeid = item.nodeid
+        self._test_dir = Path(item.path).parent
+        self._device: str | None = None
+        self.outcomes: list[Outcome] = []
+        self.records: list[Record] = []
+
+    @property
+    def seed(self) -> int:
+        """The seed this test's runs use: the marker's seed, or one derived from the base seed and node id."""
+        s = self._settings
+        return s.seed if s.seed is not None else derive_seed(s.base_seed, self._nodeid)
+
+    @property
+    def device(self) -> str:
+        """The device the runs use (cuda when available and not overridden, else cpu)."""
+        if self._device is None:
+            self._device = resolve_device(self._settings.device)
+        return self._device
+
+    @property
+    def settings(self) -> Settings:
+        """The effective settings for this test."""
+        return self._settings
+
+    def reference_dir(self, name: str | None = None) -> Path:
+        """Return where this test's reference (for the check called ``name``) lives."""
+        return reference_path(self._settings.reference_dir, self._nodeid, name)
+
+    # ------------------------------------------------------------------ the check
+
+    def check(
+        self,
+        job: Callable[..., Any] | str,
+        config: str | Path | Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ) -> Record:
+        """Run ``job`` N times in fresh seeded processes, compare the runs and the reference; return run 1's record."""
+        outcome = Outcome(self._nodeid, name, seed=self.seed, path=str(self.reference_dir(name)))
+        duplicate = any(o.name == name for o in self.outcomes)
+        self.outcomes.append(outcome)  # published at teardown whatever happens; starts as ERROR
+        try:
+            if duplicate:
+                raise _stop(
+                    Verdict.ERROR,
+                    f"repro.check called twice with name={name!r}",
+                    messages.usage(
+                        self._nodeid, f"repro.check called twice with name={name!r}; give each its own name="
+                    ),
+                )
+            record, decision = self._check(job, config, name, outcome)
+        except _Stop as stop:
+            record, decision = None, stop.decision
+        except BaseException as exc:  # unforeseen (or an interrupt): ERROR, never a pass
+            self._apply(outcome, Decision(Verdict.ERROR, f"{type(exc).__name__}: {exc}", ""))
+            outcome.message = messages.internal_error(self._nodeid, exc)
+            raise
+        self._apply(outcome, decision)
+        if record is None or not decision.verdict.ok:
+            pytest.fail(decision.message or outcome.detail, pytrace=False)
+        return record
+
+    def _check(
+        self, job: Callable[..., Any] | str, config: Any, name: str | None, outcome: Outcome
+    ) -> tuple[Record, Decision]:
+        try:
+            ref = JobRef.from_callable(job)
+        except JobReferenceError as exc:
+            raise _stop(
+                Verdict.ERROR, "the job cannot run in a fresh process", messages.usage(self._nodeid, str(exc))
+            ) from None
+        cfg, config_dir = self._load_config(config)
+        source = str(config) if isinstance(config, (str, Path)) else "dict"
+        effective = self._validate_config(job, cfg, source)
+        try:
+            outcome.device = self.device
+        except DeviceUnavailableError as exc:
+            raise _stop(
+                Verdict.ERROR, "the requested GPU is not available", messages.usage(self._nodeid, str(exc))
+            ) from None
+        spec = self._settings.tolerance
+        records, manifest = self._run_all(ref, cfg, config_dir, self._seeds(spec.statistical), outcome)
+        self.records = records
+        found = policy.check_results(records, spec, self._nodeid)
+        if found is not None:
+            raise _Stop(found)
+        if spec.statistical is None:
+            diverged = policy.run_to_run(
+                records, spec, self._nodeid, self._settings.deterministic, self._diagnosis(ref, cfg, config_dir)
+            )
+        else:
+            records[0].meta["statistical"] = policy.per_seed(records)
+            outcome.statistical = dict(records[0].meta["statistical"])
+            diverged = (
+                policy.same_seed_spread(records, spec.statistical, self._nodeid) if spec.statistical.same_seed else None
+            )
+        if diverged is not None:
+            raise _Stop(diverged)
+        audit = policy.audit_findings(records[0])
+        if audit and self._settings.config_audit == "fail":
+            raise _stop(Verdict.ERROR, "config audit failed", messages.audit_failed(self._nodeid, audit))
+        if self._settings.config_audit != "off":
+            outcome.warnings += [f"config audit: {a}" for a in audit]
+        facts = policy.Facts(
+            self._nodeid,
+            self._settings.regen,
+            spec,
+            self._settings.cross_env,
+            cfg,
+            effective,
+            manifest,
+            audit if self._settings.config_audit != "off" else [],
+            self._session.relative,
+        )
+        found_refs = self._find_references(self.reference_dir(name), manifest, outcome)
+        outcome.env_key = found_refs.env_key
+        decision = policy.against_reference(found_refs, records[0], facts)
+        if decision.write:
+            assert decision.reference is not None
+            provenance = self._provenance(ref, cfg, source, effective, found_refs.env_key, records[0])
+            try:
+                outcome.staged = str(stage_reference(decision.reference, records[0], manifest, provenance))
+            except OSError as exc:
+                shown = self._session.relative(decision.reference)
+                raise _stop(
+                    Verdict.ERROR, f"cannot write {shown}: {exc}", messages.write_failed(self._nodeid, shown, exc)
+                ) from None
+        return records[0], decision
+
+    def _apply(self, outcome: Outcome, d: Decision) -> None:
+        """Copy a decision onto the outcome: the one place a check's verdict is set."""
+        outcome.verdict, outcome.detail, outcome.message = d.verdict, d.detail, d.message
+        outcome.details, outcome.differences, outcome.context = d.details, d.differences, d.context
+        outcome.drift, outcome.compared_with, outcome.max_abs = d.drift, d.compared_with, d.max_abs
+        if d.reference is not None:
+            outcome.path = str(d.reference)
+        if d.reference_losses is not None:
+            outcome.curves["reference"] = d.reference_losses
+        if outcome.statistical is not None:
+            outcome.statistical["reference"] = d.reference_statistical
+
+    # ------------------------------------------------------------------ teardown
+
+    def finish(self, test_outcome: str, why: str) -> str | None:
+        """The test has ended: commit staged references if it passed, reconcile verdicts; return a failure text."""
+        failure = None
+        swallowed = [o.verdict.label for o in self.outcomes if not o.verdict.ok]
+        if swallowed and test_outcome == "passed":
+            failure = messages.swallowed(self._nodeid, swallowed)
+            test_outcome, why = "error", "it caught the check's failure"
+        for o in self.outcomes:
+            if o.staged is None:
+                continue
+            staged, o.staged = Path(o.staged), None
+            if test_outcome != "passed" or not o.verdict.ok:
+                discard_staged(staged)
+                continue
+            assert o.path is not None
+            try:
+                kept = commit_reference(staged, Path(o.path))
+            except OSError as exc:
+                discard_staged(staged)
+                shown = self._session.relative(Path(o.path))
+                o.verdict, o.detail = Verdict.ERROR, f"the reference could not be written: {exc}"
+                failure = messages.write_failed(self._nodeid, shown, exc)
+                test_outcome, why = "error", "its reference could not be written"
+                continue
+            if kept:
+                o.warnings.append(f"kept files you added to the reference folder: {', '.join(kept)}")
+        for o in self.outcomes:
+            reconcile(o, test_outcome, why)
+        return failure
+
+    def properties(self) -> list[tuple[str, str]]:
+        """The short JUnit properties of every check."""
+        props: list[tuple[str, str]] = []
+        for o in self.outcomes:
+            suffix = f"[{o.name}]" if o.name else ""
+            props += [
+                (f"repro_verdict{suffix}", o.verdict.value),
+                (f"repro_environment{suffix}", o.env_key or ""),
+                (f"repro_seed{suffix}", str(o.seed)),
+                (f"repro_device{suffix}", o.device or ""),
+                (f"repro_run_seconds{suffix}", " ".join(f"{x:.3f}" for x in o.seconds)),
+            ]
+            if o.detail:
+                props.append((f"repro_detail{suffix}", o.detail))
+        return props
+
+    # ------------------------------------------------------------------ config
+
+    def _load_config(self, config: str | Path | Mapping[str, Any] | None) -> tuple[dict[str, Any], str | None]:
+        def bad(problem: str) -> _Stop:
+            return _stop(Verdict.ERROR, problem, messages.config_invalid(self._nodeid, problem))
+
+        if config is None:
+            return {}, None
+        if isinstance(config, Mapping):
+            data = dict(config)
+            try:
+                json.dumps(data)
+            except (TypeError, ValueError) as exc:
+                raise bad(f"config must be JSON-serializable ({exc})") from None
+            return data, None
+        if not isinstance(config, (str, Path)):
+            raise bad(f"config must be a dict or a YAML file path, got {type(config).__name__}")
+        path = Path(config)
+        candidates = [path] if path.is_absolute() else [self._session.rootdir / path, self._test_dir / path]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise bad(f"config file {str(config)!r} not found (looked in: {', '.join(str(p) for p in candidates)})")
+        try:
+            data = yaml.safe_load(found.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise bad(f"config file {found} is not valid YAML: {exc}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise bad(f"config file {found} must hold a YAML mapping, got {type(data).__name__}")
+        return data, str(found.parent)
+
+    def _validate_config(
+        self, job: Callable[..., Any] | str, cfg: dict[str, Any], source: str
+    ) -> dict[str, dict[str, Any]]:
+        """Check the config against the job's schema here, before any process starts; return the effective config."""
+        from .schema import effective_config
+
+        validate = getattr(job, "__repro_validate__", None)
+        schema = getattr(job, "__repro_schema__", None)
+        try:
+            if schema is not None and not isinstance(schema, type):
+                schema = schema()
+            if validate is not None:
+                validate(cfg)
+            return effective_config(schema, cfg, source)
+        except (ValueError, TypeError) as exc:
+            raise _stop(Verdict.ERROR, "invalid config", messages.config_invalid(self._nodeid, str(exc))) from None
+
+    # ------------------------------------------------------------------ runs
+
+    def _seeds(self, stat: Statistical | None) -> list[int]:
+        """One seed per run: the test's seed N times, or N different seeds for statistical mode."""
+        if stat is None:
+            return [self.seed] * self._settings.runs
+        if stat.same_seed:
+            return [self.seed] * stat.seeds
+        return [self.seed] + [derive_seed(self.seed, f"statistical-{k}") for k in range(1, stat.seeds)]
+
+    def _spec(
+        self, ref: JobRef, cfg: dict[str, Any], config_dir: str | None, seed: int, index: int, diagnose: bool = False
+    ) -> RunSpec:
+        s = self._settings
+        return RunSpec(
+            job=ref,
+            config=cfg,
+            seed=seed,
+            device=self.device,
+            deterministic=s.deterministic,
+            run_index=index,
+            workdir=str(self._session.next_workdir(f"{'trace' if diagnose else 'run'}{index + 1}")),
+            cwd=str(self._session.rootdir),
+            sys_path=tuple(sys.path),
+            manifest=(index == 0 and not diagnose),
+            config_dir=config_dir,
+            manifest_packages=s.manifest_packages,
+            identity=s.identity,
+            diagnose=diagnose,
+        )
+
+    def _run_all(
+        self, ref: JobRef, cfg: dict[str, Any], config_dir: str | None, seeds: list[int], outcome: Outcome
+    ) -> tuple[list[Record], dict[str, Any]]:
+        records: list[Record] = []
+        manifest: dict[str, Any] = {}
+        statistical = self._settings.tolerance.statistical is not None
+        for i, seed in enumerate(seeds):
+            spec = self._spec(ref, cfg, config_dir, seed, i)
+            result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+            outcome.seconds.append(result.wall_s)
+            if result.orphans:
+                outcome.warnings.append(messages.orphans(i + 1, result.orphans))
+            records.append(self._record_of(result, i + 1))
+            outcome.curves[f"seed {seed}" if statistical else f"run {i + 1}"] = records[-1].losses
+            if i == 0:
+                manifest = _read_manifest(result.workdir)
+        return records, manifest
+
+    def _record_of(self, result: RunOutcome, run: int) -> Record:
+        nodeid = self._nodeid
+        if result.status == "timeout":
+            raise _stop(
+                Verdict.TIMEOUT, f"run {run} timed out", messages.timeout(nodeid, run, result.detail, result.log_tail)
+            )
+        if result.status == "error" and result.stage == "record":
+            raise _stop(
+                Verdict.ERROR,
+                f"run {run}: the result cannot be recorded",
+                messages.unrecordable(nodeid, run, result.detail),
+            )
+        if result.status != "ok":
+            op = _nondeterministic_op(result.detail)
+            if op is not None:
+                last = result.detail.strip().splitlines()[-1]
+                raise _stop(
+                    Verdict.ERROR,
+                    f"run {run}: {op} has no deterministic implementation",
+                    messages.nondeterministic_op(nodeid, run, op, self.device, last),
+                )
+            what = "raised an exception" if result.status == "error" else "crashed"
+            raise _stop(
+                Verdict.ERROR,
+                f"run {run} {what}",
+                messages.job_failed(nodeid, run, what, result.detail, result.log_tail),
+            )
+        try:
+            return load_record(result.record_dir)
+        except (CorruptRecordError, FileNotFoundError) as exc:
+            raise _stop(
+                Verdict.ERROR, f"run {run} wrote an unreadable record", messages.unrecordable(nodeid, run, str(exc))
+            ) from None
+
+    def _diagnosis(self, ref: JobRef, cfg: dict[str, Any], config_dir: str | None) -> Callable[[], str] | None:
+        if not self._settings.diagnose:
+            return None
+
+        def diagnose() -> str:
+            from .diagnose import first_divergence
+
+            folders = []
+            for i in range(2):
+                spec = self._spec(ref, cfg, config_dir, self.seed, i, diagnose=True)
+                result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+                if result.status != "ok":
+                    return f"the traced run {i + 1} did not finish ({result.status}: {result.detail.splitlines()[-1:]})"
+                folders.append(result.workdir)
+            found = first_divergence(folders[0], folders[1])
+            if found is None:
+                return (
+                    "the two traced runs agreed at every optimizer step (the divergence is outside the optimizer steps)"
+                )
+            return found.describe()
+
+        return diagnose
+
+    # ------------------------------------------------------------------ references
+
+    def _find_references(self, test_dir: Path, manifest: dict[str, Any], outcome: Outcome) -> policy.Found:
+        from .manifest import environment_key
+
+        env_key = environment_key(manifest, self.device, self._settings.env_key_fields)
+        found = policy.Found(env_key, test_dir / env_key)
+        root = self._settings.reference_dir
+        try:
+            outcome.warnings += clean_stale(test_dir)
+            found.here = load_reference(found.target, root)
+        except MissingReferenceError:
+            pass
+        except CorruptRecordError as exc:
+            found.problem = ("corrupt", str(exc))
+            return found
+        except ReferenceBlockedError as exc:
+            found.problem = ("blocked", str(exc))
+            return found
+        except OSError as exc:  # e.g. unreadable folder
+            found.problem = ("blocked", f"{test_dir}: {type(exc).__name__}: {exc}")
+            return found
+        if found.here is None:
+            for other_key, folder in environment_dirs(test_dir).items():
+                if other_key == env_key:
+                    continue
+                try:
+                    found.others.append((other_key, load_reference(folder, root)))
+                except (MissingReferenceError, CorruptRecordError, OSError) as exc:
+                    found.unusable.append(f"{other_key} ({exc})")
+        return found
+
+    def _provenance(
+        self,
+        ref: JobRef,
+        cfg: dict[str, Any],
+        source: str,
+        effective: dict[str, dict[str, Any]],
+        env_key: str,
+        record: Record,
+    ) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "recorded_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+            "plugin_version": __version__,
+            "test": self._nodeid,
+            "job": ref.name,
+            "seed": self.seed,
+            "base_seed": self._settings.base_seed,
+            "device": self.device,
+            "environment_key": env_key,
+            "deterministic": self._settings.deterministic,
+            "runs": self._settings.runs,
+            "config": cfg,
+            "config_source": source,
+            "effective_config": effective,
+            "command": " ".join(shlex.quote(a) for a in self._session.invocation),
+            "wall_s": record.meta.get("wall_s"),
+        }
+
+
+def _read_manifest(workdir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((workdir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _nondeterministic_op(traceback_text: str) -> str | None:
+    """Return the op torch named in a 'does not have a deterministic implementation' error, if that is the error."""
+    m = re.search(r"(\S+) does not have a deterministic implementation, but you set", traceback_text)
+    return m.group(1) if m else None

@@ -1,0 +1,253 @@
+"""Every failure text a user sees: what differed, where, by how much, then the command that fixes it."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+
+def regen_command(nodeid: str, mode: str = "") -> str:
+    """Return the command that (re)writes this test's reference."""
+    flag = "--repro-regen" + (f"={mode}" if mode else "")
+    return f"pytest --repro {flag} {shlex.quote(nodeid)}"
+
+
+def rerun_command(nodeid: str) -> str:
+    """Return the command that reruns this test."""
+    return f"pytest --repro {shlex.quote(nodeid)}"
+
+
+def _log(run: int, log_tail: str) -> str:
+    return f"\n--- output of run {run} (last lines) ---\n{log_tail}" if log_tail.strip() else ""
+
+
+def timeout(nodeid: str, run: int, detail: str, log_tail: str) -> str:
+    """A run that was killed after the time limit."""
+    return (
+        f"run {run} of {nodeid} was {detail} and was killed.{_log(run, log_tail)}\n"
+        "Fix: find why the job hangs, or raise the limit with "
+        "@pytest.mark.reproducible(timeout=SECONDS), ini repro_timeout or --repro-timeout."
+    )
+
+
+def nondeterministic_op(nodeid: str, run: int, op: str, device: str, last_line: str) -> str:
+    """A job that used an op without a deterministic implementation while determinism is on."""
+    return (
+        f"run {run} of {nodeid}: the job used `{op}`, which has no deterministic implementation "
+        f"on {device}, and determinism is on (torch.use_deterministic_algorithms(True)).\n{last_line}\n"
+        "Options: use a deterministic alternative for this op (e.g. another reduction or interpolation "
+        "mode); or keep determinism on but let this op through with "
+        "torch.use_deterministic_algorithms(True, warn_only=True) inside the job; or run "
+        "nondeterministically (@pytest.mark.reproducible(deterministic=False)) with a statistical "
+        "tolerance (pytest_repro.statistical(...))."
+    )
+
+
+def job_failed(nodeid: str, run: int, what: str, detail: str, log_tail: str) -> str:
+    """A job that raised or crashed in its process."""
+    return (
+        f"run {run} of {nodeid}: the job {what} in its process:\n{detail}{_log(run, log_tail)}\n"
+        f"Fix the job (the traceback above is from the job's own process), then rerun: {rerun_command(nodeid)}"
+    )
+
+
+def unrecordable(nodeid: str, run: int, detail: str) -> str:
+    """A job that returned, but whose result cannot be recorded."""
+    last = detail.strip().splitlines()[-1] if detail.strip() else detail
+    return (
+        f"run {run} of {nodeid}: the job finished, but its result cannot be recorded: {last}\n"
+        "A job returns a dict with losses (list of numbers), weights and outputs (name -> tensor), "
+        "metrics (name -> number) and optionally meta (JSON). "
+        f"Fix the returned value, then rerun: {rerun_command(nodeid)}"
+    )
+
+
+def orphans(run: int, count: int) -> str:
+    """A job that left processes running after it returned."""
+    return (
+        f"run {run} left {count} process(es) running after the job returned; they were killed "
+        "(join or terminate the processes a job starts before it returns)"
+    )
+
+
+def non_finite(nodeid: str, problems: Sequence[tuple[int, int | None, str]]) -> str:
+    """Runs whose results hold NaN or inf: (run, seed, problem) each."""
+    lines = "\n".join(f"  run {run} (seed {seed}): {problem}" for run, seed, problem in problems[:12])
+    return (
+        f"{nodeid}: the job returned non-finite values; nothing was compared or written:\n{lines}\n"
+        "Fix: lower the learning rate, check the data and loss for division by zero or log(0), or use a "
+        "higher-precision dtype. If NaN is expected in a tensor or metric, allow it for that key with "
+        '@pytest.mark.reproducible(tolerance={"outputs": {"KEY": {"atol": 0, "equal_nan": True}}}). '
+        f"Then rerun: {rerun_command(nodeid)}"
+    )
+
+
+def empty(nodeid: str, run: int) -> str:
+    """A job whose result holds nothing to compare."""
+    return (
+        f"run {run} of {nodeid}: the job returned nothing to compare (no losses, weights, metrics or outputs), "
+        "so the check could never fail. Fix: return at least the per-step losses or the final weights."
+    )
+
+
+def diverged(
+    nodeid: str, headline: str, described: str, seed: int, device: str, deterministic: bool, diagnosis: str
+) -> str:
+    """Runs of one seed that disagree with each other."""
+    return (
+        f"{nodeid} is not reproducible run-to-run: {headline}\n{described}\n"
+        f"Both runs used seed {seed} on {device} (deterministic={deterministic}); "
+        "nothing was compared with the reference.\n"
+        f"{diagnosis}"
+        "Fix: draw every random number from the seeded sources (ctx.seed, ctx.rng, ctx.generator()), "
+        "keep determinism on (ini repro_deterministic = true), or loosen the tolerance with "
+        "@pytest.mark.reproducible(tolerance=...) or pytest_repro.statistical(same_seed=True, margin=...)."
+    )
+
+
+def spread(nodeid: str, runs: int, seed: int, device: str, problems: Sequence[str]) -> str:
+    """Same-seed statistical runs whose spread exceeds the margin."""
+    return (
+        f"{nodeid}: {runs} runs with seed {seed} on {device} spread more than the margin:\n"
+        + "\n".join(f"  {p}" for p in problems)
+        + "\nFix: turn determinism on (ini repro_deterministic = true), or widen the margin in "
+        "pytest_repro.statistical(margin=..., same_seed=True)."
+    )
+
+
+def audit_failed(nodeid: str, problems: Sequence[str]) -> str:
+    """The config audit in fail mode."""
+    return (
+        f"{nodeid}: the recorded config does not match what the job used:\n"
+        + "\n".join(f"  {p}" for p in problems)
+        + "\nFix: declare every key the job reads (and drop unused ones) in the config, "
+        "or set ini repro_config_audit = warn."
+    )
+
+
+def corrupt(nodeid: str, problem: str) -> str:
+    """A stored reference that cannot be trusted."""
+    return (
+        f"the reference for {nodeid} is corrupt and was not used: {problem}\n"
+        "It was left untouched. Inspect it (git diff / git checkout), or rewrite it with: "
+        f"{regen_command(nodeid)}"
+    )
+
+
+def blocked(nodeid: str, problem: str) -> str:
+    """Something that is not a reference stands where the reference folder should be."""
+    return (
+        f"the reference for {nodeid} cannot be used or written: {problem}. It was left untouched.\n"
+        "Fix: move it out of the way (or point ini repro_reference_dir elsewhere), then rerun: "
+        f"{rerun_command(nodeid)}"
+    )
+
+
+def missing(nodeid: str, env_key: str, expected: str, unusable: Sequence[str]) -> str:
+    """No reference for this environment and none usable from another."""
+    also = f" (unusable: {'; '.join(unusable)})" if unusable else ""
+    return (
+        f"no reference for {nodeid} in environment {env_key!r}: expected one at {expected}{also}\n"
+        f"Record it for this environment (after checking that the job is right) with: "
+        f"{regen_command(nodeid, 'missing')}"
+    )
+
+
+def context_block(lines: Sequence[str]) -> str:
+    """The "Changed since the reference was recorded" block."""
+    if not lines:
+        return "Same config, seed, device, determinism and environment as the reference: the code or data changed.\n"
+    return "Changed since the reference was recorded:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
+
+
+def _audit(audit: Sequence[str], context: Sequence[str]) -> str:
+    """The audit findings that bear on a difference: keys never read, and undeclared reads of changed keys."""
+    relevant = [
+        a for a in audit if "never read" in a or any(a.split("'")[1:2] and a.split("'")[1] in c for c in context)
+    ]
+    if not relevant:
+        return ""
+    return "Config audit (may explain it):\n" + "\n".join(f"  {a}" for a in relevant) + "\n"
+
+
+def differs(nodeid: str, where: str, context: Sequence[str], described: str, audit: Sequence[str]) -> str:
+    """A result that moved against this environment's own reference."""
+    return (
+        f"{nodeid} differs from its reference {where}.\n{context_block(context)}{_audit(audit, context)}"
+        f"What differs:\n{described}\n"
+        f"If the change is intended, regenerate the reference with: {regen_command(nodeid)}"
+    )
+
+
+def differs_cross_env(
+    nodeid: str,
+    env_key: str,
+    other_key: str,
+    tolerance: str,
+    context: Sequence[str],
+    described: str,
+    audit: Sequence[str],
+) -> str:
+    """A result that differs from a reference recorded in another environment."""
+    return (
+        f"{nodeid}: no reference for environment {env_key!r}; compared with the one recorded in "
+        f"{other_key!r} under the cross-environment tolerance ({tolerance}), not bitwise, and it differs.\n"
+        "The reference comes from another environment: this does not mean your change broke anything.\n"
+        f"{context_block(context)}{_audit(audit, context)}"
+        f"What differs:\n{described}\n"
+        f"Fix: record a reference for this environment with: {regen_command(nodeid, 'missing')}\n"
+        "or loosen the cross-environment tolerance (@pytest.mark.reproducible(cross_env=...), "
+        "ini repro_cross_env_tolerance)."
+    )
+
+
+def statistical_problem(nodeid: str, problem: str) -> str:
+    """A statistical comparison that cannot be made."""
+    return (
+        f"{nodeid}: {problem}\nFix: run more seeds (pytest_repro.statistical(seeds=...)), then {regen_command(nodeid)}"
+    )
+
+
+def no_per_seed_values(nodeid: str, label: str) -> str:
+    """A reference without per-seed values compared statistically."""
+    return (
+        f"{nodeid}: the {label} holds no per-seed values, so it cannot be compared statistically. "
+        f"Record one in statistical mode with: {regen_command(nodeid)}"
+    )
+
+
+def write_failed(nodeid: str, path: str, exc: BaseException) -> str:
+    """A reference that could not be written."""
+    return (
+        f"{nodeid}: the reference could not be written to {path}: {type(exc).__name__}: {exc}. "
+        "Nothing was changed.\n"
+        "Fix: make the reference folder writable (or move what blocks it), then rerun: "
+        f"{regen_command(nodeid)}"
+    )
+
+
+def internal_error(nodeid: str, exc: BaseException) -> str:
+    """Anything the plugin did not foresee: an error, never a pass."""
+    return (
+        f"{nodeid}: pytest-repro failed while checking: {type(exc).__name__}: {exc}\n"
+        "The check is reported as ERROR (never as passed). Please report this with the traceback above; "
+        f"rerun with: {rerun_command(nodeid)}"
+    )
+
+
+def swallowed(nodeid: str, labels: Sequence[str]) -> str:
+    """A test that caught the check's failure and passed anyway."""
+    return (
+        f"{nodeid}: the reproducibility check failed ({', '.join(labels)}) but the test caught the failure "
+        "and passed. A failed check always fails its test. Fix: do not catch the exception repro.check raises."
+    )
+
+
+def usage(nodeid: str, problem: str) -> str:
+    """A bad argument to repro.check or the marker."""
+    return f"{nodeid}: {problem}"
+
+
+def config_invalid(nodeid: str, problem: str) -> str:
+    """A config rejected by the job's schema or validator."""
+    return f"{nodeid}: {problem}\nNothing was run. Fix the config passed to repro.check (see the job's docs)."

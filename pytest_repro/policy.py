@@ -1,0 +1,359 @@
+"""Pure decisions over run records: results usable, runs agree, reference matches, what to write.
+
+No pytest, no processes, no file I/O: each function takes records (and what storage found) and
+returns a Decision, so every policy is unit-testable on hand-made records.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import messages
+from .compare import Comparison, compare_records, section_max_abs
+from .record import Record, find_non_finite, is_empty
+from .tolerances import SCALAR_DTYPE, Statistical, ToleranceSpec
+from .verdict import Verdict
+
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+@dataclass
+class Decision:
+    """What a check concluded, with everything the reports need to show why."""
+
+    verdict: Verdict
+    detail: str = ""
+    message: str = ""  # the failure text (empty for a pass)
+    details: list[str] = field(default_factory=list)
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    context: list[str] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)
+    compared_with: str | None = None
+    reference: Path | None = None  # the reference folder used or to be written
+    write: bool = False  # stage this run as the reference of ``reference``
+    reference_losses: list[float] | None = None
+    reference_statistical: dict[str, Any] | None = None
+    max_abs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Found:
+    """What storage found for one check: this environment's reference, or others, or a problem."""
+
+    env_key: str
+    target: Path
+    here: Any = None  # storage.Reference
+    problem: tuple[str, str] | None = None  # ("corrupt" | "blocked", description)
+    others: list[tuple[str, Any]] = field(default_factory=list)  # (env key, storage.Reference)
+    unusable: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Facts:
+    """The check's own facts that decisions and messages need."""
+
+    nodeid: str
+    regen: str | None
+    tolerance: ToleranceSpec
+    cross_env: ToleranceSpec
+    config: dict[str, Any]
+    effective: dict[str, dict[str, Any]]
+    manifest: dict[str, Any]
+    audit: list[str] = field(default_factory=list)
+    shown: Callable[[Path], str] = str
+
+
+def scalar_dtype(record: Record) -> str:
+    """The dtype whose "close" tolerances apply to a record's losses and metrics (half-precision models)."""
+    dtype = record.meta.get("dtype")
+    return dtype if dtype in HALF_DTYPES else SCALAR_DTYPE
+
+
+def compare(expected: Record, actual: Record, spec: ToleranceSpec) -> Comparison:
+    """Compare two records value by value, with dtype-aware defaults for half-precision losses."""
+    dtype = scalar_dtype(actual)
+    return (
+        compare_records(expected, actual, spec, scalar_dtype=dtype)
+        if dtype != SCALAR_DTYPE
+        else compare_records(expected, actual, spec)
+    )  # TEMP
+
+
+def headline(cmp: Comparison, prefix: str = "") -> str:
+    """Say where a comparison first failed, e.g. "at step 3" or "in weights['w']"."""
+    d = cmp.differences[0]
+    if d.section == "losses" and d.kind == "value":
+        return f"{prefix} at step {d.step}".strip()
+    where = d.section if d.key is None else f"{d.section}[{d.key!r}]"
+    return f"{prefix} in {where}".strip()
+
+
+def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -> Decision | None:
+    """Refuse empty results and NaN/inf anywhere (unless the key's tolerance sets equal_nan)."""
+    for run, record in enumerate(records, start=1):
+        if is_empty(record):
+            return Decision(Verdict.ERROR, f"run {run} returned nothing to compare", messages.empty(nodeid, run))
+
+    def allowed(section: str, key: str | None) -> bool:
+        if spec.statistical is not None:
+            return False
+        return spec.for_key(section, key).equal_nan
+
+    problems = [
+        (run, record.seed, bad.describe())
+        for run, record in enumerate(records, start=1)
+        for bad in find_non_finite(record, allowed)
+    ]
+    if not problems:
+        return None
+    run, seed, first = problems[0]
+    return Decision(Verdict.NON_FINITE, f"run {run} (seed {seed}): {first}", messages.non_finite(nodeid, problems))
+
+
+def run_to_run(
+    records: Sequence[Record],
+    spec: ToleranceSpec,
+    nodeid: str,
+    deterministic: bool,
+    diagnose: Callable[[], str] | None = None,
+) -> Decision | None:
+    """Compare every run with run 1; None when all agree."""
+    first = records[0]
+    for k, other in enumerate(records[1:], start=2):
+        cmp = compare(first, other, spec)
+        if cmp.ok:
+            continue
+        head = headline(cmp, f"runs 1 and {k} diverge")
+        if diagnose is not None:
+            diagnosis = f"Diagnosis (two more runs, tracing every parameter and gradient): {diagnose()}\n"
+        else:
+            diagnosis = "Rerun with --repro-diagnose to find the first step and tensor that diverge.\n"
+        text = messages.diverged(
+            nodeid,
+            head,
+            cmp.describe("run 1", f"run {k}"),
+            int(first.seed or 0),
+            str(first.device),
+            deterministic,
+            diagnosis,
+        )
+        return Decision(Verdict.DIVERGED, head, text, differences=[asdict(d) for d in cmp.differences])
+    return None
+
+
+def per_seed(records: Sequence[Record]) -> dict[str, Any]:
+    """The per-seed values a statistical reference stores."""
+    return {
+        "seeds": [r.seed for r in records],
+        "metrics": {name: [r.metrics.get(name, math.nan) for r in records] for name in records[0].metrics},
+        "losses": [r.losses for r in records],
+    }
+
+
+def same_seed_spread(records: Sequence[Record], stat: Statistical, nodeid: str) -> Decision | None:
+    """With ``same_seed``: the spread of each metric and loss step across runs must stay within the margin."""
+    values_of = per_seed(records)["metrics"]
+    problems = []
+    for name, values in values_of.items():
+        allowed = stat.margin_for(statistics.fmean(values))
+        if not max(values) - min(values) <= allowed:
+            problems.append(
+                f"metrics[{name!r}]: spread {max(values) - min(values):.3g} across {len(values)} runs "
+                f"(allowed {allowed:.3g})"
+            )
+    for step in range(min(len(r.losses) for r in records)):
+        values = [r.losses[step] for r in records]
+        allowed = stat.margin_for(statistics.fmean(values))
+        if not max(values) - min(values) <= allowed:
+            problems.append(
+                f"losses: spread {max(values) - min(values):.3g} at step {step} (allowed {allowed:.3g}); "
+                "first step over the limit"
+            )
+            break
+    if not problems:
+        return None
+    first = records[0]
+    return Decision(
+        Verdict.DIVERGED,
+        f"runs with the same seed spread beyond the margin ({problems[0].split(':')[0]})",
+        messages.spread(nodeid, len(records), int(first.seed or 0), str(first.device), problems),
+    )
+
+
+def audit_findings(record: Record) -> list[str]:
+    """The config audit's findings for a run: undeclared reads and keys never read."""
+    audit = record.meta.get("config_audit") or {}
+    problems = [
+        f"the job read config key {k!r}, which the config does not declare (it used a default)"
+        for k in audit.get("undeclared_reads", [])
+    ]
+    return problems + [f"config key {k!r} was never read by the job" for k in audit.get("unused_keys", [])]
+
+
+def changes(
+    stored: Any, record: Record, effective: Mapping[str, Mapping[str, Any]], manifest: Mapping[str, Any]
+) -> list[str]:
+    """What changed between the reference's run and this one: config, settings, environment."""
+    from .manifest import diff_manifests
+
+    lines: list[str] = []
+    old_eff = stored.provenance.get("effective_config")
+    if isinstance(old_eff, dict):
+        old_values = {path: entry.get("value") for path, entry in old_eff.items() if isinstance(entry, dict)}
+        new_values = {path: entry["value"] for path, entry in effective.items()}
+        for d in diff_manifests(old_values, new_values)[:12]:
+            top = d.path.split(".", 1)[0] if d.path not in new_values else d.path
+            source = effective.get(d.path, effective.get(top, {})).get("source")
+            tag = f" ({source})" if source else ""
+            lines.append("config {}: reference {}, this run {}".format(d.path, *d.values()) + tag)
+    for key in ("seed", "device", "deterministic", "dtype"):
+        old, new = stored.record.meta.get(key), record.meta.get(key)
+        if old != new:
+            lines.append(f"{key}: reference {old!r}, this run {new!r}")
+    if stored.manifest and manifest:
+        drift = [d for d in diff_manifests(stored.manifest, manifest) if d.category != "cosmetic"]
+        lines += [d.describe() for d in drift[:12]]
+        if len(drift) > 12:
+            lines.append(f"… and {len(drift) - 12} more environment changes")
+    return lines
+
+
+@dataclass
+class _Match:
+    ok: bool
+    where: str
+    lines: list[str]
+    differences: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, nodeid: str) -> _Match | Decision:
+    """Compare a run with a stored reference, value by value or statistically; a Decision when impossible."""
+    if spec.statistical is None:
+        cmp = compare(stored, record, spec)
+        if cmp.ok:
+            return _Match(True, "", [])
+        return _Match(False, headline(cmp), [cmp.describe(label, "this run")], [asdict(d) for d in cmp.differences])
+    from .stats import TooFewSeedsError, compare_statistical
+
+    ref_stats, new_stats = stored.meta.get("statistical"), record.meta.get("statistical")
+    if not isinstance(ref_stats, dict) or not isinstance(new_stats, dict):
+        return Decision(
+            Verdict.ERROR, f"the {label} holds no per-seed values", messages.no_per_seed_values(nodeid, label)
+        )
+    try:
+        results, band = compare_statistical(ref_stats, new_stats, spec.statistical)
+    except (TooFewSeedsError, KeyError) as exc:
+        problem = str(exc).strip("'\"")
+        return Decision(Verdict.ERROR, problem, messages.statistical_problem(nodeid, problem))
+    lines = [f"  {r.describe()}" for r in results]
+    if band is not None:
+        lines.append(f"  {band.describe()}")
+    failed = [r for r in results if not r.equivalent]
+    where = f"in metrics[{failed[0].name!r}]" if failed else (f"at step {band.step}" if band else "")
+    return _Match(not failed and band is None, where, lines)
+
+
+def _described(spec: ToleranceSpec) -> str:
+    return spec.statistical.describe() if spec.statistical else spec.default.describe()
+
+
+def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
+    """Decide the reference part of a check: compare, cross-compare, or (on --repro-regen) write."""
+    from .manifest import numeric_drift
+
+    nodeid, regen, target = facts.nodeid, facts.regen, found.target
+    if found.problem is not None:
+        kind, problem = found.problem
+        if kind == "corrupt" and regen == "all":  # only an explicit full regeneration replaces a broken one
+            return Decision(Verdict.WRITTEN, f"replaced a corrupt reference ({problem})", reference=target, write=True)
+        if kind == "corrupt":
+            return Decision(Verdict.CORRUPT, problem, messages.corrupt(nodeid, problem), reference=target)
+        return Decision(Verdict.ERROR, problem, messages.blocked(nodeid, problem), reference=target)
+    stored = found.here
+    if stored is None:
+        if regen in ("all", "missing"):
+            return Decision(Verdict.WRITTEN, f"environment {found.env_key}", reference=target, write=True)
+        return _cross_env(found, record, facts)
+    m = _match(stored.record, record, facts.tolerance, "reference", nodeid)
+    if isinstance(m, Decision):
+        if regen == "all":
+            return Decision(Verdict.WRITTEN, f"reference updated ({m.detail})", reference=target, write=True)
+        return m
+    common: dict[str, Any] = {
+        "reference": target,
+        "max_abs": section_max_abs(stored.record, record),
+        "differences": m.differences,
+        "reference_losses": stored.record.losses,
+        "reference_statistical": stored.record.meta.get("statistical"),
+    }
+    if regen == "all" and not m.ok:
+        return Decision(Verdict.WRITTEN, f"reference updated ({m.where})", write=True, **common)
+    if regen == "all" and stored.provenance.get("config") != facts.config:
+        return Decision(Verdict.WRITTEN, "same values; provenance updated for the changed config", write=True, **common)
+    if m.ok:
+        drift = [d.describe() for d in numeric_drift(stored.manifest, facts.manifest)] if stored.manifest else []
+        verdict = Verdict.UNCHANGED if regen == "all" else Verdict.PASSED
+        return Decision(verdict, "", details=m.lines, drift=drift, **common)
+    context = changes(stored, record, facts.effective, facts.manifest)
+    return Decision(
+        Verdict.DIFFERS,
+        f"differs from the reference {m.where}",
+        messages.differs(nodeid, facts.shown(target), context, "\n".join(m.lines), facts.audit),
+        details=m.lines,
+        context=context,
+        **common,
+    )
+
+
+def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
+    """No reference for this environment: compare with the closest other one, under the cross-env tolerance."""
+    from .manifest import numeric_drift
+
+    nodeid = facts.nodeid
+    if not found.others:
+        return Decision(
+            Verdict.MISSING,
+            f"no reference for environment {found.env_key}",
+            messages.missing(nodeid, found.env_key, facts.shown(found.target), found.unusable),
+            reference=found.target,
+        )
+
+    def distance(item: tuple[str, Any]) -> tuple[int, str]:
+        key, ref = item
+        return (len(numeric_drift(ref.manifest, facts.manifest)) if ref.manifest and facts.manifest else 999, key)
+
+    other_key, stored = min(found.others, key=distance)
+    spec = facts.tolerance if facts.tolerance.statistical is not None else facts.cross_env
+    m = _match(stored.record, record, spec, f"reference ({other_key})", nodeid)
+    if isinstance(m, Decision):
+        m.compared_with, m.reference = other_key, stored.path
+        return m
+    drift = [d.describe() for d in numeric_drift(stored.manifest, facts.manifest)] if stored.manifest else []
+    note = (
+        f"no reference for environment {found.env_key!r}; compared with the one recorded in {other_key!r} "
+        f"under the cross-environment tolerance ({_described(spec)}), not bitwise"
+    )
+    common: dict[str, Any] = {
+        "reference": stored.path,
+        "max_abs": section_max_abs(stored.record, record),
+        "compared_with": other_key,
+        "differences": m.differences,
+        "drift": drift,
+        "details": m.lines,
+        "reference_losses": stored.record.losses,
+        "reference_statistical": stored.record.meta.get("statistical"),
+    }
+    if m.ok:
+        return Decision(Verdict.PASSED_CROSS_ENV, note, **common)
+    context = changes(stored, record, facts.effective, facts.manifest)
+    text = messages.differs_cross_env(
+        nodeid, found.env_key, other_key, _described(spec), context, "\n".join(m.lines), facts.audit
+    )
+    return Decision(
+        Verdict.DIFFERS, f"differs from the {other_key} reference {m.where}", text, context=context, **common
+    )

@@ -1,0 +1,118 @@
+"""Per-session state: the runner (warm workers), the device, scratch folders, and what the run saw."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .runner import Runner
+from .settings import Settings
+
+
+def worker_gpu(worker: str | None, visible: str | None, count: int) -> str | None:
+    """Return CUDA_VISIBLE_DEVICES for an xdist worker's jobs: worker gwN gets the N-th GPU (round robin)."""
+    if not worker or not worker.startswith("gw") or not worker[2:].isdigit():
+        return None
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(count)]
+    if not devices:
+        return None
+    return devices[int(worker[2:]) % len(devices)]
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def job_env(device: str, environ: Mapping[str, str], count: Callable[[], int] = _cuda_count) -> dict[str, str]:
+    """Extra environment for job processes: under xdist, pin each worker's jobs to one GPU."""
+    worker = environ.get("PYTEST_XDIST_WORKER")
+    if device == "cpu" or not worker:
+        return {}
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    gpu = worker_gpu(worker, visible, 0 if visible else count())
+    return {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Pin the CPU thread pools of job processes (results independent of core count, no oversubscription)."""
+    if threads <= 0:
+        return {}
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
+class DeviceUnavailableError(RuntimeError):
+    """CUDA was asked for explicitly but this machine cannot provide it."""
+
+
+def resolve_device(requested: str) -> str:
+    """Turn 'auto' into cuda or cpu; raise DeviceUnavailableError when an explicit CUDA device is missing."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    available = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if available else "cpu"
+    count = torch.cuda.device_count() if available else 0
+    index = int(requested.partition(":")[2] or 0)
+    if index >= count:
+        raise DeviceUnavailableError(
+            f"device {requested!r} was requested but this machine has {count} usable CUDA device(s) "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). A GPU gate must not pass "
+            "without a GPU: fix the runner's driver/container setup, or run with --repro-device=cpu."
+        )
+    return requested
+
+
+class ReproSession:
+    """Session-wide state: the runner (warm workers), the outcomes, and a scratch folder."""
+
+    def __init__(self, settings: Settings, rootdir: Path, invocation: list[str]) -> None:
+        self.settings = settings
+        self.rootdir = rootdir
+        self.invocation = invocation
+        self.scratch = Path(tempfile.mkdtemp(prefix="pytest-repro-"))
+        self.runner = Runner(
+            settings.isolation, extra_env={**thread_env(settings.threads), **job_env(settings.device, os.environ)}
+        )
+        self.outcomes: list[dict[str, Any]] = []  # JSON form, gathered from test reports (all xdist workers)
+        # For the unused-reference check: reproducible tests collected/deselected (merged from xdist workers),
+        # and what the run could not see (collection errors, module-level skips, ignored paths).
+        self.owned_nodeids: list[str] = []
+        self.deselected_reproducible: list[str] = []
+        self.not_collected: list[str] = []
+        self.unused: list[Path] = []
+        self.unused_kept: list[str] = []
+        self.unused_note = ""
+        self.notes: list[str] = []  # session-level lines for the summary (e.g. a report that failed to write)
+        self._counter = 0
+
+    def warm_up(self) -> None:
+        """Start the default worker now so that its imports overlap with collection."""
+        self.runner.warm_up(self.settings.deterministic, self.settings.base_seed)
+
+    def next_workdir(self, label: str) -> Path:
+        """Return a fresh scratch folder for one run."""
+        self._counter += 1
+        path = self.scratch / f"{self._counter:04d}-{label}"
+        path.mkdir(parents=True)
+        return path
+
+    def relative(self, path: Path) -> str:
+        """Return ``path`` relative to the rootdir when it lies inside it."""
+        try:
+            return str(path.relative_to(self.rootdir))
+        except ValueError:
+            return str(path)
+
+    def close(self) -> None:
+        """Remove scratch files (warm workers stay for the rest of the process; see runner)."""
+        shutil.rmtree(self.scratch, ignore_errors=True)

@@ -1,0 +1,198 @@
+"""The step tracer of --repro-diagnose, without the plugin: tiny training loops traced twice, then compared."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pytest_repro.diagnose import TRACE_FILE, StepTracer, first_divergence  # noqa: E402
+
+
+class Points:
+    """A map-style dataset of dict samples; ``noisy`` adds an unseeded augmentation."""
+
+    def __init__(self, noisy: bool) -> None:
+        self.noisy = noisy
+        self.x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        x = self.x[i]
+        if self.noisy:
+            g = torch.Generator()
+            g.seed()  # nondeterministic seed: the bug under diagnosis
+            x = x + 0.01 * torch.randn(4, generator=g)
+        return {"features": x, "labels": x.sum(0, keepdim=True)}
+
+
+def _net() -> Any:
+    class Net(torch.nn.Module):  # an HF-style model: keyword inputs, an output with .loss
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def forward(self, features: Any, labels: Any = None) -> Any:
+            logits = self.body(features)
+            return SimpleNamespace(loss=torch.nn.functional.mse_loss(logits, labels), logits=logits)
+
+    return Net()
+
+
+def _noise() -> float:
+    return (int.from_bytes(os.urandom(2), "little") + 1) * 1e-6
+
+
+def _loader_run(folder: Path, noisy: bool) -> None:
+    """Two epochs through DataLoader(num_workers=2) with a seeded loader generator."""
+    torch.manual_seed(0)
+    tracer = StepTracer().install()
+    try:
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(0)
+        loader = torch.utils.data.DataLoader(Points(noisy), batch_size=16, shuffle=True, num_workers=2, generator=gen)
+        for _ in range(2):
+            for batch in loader:
+                model(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad()
+    finally:
+        tracer.uninstall()
+    tracer.save(folder)
+
+
+def _plain_run(folder: Path, loss_noise_at: int = -1, grad_noise_at: int = -1, unseeded_init: bool = False) -> None:
+    """The plugin tests' job: a Linear layer, a loss computed outside the model, six SGD steps."""
+    torch.manual_seed(0)
+    tracer = StepTracer().install()
+    try:
+        model = torch.nn.Linear(4, 2)
+        if unseeded_init:
+            with torch.no_grad():
+                model.weight[0, 0] += _noise()
+        x = torch.randn(32, 4)
+        y = torch.stack([x.sum(1), x[:, 0] - x[:, 1]], dim=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(6):
+            loss = ((model(x) - y) ** 2).mean()
+            if step == loss_noise_at:
+                loss = loss * (1 + _noise())
+            loss.backward()
+            if step == grad_noise_at:
+                model.weight.grad[0, 1] += _noise()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            model(x)
+    finally:
+        tracer.uninstall()
+    tracer.save(folder)
+
+
+def _twice(tmp_path: Path, run: Any, **kwargs: Any) -> str | None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    run(a, **kwargs)
+    run(b, **kwargs)
+    found = first_divergence(a, b)
+    return None if found is None else found.describe()
+
+
+def test_unseeded_augmentation_names_the_input_batch(tmp_path: Path) -> None:
+    message = _twice(tmp_path, _loader_run, noisy=True)
+    assert message == (
+        "the input batch at step 0 differs (features, 64 of 64 elements differ; labels, 16 of 16 elements differ), "
+        "parameters were identical: the data pipeline is nondeterministic (seed the augmentation with ctx.seed / "
+        "ctx.rng, pass a seeded generator and worker_init_fn to the DataLoader)"
+    )
+
+
+def test_seeded_loader_with_workers_agrees(tmp_path: Path) -> None:
+    assert _twice(tmp_path, _loader_run, noisy=False) is None
+
+
+def test_noise_in_the_loss_names_the_loss(tmp_path: Path) -> None:
+    message = _twice(tmp_path, _plain_run, loss_noise_at=3)
+    assert message is not None
+    assert message.startswith("the loss at step 3 differs (")
+    assert message.endswith(
+        "; inputs and parameters identical): the forward pass or the loss computation is nondeterministic"
+    )
+
+
+def test_noise_in_a_gradient_names_the_gradient(tmp_path: Path) -> None:
+    message = _twice(tmp_path, _plain_run, grad_noise_at=3)
+    assert message is not None
+    assert message.startswith("first divergence at step 3, `weight` grad, 1 of 8 elements, max abs diff ")
+
+
+def test_unseeded_init_names_the_parameter_not_the_loss(tmp_path: Path) -> None:
+    # the loss at step 0 is recorded first, but the parameters it was computed with already differed
+    message = _twice(tmp_path, _plain_run, unseeded_init=True)
+    assert message is not None
+    assert message.startswith("first divergence at step 0, `weight` value before the optimizer step, 1 of 8 elements")
+
+
+def test_identical_runs_agree(tmp_path: Path) -> None:
+    assert _twice(tmp_path, _plain_run) is None
+
+
+def test_trace_holds_top_level_inputs_losses_then_parameters(tmp_path: Path) -> None:
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+
+        def forward(self, x: Any, extras: Any = None, flag: bool = False) -> Any:
+            return {"loss": self.inner(x).sum() + extras["a"].sum(), "hidden": x}
+
+    original_call, original_backward = torch.nn.Module.__call__, torch.autograd.backward
+    tracer = StepTracer().install()
+    model = Wrapper()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    t = torch.ones(2)
+    out = model(torch.ones(3, 4), extras={"a": t, "b": [t, (t, "text")]}, flag=True)
+    torch.nn.MSELoss()(out["hidden"], torch.zeros(3, 4))  # a parameterless top-level module: not the model
+    (out["loss"] * 2).backward()
+    opt.step()
+    tracer.save(tmp_path)
+    assert torch.nn.Module.__call__ is original_call
+    assert torch.autograd.backward is original_backward
+    trace = json.loads((tmp_path / TRACE_FILE).read_text(encoding="utf-8"))
+    assert [(e["step"], e["kind"], e["name"]) for e in trace] == [
+        (0, "input", "x"),
+        (0, "input", "extras['a']"),
+        (0, "input", "extras['b'][0]"),
+        (0, "input", "extras['b'][1][0]"),
+        (0, "loss", "loss"),
+        (0, "loss", "backward"),
+        (0, "value", "inner.0.weight"),
+        (0, "grad", "inner.0.weight"),
+        (0, "value", "inner.0.bias"),
+        (0, "grad", "inner.0.bias"),
+    ]
+
+
+def test_loss_backward_on_the_output_loss_is_recorded_once(tmp_path: Path) -> None:
+    tracer = StepTracer().install()
+    try:
+        model = _net()
+        x = torch.ones(2, 4)
+        model(features=x, labels=x.sum(1, keepdim=True)).loss.backward()
+    finally:
+        tracer.uninstall()
+    assert [(e["kind"], e["name"]) for e in tracer.entries] == [
+        ("input", "features"),
+        ("input", "labels"),
+        ("loss", "loss"),
+    ]
