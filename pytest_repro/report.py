@@ -106,9 +106,9 @@ def write_summary(tr: Writer, session: ReproSession) -> None:
         for o in warned:
             for line in o["warnings"]:
                 tr.write_line(f"  {o['nodeid']}: {line}", yellow=True)
+    tr.write_line(f"reproducibility: {tally}")
     for line in notes:
         tr.write_line(f"reproducibility: {line}" if not line.startswith(" ") else line)
-    tr.write_line(f"reproducibility: {tally}")
 
 
 def _g(value: Any) -> str:

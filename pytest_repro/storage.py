@@ -167,6 +167,7 @@ def load_reference(path: Path, root: Path | None = None) -> Reference:
     check_in_the_way(path, root)
     if not path.parent.is_dir():
         raise MissingReferenceError(str(path))
+    clean_stale(path.parent)
     with locked(path.parent, exclusive=False):
         if not (path / RECORD_FILE).exists():
             if path.is_dir() and any(path.iterdir()):
@@ -228,15 +229,21 @@ def commit_reference(staging: Path, path: Path) -> list[str]:
                 shutil.copytree(src, staging / name, symlinks=True)
             else:
                 shutil.copy2(src, staging / name, follow_symlinks=False)
-        if path.exists():
-            if not _exchange(staging, path):
-                backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+        backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+        try:
+            if not path.exists():
+                os.replace(staging, path)
+            elif _exchange(staging, path):
+                shutil.rmtree(staging, ignore_errors=True)  # now the old reference
+            else:
                 os.replace(path, backup)
                 os.replace(staging, path)
-                staging = backup
-            shutil.rmtree(staging, ignore_errors=True)  # now the old reference
-        else:
-            os.replace(staging, path)
+                shutil.rmtree(backup, ignore_errors=True)
+        except BaseException:
+            if not path.exists() and backup.exists():
+                os.replace(backup, path)
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return kept
 
 

@@ -76,7 +76,7 @@ def test_references_per_environment_and_cross_environment_checks(
     write(userjobs)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
-    first = refs_of(userjobs) / "cpu_OMP_NUM_THREADS-1"
+    first = refs_of(userjobs) / f"{env_key()}_OMP_NUM_THREADS-1"
     assert (first / "record.json").is_file()
     before = snapshot(first)
 
@@ -85,8 +85,8 @@ def test_references_per_environment_and_cross_environment_checks(
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "CROSS-ENV*test_env.py::test_train (cpu_OMP_NUM_THREADS-2): no reference for environment "
-            "'cpu_OMP_NUM_THREADS-2'; compared with the one recorded in 'cpu_OMP_NUM_THREADS-1' under the "
+            "CROSS-ENV*test_env.py::test_train (*_OMP_NUM_THREADS-2): no reference for environment "
+            "'*_OMP_NUM_THREADS-2'; compared with the one recorded in '*_OMP_NUM_THREADS-1' under the "
             "cross-environment tolerance (close: atol=1e-05, rtol=1.3e-06), not bitwise",
             "    numeric  env.OMP_NUM_THREADS: '1' -> '2'",
         ]
@@ -97,7 +97,7 @@ def test_references_per_environment_and_cross_environment_checks(
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "*compared with the one recorded in 'cpu_OMP_NUM_THREADS-1'*, not bitwise, and it differs.",
+            "*compared with the one recorded in '*_OMP_NUM_THREADS-1'*, not bitwise, and it differs.",
             "*Fix: record a reference for this environment with: "
             "pytest --repro --repro-regen=missing test_env.py::test_train",
         ]
@@ -105,7 +105,7 @@ def test_references_per_environment_and_cross_environment_checks(
 
     write(userjobs)
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
-    assert (refs_of(userjobs) / "cpu_OMP_NUM_THREADS-2" / "record.json").is_file()
+    assert (refs_of(userjobs) / f"{env_key()}_OMP_NUM_THREADS-2" / "record.json").is_file()
     assert snapshot(first) == before, "regenerating for one environment must not touch another's reference"
     userjobs.runpytest("--repro").assert_outcomes(passed=1)
 

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
-from pytest_repro import seed_everything  # noqa: E402
+from pytest_repro import seed_everything, storage  # noqa: E402
 from pytest_repro.cli import main as cli_main  # noqa: E402
 from pytest_repro.context import JobRef, JobReferenceError  # noqa: E402
 from pytest_repro.jobs.lora import parse_config  # noqa: E402
@@ -131,6 +131,7 @@ def test_killed_regeneration_keeps_the_old_reference(tmp_path: Path, monkeypatch
         real_replace(src, dst)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "replace", dying_replace)
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)  # the two-rename fallback (no renameat2)
     with pytest.raises(KeyboardInterrupt):
         write_reference(target, newer, {"m": 2}, {"p": 2})
     monkeypatch.setattr(os, "replace", real_replace)
