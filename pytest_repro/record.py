@@ -79,9 +79,9 @@ def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
                 tensor = torch.as_tensor(tensor)
             except Exception as exc:
                 raise RecordError(f"{where}[{name!r}]: expected a tensor, got {type(tensor).__name__}") from exc
-        tensor = tensor.detach().to("cpu").contiguous()
         if tensor.layout != torch.strided:
             raise RecordError(f"{where}[{name!r}]: {tensor.layout} tensors are not supported; return .to_dense()")
+        tensor = tensor.detach().to("cpu").contiguous()
         # Tied weights (an embedding shared with the LM head) share storage, which safetensors refuses
         # to save: store every tensor on its own, under each of its names.
         ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
