@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,39 @@ def test_provenance_records_the_effective_config_with_sources(userjobs: pytest.P
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*SplitError: *corpus.jsonl changed since splits_v1.json was made*"])
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_committed_references_pass_cross_env_under_other_cpu_kernels(
+    heavy_modules: None, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, capability: str
+) -> None:
+    """The demo on a machine of another CPU family: replay the committed references under another key.
+
+    ATEN_CPU_CAPABILITY switches torch's CPU kernels (as another CPU would), so the runs differ from
+    the committed references in the last bits and the key becomes cpu-<vendor>-<capability>: the
+    check must pass cross-environment under the documented tolerance, and never claim bitwise.
+    """
+    import shutil
+
+    shutil.copytree(REPO / "fixtures", pytester.path / "fixtures")
+    shutil.copytree(REPO / "reference_outputs", pytester.path / "reference_outputs")
+    (pytester.path / "tests").mkdir()
+    shutil.copy(REPO / "tests" / "test_reproducible.py", pytester.path / "tests" / "test_reproducible.py")
+    pytester.makeini("[pytest]\nrepro_timeout = 300\n")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+    result = pytester.runpytest("--repro", "-m", "reproducible", "tests", "--repro-report=r.json")
+    out = result.stdout.str()
+    assert result.ret == 0, out
+    report = json.loads((pytester.path / "r.json").read_text())
+    assert len(report["tests"]) == 4 and {t["verdict"] for t in report["tests"]} == {"passed-cross-env"}, out
+    for t in report["tests"]:
+        assert t["env_key"].endswith(f"-{capability}") and t["compared_with"].startswith("cpu-")
+        assert "not bitwise" in t["detail"]
+    assert "CROSS-ENV" in out
+    bf16 = next(t for t in report["tests"] if "bfloat16" in t["nodeid"])
+    assert "close for a bfloat16 model" in bf16["detail"]
+    moved = [t["max_abs"] for t in report["tests"] if any(v for v in t["max_abs"].values())]
+    assert moved, "other CPU kernels must move some results, or this test proves nothing"
