@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .tolerances import SCALAR_DTYPE, Tolerance, ToleranceSpec
 
@@ -37,10 +37,10 @@ class Difference:
 
     def describe(self, expected_label: str = "expected", actual_label: str = "actual") -> str:
         """Return one human-readable line for this difference."""
-        tol = f" [tolerance: {self.tolerance}]"
         where = self.section if self.key is None else f"{self.section}[{self.key!r}]"
         if self.kind != "value":
-            return f"{where}: {self.detail}{tol}"
+            return f"{where}: {self.detail} [tolerance: {self.tolerance}]"
+        tol = f"{'; ' + self.detail if self.detail else ''} [tolerance: {self.tolerance}]"
         if self.section == "losses":
             return (
                 f"losses: first divergent step {self.step}: {expected_label} {self.expected!r}, "
@@ -97,14 +97,14 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _scalar_equal(a: float, b: float, tol: Tolerance) -> bool:
+def _scalar_equal(a: float, b: float, tol: Tolerance, scalar_dtype: str = SCALAR_DTYPE) -> bool:
     if tol.kind == "bitwise":
         return struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
     if math.isnan(a) or math.isnan(b):
         return tol.equal_nan and math.isnan(a) and math.isnan(b)
     if a == b:
         return True
-    atol, rtol = tol.limits(SCALAR_DTYPE)
+    atol, rtol = tol.limits(scalar_dtype)
     return abs(a - b) <= atol + rtol * abs(b)
 
 
@@ -114,12 +114,20 @@ def _rel(diff: float, expected: float) -> float:
     return diff / abs(expected) if expected != 0 else math.inf
 
 
-def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tolerance) -> list[Difference]:
+def _nan_in_both(a: float, b: float, tol: Tolerance) -> bool:
+    return tol.kind != "bitwise" and not tol.equal_nan and math.isnan(a) and math.isnan(b)
+
+
+def compare_losses(
+    expected: Sequence[float], actual: Sequence[float], tol: Tolerance, *, scalar_dtype: str = SCALAR_DTYPE
+) -> list[Difference]:
     """Compare two loss traces step by step; report the first divergent step."""
     diffs: list[Difference] = []
+    tdesc = tol.describe(scalar_dtype)
     common = min(len(expected), len(actual))
-    bad = [i for i in range(common) if not _scalar_equal(actual[i], expected[i], tol)]
+    bad = [i for i in range(common) if not _scalar_equal(actual[i], expected[i], tol, scalar_dtype)]
     if bad:
+        nan_both = sum(_nan_in_both(expected[i], actual[i], tol) for i in bad)
         i = bad[0]
         d = abs(actual[i] - expected[i])
         diffs.append(
@@ -127,7 +135,7 @@ def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tole
                 "losses",
                 None,
                 "value",
-                tol.describe(),
+                tdesc,
                 step=i,
                 expected=expected[i],
                 actual=actual[i],
@@ -135,6 +143,7 @@ def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tole
                 numel=common,
                 max_abs=d,
                 max_rel=_rel(d, expected[i]),
+                detail=_nan_both(nan_both, "step") if nan_both else "",
             )
         )
     if len(expected) != len(actual):
@@ -143,7 +152,7 @@ def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tole
                 "losses",
                 None,
                 "length",
-                tol.describe(),
+                tdesc,
                 detail=f"loss trace has {len(actual)} steps, expected {len(expected)}",
             )
         )
@@ -151,37 +160,55 @@ def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tole
 
 
 def compare_metrics(
-    expected: Mapping[str, float], actual: Mapping[str, float], spec: ToleranceSpec
+    expected: Mapping[str, float], actual: Mapping[str, float], spec: ToleranceSpec, *, scalar_dtype: str = SCALAR_DTYPE
 ) -> list[Difference]:
     """Compare scalar metrics key by key."""
     diffs: list[Difference] = []
     for key, exp in expected.items():
         tol = spec.for_key("metrics", key)
         if key not in actual:
-            diffs.append(Difference("metrics", key, "missing", tol.describe(), detail="missing from this run"))
+            diffs.append(
+                Difference("metrics", key, "missing", tol.describe(scalar_dtype), detail="missing from this run")
+            )
             continue
         act = actual[key]
-        if not _scalar_equal(act, exp, tol):
+        if not _scalar_equal(act, exp, tol, scalar_dtype):
             d = abs(act - exp)
             diffs.append(
                 Difference(
                     "metrics",
                     key,
                     "value",
-                    tol.describe(),
+                    tol.describe(scalar_dtype),
                     expected=exp,
                     actual=act,
                     n_diff=1,
                     numel=1,
                     max_abs=d,
                     max_rel=_rel(d, exp),
+                    detail=f"NaN in both ({_NAN_BOTH})" if _nan_in_both(exp, act, tol) else "",
                 )
             )
     for key in actual:
         if key not in expected:
             tol = spec.for_key("metrics", key)
-            diffs.append(Difference("metrics", key, "extra", tol.describe(), detail="not in the expected record"))
+            diffs.append(
+                Difference("metrics", key, "extra", tol.describe(scalar_dtype), detail="not in the expected record")
+            )
     return diffs
+
+
+# Elements per chunk (half that for complex): one chunk at a time is upcast to float64/complex128, into
+# ~5 reused buffers (~10 MB). The element-wise work runs in numpy: single-threaded, so it neither pays
+# a thread-pool hand-off per operation nor oversubscribes cores shared with training jobs.
+CHUNK_ELEMENTS = 1 << 18
+
+_NAN_BOTH = "NaN != NaN unless the tolerance sets equal_nan: true"
+
+
+def _nan_both(n: int, unit: str = "element") -> str:
+    verb = "is" if n == 1 else "are"
+    return f"{n} {unit}{'' if n == 1 else 's'} {verb} NaN in both ({_NAN_BOTH})"
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -195,10 +222,183 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(int_of_size[size]) if t.dim() else t.reshape(1).view(int_of_size[size])
 
 
+def _wide(*dtypes: torch.dtype) -> torch.dtype:
+    import torch
+
+    return torch.complex128 if any(d.is_complex for d in dtypes) else torch.float64
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """Detach, and materialise a lazy conjugate or negation (no copy for ordinary tensors)."""
+    return t.detach().resolve_conj().resolve_neg()
+
+
+def _chunk_size(dtype: torch.dtype, chunk_elements: int | None) -> int:
+    n = chunk_elements or CHUNK_ELEMENTS
+    return max(1, n // 2) if dtype.is_complex else n
+
+
+def _chunk_pairs(
+    expected: torch.Tensor, actual: torch.Tensor, n: int, base: int = 0
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (flat offset, 1-D chunk of expected, same chunk of actual) in row-major order, at most n elements each.
+
+    Contiguous tensors are sliced without copying; otherwise at most one chunk is copied at a time.
+    """
+    if expected.dim() == 0:
+        yield base, expected.reshape(1), actual.reshape(1)
+        return
+    if expected.is_contiguous() and actual.is_contiguous():
+        ef, af = expected.view(-1), actual.view(-1)
+        for s in range(0, ef.numel(), n):
+            yield base + s, ef[s : s + n], af[s : s + n]
+        return
+    rows = expected.shape[0]
+    row = expected.numel() // rows
+    if row > n:
+        for r in range(rows):
+            yield from _chunk_pairs(expected[r], actual[r], n, base + r * row)
+        return
+    per = n // row
+    for r in range(0, rows, per):
+        yield base + r * row, expected[r : r + per].reshape(-1), actual[r : r + per].reshape(-1)
+
+
+class _Work:
+    """Chunk-sized numpy buffers reused across the chunks of one comparison, and bit-level probes."""
+
+    def __init__(self, dtype: torch.dtype, wide: torch.dtype, n: int) -> None:
+        import torch
+
+        self.n = n
+        self.wide = wide
+        self._arrays: dict[str, Any] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._native: dict[torch.dtype, bool] = {}
+        real = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+        part = real.get(dtype, dtype)
+        self.floating = part.is_floating_point
+        self.inf_bits: int | None = None  # bits of +inf: magnitude bits above are NaN, equal are inf
+        self.mask = 0
+        if self.floating:
+            inf = torch.tensor(math.inf).to(part)
+            if bool(inf.double().isinf()):  # IEEE-like; float8 formats without inf use isnan() instead
+                self.inf_bits = int(_bits(inf)[0])
+                self.mask = (1 << (8 * inf.element_size() - 1)) - 1
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Return numpy buffer `name` viewed as shape, allocated on first use."""
+        import numpy
+
+        size = math.prod(shape)
+        buf = self._arrays.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = self._arrays[name] = numpy.empty(max(size, self.n), dtype=dtype)
+        return buf[:size].reshape(shape)
+
+    def widened(self, name: str, chunk: torch.Tensor) -> Any:
+        """Return the chunk upcast to float64 (complex128) in buffer `name`, as a numpy array."""
+        import numpy
+        import torch
+
+        t = self._tensors.get(name)
+        if t is None:
+            t = self._tensors[name] = self._new_tensor()
+        out = t[: chunk.numel()]
+        if chunk.dtype == torch.bfloat16:  # the top half of a float32: widen the bits in numpy
+            u = self.array("bf16", (chunk.numel(),), numpy.uint32)
+            numpy.copyto(u, _bits(chunk).numpy().view(numpy.uint16))
+            numpy.left_shift(u, 16, out=u)
+            numpy.copyto(out.numpy(), u.view(numpy.float32))
+            return out.numpy()
+        native = self._native.get(chunk.dtype)
+        if native is None:
+            try:
+                chunk[:0].numpy()
+                native = True
+            except TypeError:  # float8, complex32: torch converts
+                native = False
+            self._native[chunk.dtype] = native
+        if native:
+            numpy.copyto(out.numpy(), chunk.numpy())
+        else:
+            out.copy_(chunk)
+        return out.numpy()
+
+    def _new_tensor(self) -> torch.Tensor:
+        import torch
+
+        return torch.empty(self.n, dtype=self.wide)
+
+    def equal(self, be: Any, ba: Any) -> bool:
+        """Whether two numpy bit views are identical."""
+        import numpy
+
+        return bool(numpy.equal(be, ba, out=self.array("eq", be.shape, bool)).all())
+
+    def _max_magnitude(self, be: Any) -> int:
+        import numpy
+
+        return int(numpy.bitwise_and(be, self.mask, out=self.array("and", be.shape, be.dtype)).max())
+
+    def has_nan(self, chunk: torch.Tensor, be: Any) -> bool:
+        """Whether a chunk (with numpy bit view be) holds a NaN."""
+        import numpy
+
+        if not self.floating:
+            return False
+        if self.inf_bits is None:
+            return bool(numpy.isnan(self.widened("e", chunk)).any())
+        return self._max_magnitude(be) > self.inf_bits
+
+    def has_non_finite(self, chunk: torch.Tensor, be: Any) -> bool:
+        """Whether a chunk (with numpy bit view be) holds a NaN or an infinity."""
+        import numpy
+
+        if not self.floating:
+            return False
+        if self.inf_bits is None:
+            return not bool(numpy.isfinite(self.widened("e", chunk)).all())
+        return self._max_magnitude(be) >= self.inf_bits
+
+    def abs_diff(self, a: Any, e: Any) -> Any:
+        """Return |a - e| (float64) in buffer d."""
+        import numpy
+
+        d = self.array("d", e.shape, numpy.float64)
+        if e.dtype.kind == "c":  # complex: as torch computes it ((inf+NaNj) - NaNj is NaN+NaNj in torch)
+            import torch
+
+            sub = torch.from_numpy(self.array("sub", e.shape, e.dtype))
+            torch.sub(torch.from_numpy(a), torch.from_numpy(e), out=sub)
+            return _modulus(sub.numpy(), d)
+        return numpy.abs(numpy.subtract(a, e, out=d), out=d)
+
+
+def _modulus(x: Any, out: Any) -> Any:
+    """Write |x| of a numpy array into out; complex moduli as torch computes them."""
+    import numpy
+
+    if x.dtype.kind != "c":
+        return numpy.abs(x, out=out)
+    import torch
+
+    torch.abs(torch.from_numpy(x), out=torch.from_numpy(out))
+    return out
+
+
 def compare_tensor(
-    section: str, key: str, expected: torch.Tensor, actual: torch.Tensor, tol: Tolerance, position: int | None = None
+    section: str,
+    key: str,
+    expected: torch.Tensor,
+    actual: torch.Tensor,
+    tol: Tolerance,
+    position: int | None = None,
+    *,
+    chunk_elements: int | None = None,
 ) -> Difference | None:
-    """Compare two tensors under a tolerance; return None when they agree."""
+    """Compare two tensors under a tolerance, chunk by chunk in bounded memory; return None when they agree."""
+    import numpy
     import torch
 
     dtype = str(expected.dtype).replace("torch.", "")
@@ -219,32 +419,85 @@ def compare_tensor(
     numel = expected.numel()
     if numel == 0:
         return None
-    if tol.kind == "bitwise":
-        bad = (_bits(expected) != _bits(actual)).reshape(-1)
-        if bad.dim() and bad.numel() != numel:  # complex: real/imag pairs
-            bad = bad.reshape(numel, -1).any(dim=1)
-    else:
-        atol, rtol = tol.limits(dtype)
-        e = expected.reshape(-1).to(torch.complex128 if expected.dtype.is_complex else torch.float64)
-        a = actual.reshape(-1).to(e.dtype)
-        close = (a == e) | ((a - e).abs() <= atol + rtol * e.abs())
-        if tol.equal_nan:
-            close |= e.isnan() & a.isnan()
-        bad = ~close
-    n_diff = int(bad.sum())
-    if n_diff == 0:
+    expected, actual = _plain(expected), _plain(actual)
+    bitwise = tol.kind == "bitwise"
+    # Equal bits are bitwise-equal and close, except NaN: never close to NaN unless the tolerance sets equal_nan.
+    nan_matters = not bitwise and not tol.equal_nan and (expected.dtype.is_floating_point or expected.dtype.is_complex)
+    on_cpu = expected.device.type == actual.device.type == "cpu"
+    # on an accelerator, check on the device before copying chunks off it
+    if (
+        not on_cpu
+        and torch.equal(_bits(expected), _bits(actual))
+        and not (nan_matters and bool(expected.isnan().any()))
+    ):
         return None
-    flat_first = int(torch.nonzero(bad)[0, 0])
-    index = (
-        tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_first), expected.shape)) if expected.dim() else ()
-    )
-    e64 = expected.reshape(-1)[bad].to(torch.complex128 if expected.dtype.is_complex else torch.float64)
-    a64 = actual.reshape(-1)[bad].to(e64.dtype)
-    absdiff = (a64 - e64).abs()
-    max_abs = float(absdiff.max()) if not absdiff.isnan().any() else math.nan
-    with torch.no_grad():
-        rel = torch.where(e64.abs() > 0, absdiff / e64.abs(), torch.where(absdiff > 0, math.inf, 0.0))
-    max_rel = float(rel.max()) if not rel.isnan().any() else math.nan
+    atol, rtol = tol.limits(dtype)
+    n = _chunk_size(expected.dtype, chunk_elements)
+    work = _Work(expected.dtype, _wide(expected.dtype), n)
+    f64 = numpy.float64
+    n_diff = nan_both = 0
+    first: int | None = None
+    max_abs = max_rel = 0.0
+    abs_nan = rel_nan = False
+    with numpy.errstate(all="ignore"):
+        for offset, ec, ac in _chunk_pairs(expected, actual, n):
+            if not on_cpu:
+                ec, ac = ec.cpu(), ac.cpu()
+            be, ba = _bits(ec).numpy(), _bits(ac).numpy()
+            if work.equal(be, ba) and not (nan_matters and work.has_nan(ec, be)):
+                continue
+            m = ec.numel()
+            e, a = work.widened("e", ec), work.widened("a", ac)
+            d = work.abs_diff(a, e)
+            t1, t2 = work.array("t1", (m,), bool), work.array("t2", (m,), bool)
+            bad = work.array("bad", (m,), bool)
+            if bitwise:
+                ne = numpy.not_equal(be, ba, out=work.array("ne", be.shape, bool))
+                if ne.ndim > 1:  # complex: real/imag pairs
+                    ne.any(axis=1, out=bad)
+                else:
+                    bad = ne
+            else:
+                thr = _modulus(e, work.array("t", (m,), f64))
+                numpy.add(numpy.multiply(thr, rtol, out=thr), atol, out=thr)  # atol + rtol * |e|
+                numpy.less_equal(d, thr, out=bad)
+                bad |= numpy.equal(a, e, out=t1)
+                numpy.logical_not(bad, out=bad)
+            nb = int(numpy.count_nonzero(bad))
+            if nb and (tol.equal_nan or nan_matters):
+                both = numpy.logical_and(numpy.isnan(e, out=t1), numpy.isnan(a, out=t2), out=t1)
+                if tol.equal_nan:
+                    bad &= numpy.logical_not(both, out=t1)
+                    nb = int(numpy.count_nonzero(bad))
+                else:
+                    nan_both += int(numpy.count_nonzero(both))
+            if nb == 0:
+                continue
+            if first is None:
+                first = offset + int(bad.argmax())
+            n_diff += nb
+            # relative difference |a - e| / |e|; where |e| is not > 0: inf if |a - e| > 0, else 0
+            ea = _modulus(e, work.array("t", (m,), f64))
+            r = numpy.divide(d, ea, out=work.array("r", (m,), f64))
+            not_pos = numpy.logical_not(numpy.greater(ea, 0, out=t1), out=t1)
+            if not_pos.any():
+                numpy.copyto(r, 0.0, where=not_pos)
+                numpy.copyto(r, math.inf, where=numpy.logical_and(numpy.greater(d, 0, out=t2), not_pos, out=t2))
+            good = numpy.logical_not(bad, out=t1)
+            numpy.copyto(d, 0.0, where=good)  # only differing elements count; 0 never raises a maximum
+            numpy.copyto(r, 0.0, where=good)
+            big_abs, big_rel = float(d.max()), float(r.max())  # max propagates NaN
+            if math.isnan(big_abs):
+                abs_nan = True
+            else:
+                max_abs = max(max_abs, big_abs)
+            if math.isnan(big_rel):
+                rel_nan = True
+            else:
+                max_rel = max(max_rel, big_rel)
+    if n_diff == 0 or first is None:
+        return None
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), expected.shape)) if expected.dim() else ()
     return Difference(
         section,
         key,
@@ -253,9 +506,10 @@ def compare_tensor(
         index=index,
         n_diff=n_diff,
         numel=numel,
-        max_abs=max_abs,
-        max_rel=max_rel,
+        max_abs=math.nan if abs_nan else max_abs,
+        max_rel=math.nan if rel_nan else max_rel,
         position=position,
+        detail=_nan_both(nan_both) if nan_both else "",
     )
 
 
@@ -281,18 +535,44 @@ def compare_tensor_maps(
     return diffs
 
 
-def compare_records(expected: Record, actual: Record, spec: ToleranceSpec) -> Comparison:
-    """Compare two records section by section under a tolerance spec."""
-    diffs = compare_losses(expected.losses, actual.losses, spec.for_key("losses"))
+def compare_records(
+    expected: Record, actual: Record, spec: ToleranceSpec, *, scalar_dtype: str = SCALAR_DTYPE
+) -> Comparison:
+    """Compare two records section by section; scalar_dtype sets the "close" limits of losses and metrics."""
+    diffs = compare_losses(expected.losses, actual.losses, spec.for_key("losses"), scalar_dtype=scalar_dtype)
     diffs += compare_tensor_maps("weights", expected.weights, actual.weights, spec)
-    diffs += compare_metrics(expected.metrics, actual.metrics, spec)
+    diffs += compare_metrics(expected.metrics, actual.metrics, spec, scalar_dtype=scalar_dtype)
     diffs += compare_tensor_maps("outputs", expected.outputs, actual.outputs, spec)
     return Comparison(tuple(diffs))
 
 
-def section_max_abs(expected: Record, actual: Record) -> dict[str, float]:
+def _max_abs_diff(expected: torch.Tensor, actual: torch.Tensor, chunk_elements: int | None) -> float:
+    """Return max |actual - expected| (float64, complex modulus), NaN if any difference is NaN; chunked."""
+    import numpy
+
+    same = expected.dtype == actual.dtype
+    n = _chunk_size(_wide(expected.dtype, actual.dtype), chunk_elements)
+    work = _Work(expected.dtype, _wide(expected.dtype, actual.dtype), n)
+    on_cpu = expected.device.type == actual.device.type == "cpu"
+    worst = 0.0
+    with numpy.errstate(all="ignore"):
+        for _, ec, ac in _chunk_pairs(expected, actual, n):
+            if not on_cpu:
+                ec, ac = ec.cpu(), ac.cpu()
+            be = _bits(ec).numpy()
+            if same and work.equal(be, _bits(ac).numpy()):
+                if work.has_non_finite(ec, be):  # x - x is 0, except inf - inf and NaN - NaN, which are NaN
+                    return math.nan
+                continue
+            diff = float(work.abs_diff(work.widened("a", ac), work.widened("e", ec)).max())  # max propagates NaN
+            if math.isnan(diff):
+                return math.nan
+            worst = max(worst, diff)
+    return worst
+
+
+def section_max_abs(expected: Record, actual: Record, *, chunk_elements: int | None = None) -> dict[str, float]:
     """Return the largest absolute difference per section, whatever the tolerance (NaN where shapes differ)."""
-    import torch
 
     def tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
         worst = 0.0
@@ -301,8 +581,10 @@ def section_max_abs(expected: Record, actual: Record) -> dict[str, float]:
             if act is None or act.shape != exp.shape:
                 return math.nan
             if exp.numel():
-                diff = (act.to(torch.float64) - exp.to(torch.float64)).abs().max()
-                worst = max(worst, float(diff)) if not diff.isnan() else math.nan
+                diff = _max_abs_diff(_plain(exp), _plain(act), chunk_elements)
+                if math.isnan(diff):
+                    return math.nan
+                worst = max(worst, diff)
         return worst
 
     steps = list(zip(expected.losses, actual.losses, strict=False))
