@@ -45,7 +45,8 @@ def base(steps=3):
 def job(ctx):
     case = ctx.config.get("case", "ok")
     model, x, losses = base()
-    good = {"losses": losses, "weights": dict(model.state_dict()), "metrics": {"acc": 0.5}, "outputs": {"y": model(x).detach()}}
+    good = {"losses": losses, "weights": dict(model.state_dict()), "metrics": {"acc": 0.5},
+            "outputs": {"y": model(x).detach()}}
     if case == "ok":
         return good
     if case == "none":
@@ -382,7 +383,7 @@ CASES = [
         verdict="written",
         untouched=False,
         says=("replaced a corrupt reference",),
-    ),  # fmt: skip
+    ),
     Case(
         "read-only-during-regen",
         setup=read_only,
@@ -390,14 +391,14 @@ CASES = [
         body=CHANGED,
         verdict="error",
         says=("could not be written", "PermissionError", "Nothing was changed"),
-    ),  # fmt: skip
+    ),
     Case(
         "file-in-the-way",
         setup=file_in_the_way,
         verdict="error",
         untouched=False,
         says=("is a file, not a reference folder", "move it out of the way"),
-    ),  # fmt: skip
+    ),
     Case(
         "file-in-the-way-regen-missing",
         setup=file_in_the_way,
@@ -405,7 +406,7 @@ CASES = [
         verdict="error",
         untouched=False,
         says=("is a file, not a reference folder",),
-    ),  # fmt: skip
+    ),
     Case(
         "file-in-the-way-regen-all",
         setup=file_in_the_way,
@@ -413,7 +414,7 @@ CASES = [
         verdict="error",
         untouched=False,
         says=("is a file, not a reference folder",),
-    ),  # fmt: skip
+    ),
     Case(
         "reference-root-is-a-file",
         setup=root_is_a_file,
@@ -421,7 +422,7 @@ CASES = [
         verdict="error",
         untouched=False,
         says=("is a file",),
-    ),  # fmt: skip
+    ),
     Case("symlink-out", setup=symlink_out, verdict="error", untouched=False, says=("is a symlink to", "not followed")),
     Case("leftover-staging", setup=stale_staging, ret=0, verdict="passed", extra=_stale_gone),
     Case("leftover-backup", setup=stale_backup, ret=0, verdict="passed", untouched=False, extra=_restored),
@@ -434,7 +435,7 @@ CASES = [
         verdict="written",
         untouched=False,
         extra=_kept_user_file,
-    ),  # fmt: skip
+    ),
     # ---- job results
     Case("returns-none", case="none", args=REGEN_ONLY, verdict="error", says=("cannot be recorded", "got NoneType")),
     Case("returns-list", case="list", args=REGEN_ONLY, verdict="error", says=("cannot be recorded",)),
@@ -445,7 +446,7 @@ CASES = [
         args=REGEN_ONLY,
         verdict="error",
         says=("returned nothing to compare", "could never fail"),
-    ),  # fmt: skip
+    ),
     Case("empty-dict", case="empty_dict", args=REGEN_ONLY, verdict="error", says=("job result is empty",)),
     Case("loss-not-a-number", case="bad_loss_type", args=REGEN_ONLY, verdict="error", says=("losses[0]",)),
     Case(
@@ -454,7 +455,7 @@ CASES = [
         args=REGEN_ONLY,
         verdict="non-finite",
         says=("run 1 (seed ", "metrics['acc']", "non-finite", "equal_nan"),
-    ),  # fmt: skip
+    ),
     Case("metric-inf", case="metric_inf", args=REGEN_ONLY, verdict="non-finite", says=("metrics['acc']", "inf")),
     Case("output-nan", case="output_nan", args=REGEN_ONLY, verdict="non-finite", says=("outputs['y']",)),
     Case("weight-inf", case="weight_inf", args=REGEN_ONLY, verdict="non-finite", says=("weights['bias']",)),
@@ -472,7 +473,7 @@ CASES = [
     Case("zero-d-tensor", case="zero_d", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
     Case(
         "non-contiguous", case="non_contiguous", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes
-    ),  # fmt: skip
+    ),
     Case("bfloat16-output", case="bf16", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
     Case("tied-weights", case="tied", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
     Case("large-tensor", case="large", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
@@ -484,7 +485,7 @@ CASES = [
         args=REGEN_ONLY,
         verdict="error",
         says=("raised an exception", "the job exploded at step 2"),
-    ),  # fmt: skip
+    ),
     Case("os-exit", case="exit", args=REGEN_ONLY, verdict="error", says=("exited with code 3",)),
     Case("sigkill", case="sigkill", args=REGEN_ONLY, verdict="error", says=("killed by SIGKILL",)),
     Case("segfault", case="segfault", args=REGEN_ONLY, verdict="error", says=("killed by SIGSEGV",)),
@@ -495,7 +496,7 @@ CASES = [
         verdict="timeout",
         marker="(timeout=2)",
         says=("killed after 2 s", "repro_timeout"),
-    ),  # fmt: skip
+    ),
     Case("huge-output", case="huge_output", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
     Case("orphan-child", case="orphan", args=REGEN_ONLY, ret=0, verdict="written", extra=_orphan_killed),
     Case("chdir", case="chdir", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
@@ -508,7 +509,7 @@ CASES = [
         ret=0,
         verdict="written",
         extra=_written_then_passes,
-    ),  # fmt: skip
+    ),
     # ---- config and marker errors
     Case(
         "config-file-missing",
@@ -516,42 +517,42 @@ CASES = [
         body='    repro.check(job, config="nope.yaml")',
         verdict="error",
         says=("config file 'nope.yaml' not found", "Nothing was run"),
-    ),  # fmt: skip
+    ),
     Case(
         "config-not-json",
         args=REGEN_ONLY,
         body="    repro.check(job, config={'case': object()})",
         verdict="error",
         says=("must be JSON-serializable",),
-    ),  # fmt: skip
+    ),
     Case(
         "config-wrong-type",
         args=REGEN_ONLY,
         body="    repro.check(job, config=42)",
         verdict="error",
         says=("config must be a dict or a YAML file path, got int",),
-    ),  # fmt: skip
+    ),
     Case(
         "check-twice-same-name",
         args=REGEN_ONLY,
         verdict="error",
         body="    repro.check(job, config={'case': 'ok'})\n    repro.check(job, config={'case': 'ok'})",
         says=("called twice with name=None",),
-    ),  # fmt: skip
+    ),
     Case(
         "lambda-job",
         args=REGEN_ONLY,
         body="    repro.check(lambda ctx: {}, config={})",
         verdict="error",
         says=("must be an importable top-level function",),
-    ),  # fmt: skip
+    ),
     Case(
         "marker-device-cuda-without-gpu",
         args=REGEN_ONLY,
         marker='(device="cuda")',
         verdict="error",
         says=("usable CUDA device(s)", "--repro-device=cpu"),
-    ),  # fmt: skip
+    ),
     Case(
         "marker-unknown-kwarg", args=REGEN_ONLY, marker="(tolerence='close')", says=("unknown argument(s) tolerence",)
     ),
@@ -576,7 +577,7 @@ CASES = [
         verdict="test-failed",
         body="    repro.check(job, config={'case': 'ok'})\n    assert False, 'accuracy too low'",
         says=("the check agreed (PASSED), but the test failed",),
-    ),  # fmt: skip
+    ),
     Case(
         "user-assert-during-regen",
         args=REGEN_ONLY,
@@ -585,13 +586,13 @@ CASES = [
         body="    repro.check(job, config={'case': 'ok'})\n    assert False, 'accuracy too low'",
         says=("the reference was not written",),
         extra=_no_ref_written,
-    ),  # fmt: skip
+    ),
     Case(
         "failure-swallowed",
         verdict="differs",
         body=("    try:\n        repro.check(job, config={'case': 'shape'})\n    except BaseException:\n        pass"),
         says=("caught the failure and passed",),
-    ),  # fmt: skip
+    ),
     Case(
         "skip-after-check-during-regen",
         args=REGEN_ONLY,
@@ -610,7 +611,7 @@ CASES = [
         marker="\n@pytest.mark.xfail(strict=True)",
         body="    repro.check(job, config={'case': 'ok'})\n    assert False",
         extra=_no_ref_written,
-    ),  # fmt: skip
+    ),
     Case(
         "statistical-same-seed-vs-reference",
         case="shifted",
@@ -619,7 +620,7 @@ CASES = [
         marker='(tolerance={"mode": "statistical", "seeds": 3, "same_seed": True, "margin": 0.01, "losses": False})',
         setup=None,
         says=("NOT equivalent",),
-    ),  # fmt: skip
+    ),
     Case(
         "statistical-nan-in-one-seed",
         case="nan_one_seed",
@@ -636,7 +637,7 @@ CASES = [
         first=None,
         marker='(tolerance={"mode": "statistical", "seeds": 3, "same_seed": True, "margin": 0.1})',
         says=("run 2 (seed",),
-    ),  # fmt: skip
+    ),
     Case("missing-reference", first=None, verdict="missing", says=("--repro-regen=missing",)),
     Case(
         "output-nan-allowed-differs",
