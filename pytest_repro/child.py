@@ -92,8 +92,12 @@ def execute(spec: RunSpec) -> int:
             run_index=spec.run_index,
             deterministic=spec.deterministic,
             config_dir=Path(spec.config_dir) if spec.config_dir else None,
+            stop_at=spec.stop_at,
+            resume_from=Path(spec.resume_from) if spec.resume_from else None,
+            checkpoint_dir=workdir / "checkpoint",
         )
         ctx.workdir.mkdir(exist_ok=True)
+        ctx.checkpoint_dir.mkdir(exist_ok=True)  # type: ignore[union-attr]
         tracer = None
         if spec.diagnose:
             from .diagnose import StepTracer

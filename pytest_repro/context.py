@@ -75,6 +75,8 @@ class RunSpec:
     manifest_packages: tuple[str, ...] = ()
     identity: str = "hash"
     diagnose: bool = False
+    stop_at: int | None = None
+    resume_from: str | None = None
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""
@@ -175,7 +177,7 @@ def _leaf_paths(data: dict[str, Any], prefix: str = "") -> list[str]:
 
 @dataclass
 class JobContext:
-    """What a job receives: seed, device, config, a work dir and seeded generators."""
+    """What a job receives: seed, device, config, a work dir, seeded generators, and resume/stop points."""
 
     seed: int
     device: str
@@ -184,6 +186,9 @@ class JobContext:
     run_index: int = 0
     deterministic: bool = True
     config_dir: Path | None = None
+    stop_at: int | None = None  # resume checks: stop after this many steps and checkpoint.save(...)
+    resume_from: Path | None = None  # resume checks: a folder written by checkpoint.save, to load first
+    checkpoint_dir: Path | None = None  # an empty folder for checkpoint.save
     _rng: Any = field(default=None, repr=False)
 
     @property

@@ -118,6 +118,66 @@ class Repro:
             pytest.fail(decision.message or outcome.detail, pytrace=False)
         return record
 
+    def check_resume(
+        self,
+        job: Callable[..., Any] | str,
+        config: str | Path | Mapping[str, Any] | None = None,
+        name: str | None = None,
+        at: int | None = None,
+    ) -> Record:
+        """Check the job like check(), then stop it after ``at`` steps and resume it in a fresh process: same run."""
+        full = self.check(job, config, name)
+        label = f"{name}:resume@{at}" if name else f"resume@{at}"
+        outcome = Outcome(self._nodeid, label, seed=self.seed, device=self.device)
+        self.outcomes.append(outcome)
+        try:
+            decision = self._resume(job, config, at, full, outcome)
+        except _Stop as stop:
+            decision = stop.decision
+        except BaseException as exc:  # unforeseen: ERROR, never a pass
+            self._apply(outcome, Decision(Verdict.ERROR, f"{type(exc).__name__}: {exc}", ""))
+            raise
+        self._apply(outcome, decision)
+        if not decision.verdict.ok:
+            pytest.fail(decision.message or outcome.detail, pytrace=False)
+        return full
+
+    def _resume(self, job: Callable[..., Any] | str, config: Any, at: Any, full: Record, outcome: Outcome) -> Decision:
+        from dataclasses import replace
+
+        from .checkpoint import STATE_FILE, given
+
+        steps = len(full.losses)
+        if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at < max(steps, 2):
+            problem = (
+                f"repro.check_resume(at=...) needs a step between 1 and {steps - 1} (the job ran {steps}), got {at!r}"
+            )
+            raise _stop(Verdict.ERROR, "bad at=", messages.usage(self._nodeid, problem))
+        ref = JobRef.from_callable(job)
+        cfg, config_dir = self._load_config(config)
+        base = self._spec(ref, cfg, config_dir, self.seed, 0)
+        stop_spec = replace(base, stop_at=at, manifest=False)
+        stopped = self._run_one(stop_spec, 1, outcome)
+        ckpt = Path(stop_spec.workdir) / "checkpoint"
+        if not (ckpt / STATE_FILE).is_file():
+            raise _stop(Verdict.ERROR, "no checkpoint written", messages.resume_no_checkpoint(self._nodeid, at))
+        workdir = str(self._session.next_workdir("resume"))
+        resume_spec = replace(base, workdir=workdir, resume_from=str(ckpt), manifest=False, run_index=1)
+        resumed = self._run_one(resume_spec, 2, outcome)
+        bad = policy.check_results([stopped, resumed], self._settings.tolerance, self._nodeid)
+        if bad is not None:
+            raise _Stop(bad)
+        outcome.curves = {"uninterrupted": full.losses, f"stopped at {at} + resumed": stopped.losses + resumed.losses}
+        return policy.resume(
+            full,
+            stopped,
+            resumed,
+            at,
+            self._settings.tolerance,
+            self._nodeid,
+            given(Path(stop_spec.workdir) / "checkpoint"),
+        )
+
     def _check(
         self, job: Callable[..., Any] | str, config: Any, name: str | None, outcome: Outcome
     ) -> tuple[Record, Decision]:
@@ -211,13 +271,13 @@ class Repro:
                 continue
             staged, o.staged = Path(o.staged), None
             if test_outcome != "passed" or not o.verdict.ok:
-                discard_staged(staged)
+                discard_staged(staged, self._settings.reference_dir)
                 continue
             assert o.path is not None
             try:
                 kept = commit_reference(staged, Path(o.path))
             except OSError as exc:
-                discard_staged(staged)
+                discard_staged(staged, self._settings.reference_dir)
                 shown = self._session.relative(Path(o.path))
                 o.verdict, o.detail = Verdict.ERROR, f"the reference could not be written: {exc}"
                 failure = messages.write_failed(self._nodeid, shown, exc)
@@ -342,6 +402,12 @@ class Repro:
             if i == 0:
                 manifest = _read_manifest(result.workdir)
         return records, manifest
+
+    def _run_one(self, spec: RunSpec, run: int, outcome: Outcome) -> Record:
+        """Run one extra run (outside the check's N runs) and return its record."""
+        result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+        outcome.seconds.append(result.wall_s)
+        return self._record_of(result, run)
 
     def _record_of(self, result: RunOutcome, run: int) -> Record:
         nodeid = self._nodeid

@@ -251,3 +251,45 @@ def usage(nodeid: str, problem: str) -> str:
 def config_invalid(nodeid: str, problem: str) -> str:
     """A config rejected by the job's schema or validator."""
     return f"{nodeid}: {problem}\nNothing was run. Fix the config passed to repro.check (see the job's docs)."
+
+
+RESUME_STATE = (
+    "the optimizer state, the LR scheduler, the RNG states of Python/NumPy/torch/CUDA, the data position "
+    "(sampler or iterator state, e.g. a torch.Generator passed in extra=), and the gradient scaler"
+)
+
+
+def resume_mismatch(nodeid: str, at: int, headline: str, described: str, given: Sequence[str]) -> str:
+    """Stop + resume that does not give the uninterrupted run."""
+    missing = [c for c in ("model", "optimizer", "scheduler", "scaler") if c not in given]
+    not_given = (
+        f"checkpoint.save was not given: {', '.join(missing)} (needed if the job has one).\n"
+        if missing
+        else "checkpoint.save was given model, optimizer, scheduler and scaler: look at the data position and "
+        "at state kept outside them.\n"
+    )
+    return (
+        f"{nodeid}: resume mismatch: stopping after step {at} and resuming in a fresh process does not give the "
+        f"uninterrupted run: {headline}\n{described}\n"
+        f"A checkpoint must restore {RESUME_STATE}. {not_given}"
+        "Fix: pass every piece of training state to pytest_repro.checkpoint.save(ctx.checkpoint_dir, step=..., "
+        "model=..., optimizer=..., scheduler=..., scaler=..., extra=...) and restore it with checkpoint.load(...), "
+        f"then rerun: {rerun_command(nodeid)}"
+    )
+
+
+def resume_bad_stop(nodeid: str, at: int, got: int) -> str:
+    """A job that does not honour ctx.stop_at."""
+    return (
+        f"{nodeid}: the run told to stop after step {at} (ctx.stop_at) returned {got} losses. A job in a resume check "
+        "returns the losses of the steps it ran in this process only, stops at ctx.stop_at and calls "
+        "checkpoint.save(ctx.checkpoint_dir, step=ctx.stop_at, ...). Fix the job's loop bounds."
+    )
+
+
+def resume_no_checkpoint(nodeid: str, at: int) -> str:
+    """A job that stopped without writing a checkpoint."""
+    return (
+        f"{nodeid}: the run told to stop after step {at} wrote no checkpoint into ctx.checkpoint_dir. "
+        "Fix: when ctx.stop_at is set, call pytest_repro.checkpoint.save(ctx.checkpoint_dir, step=ctx.stop_at, ...)."
+    )

@@ -247,9 +247,13 @@ def commit_reference(staging: Path, path: Path) -> list[str]:
     return kept
 
 
-def discard_staged(staging: Path) -> None:
-    """Remove a staged reference that must not be published."""
+def discard_staged(staging: Path, root: Path | None = None) -> None:
+    """Remove a staged reference that must not be published, and the folders staging created (up to ``root``)."""
     shutil.rmtree(staging, ignore_errors=True)
+    parent = staging.parent
+    while root is not None and parent != root and parent.is_relative_to(root) and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -33,3 +33,10 @@ def test_lora_half_precision_is_reproducible(repro, dtype):
     assert result.meta["dtype"] == dtype  # the base model's dtype
     # peft keeps LoRA adapters in float32 over a half-precision base (autocast_adapter_dtype=True)
     assert all(str(t.dtype) == "torch.float32" for t in result.weights.values())
+
+
+@pytest.mark.reproducible
+def test_lora_resumes_from_a_checkpoint(repro):
+    # the uninterrupted run against its reference, then stop after 12 steps + resume in a fresh process
+    result = repro.check_resume(lora_finetune, config="fixtures/tiny_lora.yaml", at=12)
+    assert len(result.losses) == 32

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import checkpoint
 from ..schema import field, validate
 from ..splits import load_split
 
@@ -199,9 +200,15 @@ def run(ctx: JobContext) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
     sampler = torch.Generator().manual_seed(ctx.seed)
     n = p.train["input_ids"].shape[0]
-    losses: list[float] = []
+    losses: list[float] = []  # of the steps run in this process (a resumed run starts at its checkpoint)
+    start = 0
+    if ctx.resume_from is not None:
+        restored = checkpoint.load(ctx.resume_from, model=p.model, optimizer=optimizer)
+        start = restored["step"]
+        sampler.set_state(restored["extra"]["sampler"])  # the data position
+    end = ctx.stop_at if ctx.stop_at is not None else t.steps
     p.model.train()
-    for _ in range(t.steps):
+    for _ in range(start, end):
         idx = torch.randint(n, (t.batch_size,), generator=sampler)
         batch = {k: v[idx].to(ctx.device) for k, v in p.train.items()}
         loss = p.model(**batch).loss
@@ -209,6 +216,9 @@ def run(ctx: JobContext) -> dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    if ctx.stop_at is not None:
+        extra = {"sampler": sampler.get_state()}
+        checkpoint.save(ctx.checkpoint_dir or ctx.workdir, step=end, model=p.model, optimizer=optimizer, extra=extra)
     eval_loss = evaluate(p.model, p.eval, ctx.device)
     return {
         "meta": {"split_sha256": p.split_sha256},
