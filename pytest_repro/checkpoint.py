@@ -77,8 +77,12 @@ def rng_states() -> dict[str, Any]:
     import numpy as np
     import torch
 
-    states: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
@@ -127,7 +131,11 @@ def save(
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Any] = {}
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    state: dict[str, Any] = {"schema": SCHEMA, "step": int(step), "given": [k for k, v in given.items() if v is not None]}
+    state: dict[str, Any] = {
+        "schema": SCHEMA,
+        "step": int(step),
+        "given": [k for k, v in given.items() if v is not None],
+    }
     for name, obj in given.items():
         if obj is not None:
             state[name] = _flatten(obj.state_dict(), name, tensors)
