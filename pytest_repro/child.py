@@ -56,8 +56,16 @@ def _write_error(workdir: Path, stage: str, exc: BaseException) -> None:
     (workdir / ERROR_FILE).write_text(json.dumps(error), encoding="utf-8")
 
 
-def execute(spec: RunSpec) -> int:
-    """Run one job in this (fresh) process and write its record to ``spec.workdir``; return an exit code."""
+def execute(spec: RunSpec, rank: int | None = None) -> int:
+    """Run one job in this (fresh) process and write its record to ``spec.workdir``; return an exit code.
+
+    A job on several ranks (``spec.nproc > 1``) forks one process per rank, each of which runs here
+    with its ``rank`` and torch.distributed initialised around the job.
+    """
+    if spec.nproc > 1 and rank is None:
+        from .distributed import launch
+
+        return launch(spec, execute)
     workdir = Path(spec.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(workdir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -104,9 +112,15 @@ def execute(spec: RunSpec) -> int:
 
             tracer = StepTracer().install()
         stage = "job"
-        started = time.perf_counter()
-        result = job(ctx)
-        wall = time.perf_counter() - started
+        with contextlib.ExitStack() as stack:
+            if rank is not None:
+                from .distributed import process_group
+
+                group = stack.enter_context(process_group(spec, rank))
+                ctx.rank, ctx.local_rank, ctx.world_size, ctx.device = rank, rank, spec.nproc, group["device"]
+            started = time.perf_counter()
+            result = job(ctx)
+            wall = time.perf_counter() - started
         stage = "record"  # from here on a failure is the result's (or ours), not the job's
         os.chdir(spec.cwd)  # the job may have changed directory
         if tracer is not None:
@@ -123,6 +137,8 @@ def execute(spec: RunSpec) -> int:
             "flags": flags,
             "wall_s": round(wall, 4),
         }
+        if rank is not None:
+            meta["distributed"] = {"rank": rank, "world_size": spec.nproc, "backend": group["backend"]}
         torch = sys.modules.get("torch")
         if torch is not None:
             meta["torch_threads"] = torch.get_num_threads()
@@ -132,6 +148,8 @@ def execute(spec: RunSpec) -> int:
         save_record(record, workdir / RECORD_DIR)
         if spec.manifest:
             manifest = collect_manifest(spec.cwd, spec.manifest_packages, spec.identity)
+            if rank is not None:
+                manifest["distributed"] = {"backend": group["backend"], "world_size": spec.nproc}
             (workdir / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
         return 0
     except BaseException as exc:

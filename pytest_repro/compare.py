@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .tolerances import SCALAR_DTYPE, Tolerance, ToleranceSpec
@@ -34,9 +34,14 @@ class Difference:
     max_rel: float = 0.0
     position: int | None = None  # position of the tensor in state-dict order
     detail: str = ""
+    rank: int | None = None  # jobs on several ranks: which rank's record differs
 
     def describe(self, expected_label: str = "expected", actual_label: str = "actual") -> str:
         """Return one human-readable line for this difference."""
+        line = self._describe(expected_label, actual_label)
+        return line if self.rank is None else f"rank {self.rank}: {line}"
+
+    def _describe(self, expected_label: str, actual_label: str) -> str:
         where = self.section if self.key is None else f"{self.section}[{self.key!r}]"
         if self.kind != "value":
             return f"{where}: {self.detail} [tolerance: {self.tolerance}]"
@@ -84,10 +89,10 @@ class Comparison:
     def describe(self, expected_label: str = "expected", actual_label: str = "actual", limit: int = 8) -> str:
         """Return the differences as lines, the first of each section first."""
         lines: list[str] = []
-        by_section: dict[str, list[Difference]] = {}
+        by_section: dict[tuple[int | None, str], list[Difference]] = {}
         for d in self.differences:
-            by_section.setdefault(d.section, []).append(d)
-        for section, diffs in by_section.items():
+            by_section.setdefault((d.rank, d.section), []).append(d)
+        for (_, section), diffs in by_section.items():
             lines.append("  " + diffs[0].describe(expected_label, actual_label))
             rest = diffs[1:]
             shown = rest[: max(0, limit - 1)]
@@ -543,6 +548,18 @@ def compare_records(
     diffs += compare_tensor_maps("weights", expected.weights, actual.weights, spec)
     diffs += compare_metrics(expected.metrics, actual.metrics, spec, scalar_dtype=scalar_dtype)
     diffs += compare_tensor_maps("outputs", expected.outputs, actual.outputs, spec)
+    if not (expected.ranks or actual.ranks):
+        return Comparison(tuple(diffs))
+    diffs = [replace(d, rank=0) for d in diffs]  # several ranks: every line names its rank
+    for rank in sorted(set(expected.ranks) | set(actual.ranks)):
+        if rank not in expected.ranks or rank not in actual.ranks:
+            missing = "this run" if rank not in actual.ranks else "the expected record"
+            diffs.append(
+                Difference("ranks", None, "missing", "-", detail=f"no record of rank {rank} in {missing}", rank=rank)
+            )
+            continue
+        other = compare_records(expected.ranks[rank], actual.ranks[rank], spec, scalar_dtype=scalar_dtype)
+        diffs += [replace(d, rank=rank) for d in other.differences]
     return Comparison(tuple(diffs))
 
 

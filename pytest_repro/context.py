@@ -77,6 +77,7 @@ class RunSpec:
     diagnose: bool = False
     stop_at: int | None = None
     resume_from: str | None = None
+    nproc: int = 1
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""
@@ -189,6 +190,9 @@ class JobContext:
     stop_at: int | None = None  # resume checks: stop after this many steps and checkpoint.save(...)
     resume_from: Path | None = None  # resume checks: a folder written by checkpoint.save, to load first
     checkpoint_dir: Path | None = None  # an empty folder for checkpoint.save
+    rank: int = 0  # jobs on several ranks (repro.check(job, nproc=N)): torch.distributed is initialised
+    local_rank: int = 0
+    world_size: int = 1
     _rng: Any = field(default=None, repr=False)
 
     @property

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from . import messages, policy
-from .child import MANIFEST_FILE
+from .child import MANIFEST_FILE, RECORD_DIR
 from .context import JobRef, JobReferenceError, RunSpec
+from .distributed import rank_dir
 from .policy import Decision
 from .record import CorruptRecordError, Record, load_record
 from .runner import RunOutcome
@@ -60,6 +61,7 @@ class Repro:
         self._nodeid = item.nodeid
         self._test_dir = Path(item.path).parent
         self._device: str | None = None
+        self._nproc = 1  # ranks of the check being run
         self.outcomes: list[Outcome] = []
         self.records: list[Record] = []
 
@@ -92,12 +94,22 @@ class Repro:
         job: Callable[..., Any] | str,
         config: str | Path | Mapping[str, Any] | None = None,
         name: str | None = None,
+        nproc: int = 1,
     ) -> Record:
-        """Run ``job`` N times in fresh seeded processes, compare the runs and the reference; return run 1's record."""
+        """Run ``job`` N times in fresh seeded processes, compare the runs and the reference; return run 1's record.
+
+        ``nproc=N`` runs each run as N ranks with torch.distributed initialised (gloo on CPU, nccl on CUDA);
+        every rank's record is compared and stored, and rank 0's is returned (with the others in ``.ranks``).
+        """
         outcome = Outcome(self._nodeid, name, seed=self.seed, path=str(self.reference_dir(name)))
         duplicate = any(o.name == name for o in self.outcomes)
         self.outcomes.append(outcome)  # published at teardown whatever happens; starts as ERROR
+        self._nproc = 1
         try:
+            if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+                problem = f"repro.check(nproc=...) takes a number of ranks >= 1, got {nproc!r}"
+                raise _stop(Verdict.ERROR, "bad nproc=", messages.usage(self._nodeid, problem))
+            self._nproc = nproc
             if duplicate:
                 raise _stop(
                     Verdict.ERROR,
@@ -113,6 +125,8 @@ class Repro:
             self._apply(outcome, Decision(Verdict.ERROR, f"{type(exc).__name__}: {exc}", ""))
             outcome.message = messages.internal_error(self._nodeid, exc)
             raise
+        finally:
+            self._nproc = 1
         self._apply(outcome, decision)
         if record is None or not decision.verdict.ok:
             pytest.fail(decision.message or outcome.detail, pytrace=False)
@@ -214,6 +228,7 @@ class Repro:
             )
         if diverged is not None:
             raise _Stop(diverged)
+        outcome.warnings += policy.replicas_disagree(records[0])
         audit = policy.audit_findings(records[0])
         if audit and self._settings.config_audit == "fail":
             raise _stop(Verdict.ERROR, "config audit failed", messages.audit_failed(self._nodeid, audit))
@@ -383,6 +398,7 @@ class Repro:
             manifest_packages=s.manifest_packages,
             identity=s.identity,
             diagnose=diagnose,
+            nproc=self._nproc,
         )
 
     def _run_all(
@@ -437,7 +453,10 @@ class Repro:
                 messages.job_failed(nodeid, run, what, result.detail, result.log_tail),
             )
         try:
-            return load_record(result.record_dir)
+            record = load_record(result.record_dir)
+            for rank in range(1, self._nproc):
+                record.ranks[rank] = load_record(rank_dir(result.workdir, rank) / RECORD_DIR)
+            return record
         except (CorruptRecordError, FileNotFoundError) as exc:
             raise _stop(
                 Verdict.ERROR, f"run {run} wrote an unreadable record", messages.unrecordable(nodeid, run, str(exc))

@@ -101,11 +101,14 @@ def compare(expected: Record, actual: Record, spec: ToleranceSpec) -> Comparison
 
 def headline(cmp: Comparison, prefix: str = "") -> str:
     """Say where a comparison first failed, e.g. "at step 3" or "in weights['w']"."""
-    d = cmp.differences[0]
+    steps = [d for d in cmp.differences if d.section == "losses" and d.kind == "value" and d.step is not None]
+    # the earliest step first (on several ranks the first rank to move is the cause, not rank 0)
+    d = min(steps, key=lambda d: (d.step or 0, d.rank or 0)) if steps else cmp.differences[0]
+    rank = "" if d.rank is None else f" on rank {d.rank}"
     if d.section == "losses" and d.kind == "value":
-        return f"{prefix} at step {d.step}".strip()
+        return f"{prefix} at step {d.step}{rank}".strip()
     where = d.section if d.key is None else f"{d.section}[{d.key!r}]"
-    return f"{prefix} in {where}".strip()
+    return f"{prefix} in {where}{rank}".strip()
 
 
 def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -> Decision | None:
@@ -409,3 +412,20 @@ def resume(
         headline_text = f"the losses agree, but the final results differ {where}"
     text = messages.resume_mismatch(nodeid, at, headline_text, cmp.describe("uninterrupted", "stop+resume"), given)
     return Decision(Verdict.DIFFERS, f"resume mismatch {where}", text, differences=[asdict(d) for d in cmp.differences])
+
+
+def replicas_disagree(record: Record) -> list[str]:
+    """Warnings for ranks whose final weights differ from rank 0's (DDP replicas should stay identical)."""
+    warnings = []
+    for rank, other in sorted(record.ranks.items()):
+        if not record.weights or set(other.weights) != set(record.weights):
+            continue
+        cmp = compare(Record(weights=record.weights), Record(weights=other.weights), ToleranceSpec())
+        if not cmp.ok:
+            d = cmp.differences[0]
+            warnings.append(
+                f"rank {rank}'s final weights differ from rank 0's ({d.section}[{d.key!r}], max abs diff "
+                f"{d.max_abs:.3g}): under DDP the replicas should stay identical — expected only if the job "
+                "shards its model (FSDP, tensor parallel)"
+            )
+    return warnings

@@ -44,6 +44,7 @@ class Record:
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    ranks: dict[int, Record] = field(default_factory=dict)  # jobs on several ranks: ranks 1..N-1 (this is rank 0)
 
     @property
     def seed(self) -> int | None:
@@ -143,7 +144,17 @@ class NonFinite:
 
 
 def find_non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> list[NonFinite]:
-    """Return every section/key of a record that holds NaN or inf, except where ``allowed(section, key)``."""
+    """Return every section/key of a record (every rank's) that holds NaN or inf, except where ``allowed``."""
+    found = _non_finite(record, allowed)
+    for rank, other in sorted(record.ranks.items()):
+        found += [
+            NonFinite(f"rank {rank}: {bad.section}", bad.key, bad.count, bad.first, bad.value)
+            for bad in _non_finite(other, allowed)
+        ]
+    return found
+
+
+def _non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> list[NonFinite]:
     found: list[NonFinite] = []
     bad = [i for i, v in enumerate(record.losses) if not math.isfinite(v)]
     if bad and not allowed("losses", None):
@@ -179,8 +190,9 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
 
 
 def is_empty(record: Record) -> bool:
-    """Whether a record holds nothing to compare (no losses, weights, metrics or outputs)."""
-    return not (record.losses or record.weights or record.metrics or record.outputs)
+    """Whether a record holds nothing to compare (no losses, weights, metrics or outputs, on any rank)."""
+    mine = not (record.losses or record.weights or record.metrics or record.outputs)
+    return mine and all(is_empty(r) for r in record.ranks.values())
 
 
 def first_non_finite(values: list[float]) -> int | None:
@@ -240,13 +252,17 @@ def save_record(record: Record, folder: Path) -> None:
             "keys": list(tensors),  # safetensors does not keep insertion (state-dict) order
             "sha256": sha256_file(folder / filename),
         }
-    body = {
+    body: dict[str, Any] = {
         "schema": RECORD_SCHEMA,
         "losses": record.losses,
         "metrics": record.metrics,
         "meta": record.meta,
         "tensors": index,
     }
+    if record.ranks:
+        body["ranks"] = sorted(record.ranks)
+        for rank, other in record.ranks.items():
+            save_record(other, folder / f"rank{rank}")
     write_text_atomic(folder / RECORD_FILE, dump_json(body))
 
 
@@ -273,6 +289,15 @@ def load_record(folder: Path) -> Record:
         if section not in TENSOR_SECTIONS:
             raise CorruptRecordError(path, f"unknown tensor section {section!r}")
         setattr(record, section, _load_tensors(folder, path, entry))
+    try:
+        ranks = [int(r) for r in body.get("ranks", [])]
+    except (TypeError, ValueError) as exc:
+        raise CorruptRecordError(path, f"malformed rank list ({exc!r})") from exc
+    for rank in ranks:
+        try:
+            record.ranks[rank] = load_record(folder / f"rank{rank}")
+        except FileNotFoundError as exc:
+            raise CorruptRecordError(folder / f"rank{rank}", "the record of this rank is missing") from exc
     return record
 
 

@@ -86,6 +86,7 @@ class ReferenceBlockedError(OSError):
 
 
 PLUGIN_FILES = frozenset({RECORD_FILE, "weights.safetensors", "outputs.safetensors", MANIFEST_FILE, PROVENANCE_FILE})
+_RANK_DIR = re.compile(r"^rank\d+$")  # the records of ranks 1..N-1 of a job on several ranks
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)-(?P<pid>\d+)$")
 
 
@@ -194,13 +195,7 @@ def stage_reference(path: Path, record: Record, manifest: dict[str, Any], proven
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.new-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    stable = Record(
-        losses=record.losses,
-        weights=record.weights,
-        metrics=record.metrics,
-        outputs=record.outputs,
-        meta={k: v for k, v in record.meta.items() if k not in VOLATILE_META},
-    )
+    stable = _stable(record)
     try:
         save_record(stable, staging)
         write_text_atomic(staging / MANIFEST_FILE, dump_yaml(manifest))
@@ -212,11 +207,27 @@ def stage_reference(path: Path, record: Record, manifest: dict[str, Any], proven
     return staging
 
 
+def _stable(record: Record) -> Record:
+    """The record without run details that change on every run (wall time, run index)."""
+    return Record(
+        losses=record.losses,
+        weights=record.weights,
+        metrics=record.metrics,
+        outputs=record.outputs,
+        meta={k: v for k, v in record.meta.items() if k not in VOLATILE_META},
+        ranks={rank: _stable(r) for rank, r in record.ranks.items()},
+    )
+
+
 def user_files(path: Path) -> list[str]:
     """Return the names of files in a reference folder that pytest-repro did not write."""
     if not path.is_dir():
         return []
-    return sorted(p.name for p in path.iterdir() if p.name not in PLUGIN_FILES and not p.name.startswith("."))
+    return sorted(
+        p.name
+        for p in path.iterdir()
+        if p.name not in PLUGIN_FILES and not p.name.startswith(".") and not _RANK_DIR.match(p.name)
+    )
 
 
 def commit_reference(staging: Path, path: Path) -> list[str]:

@@ -31,6 +31,8 @@ def find_unused(reference_dir: Path, owned: set[Path]) -> list[Path]:
         folder = record.parent
         if any(part.startswith(".") for part in folder.relative_to(reference_dir).parts):
             continue  # staging/backup folders of an interrupted write
+        if re.match(r"^rank\d+$", folder.name) and (folder.parent / RECORD_FILE).is_file():
+            continue  # a rank of a reference recorded on several ranks
         if not any(folder.is_relative_to(prefix) for prefix in owned):
             unused.append(folder)
     return unused
@@ -46,6 +48,9 @@ def delete(folders: Iterable[Path], reference_dir: Path) -> list[str]:
         for name in PLUGIN_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (folder / name).unlink()
+        for ranks in folder.glob("rank*"):
+            if re.match(r"^rank\d+$", ranks.name) and ranks.is_dir():
+                delete([ranks], folder)
         left = sorted(p for p in folder.iterdir()) if folder.is_dir() else []
         if left:
             kept += [str(p.relative_to(reference_dir)) for p in left]
