@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -307,6 +308,133 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 1 if migrate_cpu_folders(root, args.dry_run) else 0
 
 
+def _export_source(args: argparse.Namespace) -> Path:
+    """Return the reference environment folder named by a folder path or a test node id."""
+    from .storage import environment_dirs, reference_path
+
+    target = Path(args.target)
+    fix = "pass a reference environment folder (reference_outputs/<test module>/<test>/<environment>) or a node id"
+    if target.is_dir():
+        if not (target / RECORD_FILE).is_file():
+            raise _environment_folder_error(target, RECORD_FILE, "export", fix)
+        return target
+    if target.exists():
+        raise CliError(f"{target} is a file, not a reference folder", fix)
+    if "::" not in args.target:
+        raise CliError(f"{args.target} is neither a reference folder nor a test node id (path::test)", fix)
+    root = Path(args.reference_dir) if args.reference_dir else Path(args.rootdir) / "reference_outputs"
+    test_dir = reference_path(root, args.target, args.name)
+    envs = {k: v for k, v in environment_dirs(test_dir).items() if (v / RECORD_FILE).is_file()}
+    regen = f"pytest --repro --repro-regen {shlex.quote(args.target)}"
+    if not envs:
+        raise CliError(
+            f"no reference for {args.target} under {root} (looked in {test_dir})",
+            f"record one with {regen}, or pass --rootdir/--reference-dir (and --name for a named check)",
+        )
+    if args.env:
+        if args.env not in envs:
+            raise CliError(
+                f"{args.target} has no reference for environment {args.env!r} (it has: {', '.join(envs)})",
+                f"pass one of them with --env, e.g. --env {next(iter(envs))}",
+            )
+        return envs[args.env]
+    if len(envs) > 1:
+        raise CliError(
+            f"{args.target} has references for several environments: {', '.join(envs)}",
+            f"pick one with --env, e.g. --env {next(iter(envs))}",
+        )
+    return next(iter(envs.values()))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import INDEX_FILE, BundleError, export
+
+    out = Path(args.output)
+    try:
+        folder = _export_source(args)
+        bundle = export(folder, Path(args.rootdir), out)
+    except BundleError as exc:
+        raise CliError(exc.problem, exc.fix) from None
+    except OSError as exc:
+        raise CliError(f"cannot write {out} ({exc.strerror or exc})", "choose a writable path with -o") from None
+    index = bundle.index
+    size = out.stat().st_size
+    print(
+        f"wrote {out}: {index['test']} ({index['environment_key']}), {len(index['files'])} files + {INDEX_FILE}, "
+        f"{size / 1024:.0f} KiB"
+    )
+    for note in bundle.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .bundle import BundleError, verify
+
+    try:
+        result = verify(Path(args.bundle))
+    except BundleError as exc:
+        raise CliError(exc.problem, exc.fix) from None
+    index = result.index
+    if index:
+        check = f" [{index['check']}]" if index.get("check") else ""
+        print(
+            f"bundle of {index.get('test')}{check} (environment {index.get('environment_key')}), "
+            f"written {index.get('created')} by pytest-repro {index.get('plugin_version')}"
+        )
+    for line in result.checked:
+        print(f"  ok   {line}")
+    for line in result.problems:
+        print(f"  BAD  {line}")
+    if result.problems:
+        files = ", ".join(result.bad_files)
+        print(f"{args.bundle}: INCONSISTENT, {len(result.problems)} problem(s) in: {files}")
+        return 1
+    print(f"{args.bundle}: OK, {len(index.get('files') or {})} files + bundle.json, every hash matches")
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from .tracking import INSTALL, LOCAL_DB, LOCAL_STORE, experiment_name, format_history, local_uri, read_history
+
+    rootdir = Path(args.rootdir)
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(rootdir)
+    if uri == local_uri(rootdir) and not (rootdir / LOCAL_STORE / LOCAL_DB).is_file():
+        raise CliError(
+            f"no MLflow store at {rootdir / LOCAL_STORE / LOCAL_DB}",
+            "log some runs first with pytest --repro --repro-mlflow, or pass --tracking-uri URI (or --rootdir)",
+        )
+    experiment = args.experiment or experiment_name(rootdir)
+    try:
+        rows = read_history(uri, experiment, args.nodeid, args.name, args.limit)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ("mlflow", "sqlalchemy", "alembic"):
+            raise
+        raise CliError(f"{exc.name} is not installed (history reads the MLflow store)", INSTALL) from None
+    except LookupError:
+        raise CliError(
+            f"the MLflow store at {uri} has no experiment {experiment!r}",
+            "pass --experiment NAME (default: the project's name), or log runs with pytest --repro --repro-mlflow",
+        ) from None
+    except Exception as exc:  # MLflow's client raises its own errors for unreachable or invalid stores
+        raise CliError(
+            f"cannot read the MLflow store at {uri} ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+            "check --tracking-uri and that the tracking server is reachable",
+        ) from None
+    if not rows:
+        named = f" [{args.name}]" if args.name else ""
+        raise CliError(
+            f"no runs of {args.nodeid}{named} in experiment {experiment!r} at {uri}",
+            "check the node id (as pytest prints it), or log runs with pytest --repro --repro-mlflow",
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2, sort_keys=True))
+        return 0
+    for line in format_history(rows, args.nodeid, experiment, uri):
+        print(line)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pytest-repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +465,26 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("reference_dir", nargs="?", default="reference_outputs", help="default: ./reference_outputs")
     g.add_argument("--dry-run", action="store_true", help="print what would be renamed, rename nothing")
     g.set_defaults(func=_cmd_migrate)
+    e = sub.add_parser("export", help="write one self-describing bundle (.tar.gz or .zip) of a reference")
+    e.add_argument("target", help="a reference environment folder, or a test node id (path::test)")
+    e.add_argument("-o", "--output", default="bundle.tar.gz", help="*.tar.gz or *.zip (default: bundle.tar.gz)")
+    e.add_argument("--env", help="the environment key, when the test has references for several")
+    e.add_argument("--name", help="the check's name=, for a test that calls repro.check more than once")
+    e.add_argument("--rootdir", default=".", help="the project's rootdir (config and data paths; default: .)")
+    e.add_argument("--reference-dir", help="default: <rootdir>/reference_outputs")
+    e.set_defaults(func=_cmd_export)
+    v = sub.add_parser("verify", help="check every hash in a bundle; exit 1 when anything is inconsistent")
+    v.add_argument("bundle")
+    v.set_defaults(func=_cmd_verify)
+    y = sub.add_parser("history", help="a check's verdicts, environments and final losses across logged runs")
+    y.add_argument("nodeid", help="the test's node id, as pytest prints it")
+    y.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the local store in <rootdir>/mlruns")
+    y.add_argument("--experiment", help="default: MLFLOW_EXPERIMENT_NAME, else the project's name")
+    y.add_argument("--name", help="only the check with this name=")
+    y.add_argument("--rootdir", default=".", help="the project's rootdir (default: .)")
+    y.add_argument("--limit", type=int, default=50, help="the latest N runs (default: 50)")
+    y.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    y.set_defaults(func=_cmd_history)
     return parser
 
 

@@ -107,6 +107,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("auto", "fork", "spawn"),
         help="fork: warm worker forks a child per run; spawn: fresh interpreter per run",
     )
+    group.addoption(
+        "--repro-bundle-dir",
+        default=None,
+        metavar="DIR",
+        help="write a self-describing bundle (.tar.gz) of every failing check into DIR, e.g. for CI artifacts",
+    )
+    group.addoption(
+        "--repro-mlflow",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="TRACKING_URI",
+        help="log every check as an MLflow run (ini repro_mlflow); without a URI: MLFLOW_TRACKING_URI, "
+        "else a local SQLite store in <rootdir>/mlruns. Needs pip install 'pytest-repro[mlflow]'",
+    )
     for name, (help_text, default) in INI_OPTIONS.items():
         parser.addini(name, help_text, default=default)
     for name, (help_text, default_list) in INI_LISTS.items():
@@ -153,6 +168,11 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"pytest-repro: {flag}={target} is a folder; give a file path, e.g. {flag}={Path(target) / 'repro'}"
                 + (".json" if option == "repro_report" else ".html")
             )
+    from .tracking import option_problems
+
+    problems = option_problems(config)  # --repro-bundle-dir usable; --repro-mlflow: a URI, mlflow importable
+    if problems:
+        raise pytest.UsageError(f"pytest-repro: {problems[0]}")
 
     ini = {name: config.getini(name) for name in (*INI_OPTIONS, *INI_LISTS)}
     cli = {name: config.getoption(name) for name in _CLI}
@@ -347,6 +367,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
     written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
     if not written and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+    from .tracking import publish
+
+    if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow
         session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
 
