@@ -479,7 +479,8 @@ class Repro:
             found = first_divergence(folders[0], folders[1])
             if found is None:
                 return (
-                    "the two traced runs agreed at every optimizer step (the divergence is outside the optimizer steps)"
+                    "the two traced runs agreed at every forward, loss and optimizer step (the divergence is "
+                    "outside the training steps, e.g. in evaluation or in what the job returns)"
                 )
             return found.describe()
 

@@ -148,9 +148,15 @@ def run_to_run(
             continue
         head = headline(cmp, f"runs 1 and {k} diverge")
         if diagnose is not None:
-            diagnosis = f"Diagnosis (two more runs, tracing every parameter and gradient): {diagnose()}\n"
+            diagnosis = (
+                "Diagnosis (two more runs, tracing the model's inputs, the loss, every parameter and gradient): "
+                f"{diagnose()}\n"
+            )
         else:
-            diagnosis = "Rerun with --repro-diagnose to find the first step and tensor that diverge.\n"
+            diagnosis = (
+                "Rerun with --repro-diagnose to find the first step and tensor (input batch, loss, parameter or "
+                "gradient) that diverge.\n"
+            )
         text = messages.diverged(
             nodeid,
             head,

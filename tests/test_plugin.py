@@ -377,7 +377,7 @@ def test_diagnose_names_the_first_diverging_tensor(userjobs: pytest.Pytester) ->
     result.stdout.fnmatch_lines(
         [
             "*runs 1 and 2 diverge at step 4*",
-            "Diagnosis (two more runs, tracing every parameter and gradient): "
+            "Diagnosis (two more runs, tracing the model's inputs, the loss, every parameter and gradient): "
             "first divergence at step 3, `weight` grad, 1 of 8 elements, max abs diff *",
         ]
     )

@@ -141,3 +141,47 @@ def test_html_report_is_self_contained_with_plots_and_tables(userjobs: pytest.Py
     ref = userjobs.path / "reference_outputs" / "test_many" / "test_a" / env_key()
     assert main(["plot", str(ref), "-o", str(userjobs.path / "loss.png")]) == 0
     assert (userjobs.path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+STAT_TEST = """
+import pytest
+from pytest_repro import statistical
+from userjobs import noisy
+
+@pytest.mark.reproducible(tolerance=statistical(seeds=3, margin=0.05))
+def test_s(repro):
+    repro.check(noisy, config={config})
+"""
+
+
+def test_reports_carry_the_why_of_failing_checks(userjobs: pytest.Pytester) -> None:
+    """JSON: context lines, TOST lines and per-seed values of this run and the reference."""
+    userjobs.makepyfile(test_many=TESTS, test_stat=STAT_TEST.format(config="{}"))
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=6)
+    userjobs.makepyfile(
+        test_many=TESTS.replace('"steps": 5', '"steps": 5, "lr": 0.07'),
+        test_stat=STAT_TEST.format(config='{"shift": 0.5}'),
+    )
+    result = userjobs.runpytest("--repro", "--repro-report=r.json", "--repro-html=r.html")
+    result.assert_outcomes(passed=4, failed=2)
+    report = json.loads((userjobs.path / "r.json").read_text())
+    by_id = {t["nodeid"]: t for t in report["tests"]}
+    differs = by_id["test_many.py::test_b"]
+    assert differs["test_outcome"] == "failed" and differs["verdict"] == "differs"
+    assert "config lr: reference (absent), this run 0.07 (user:dict)" in differs["context"]
+    stat = by_id["test_stat.py::test_s"]
+    assert stat["verdict"] == "differs" and stat["test_outcome"] == "failed"
+    assert any("NOT equivalent" in line and "reference mean" in line and "CI [" in line for line in stat["details"])
+    assert len(stat["statistical"]["seeds"]) == 3 and len(stat["statistical"]["metrics"]["score"]) == 3
+    assert len(stat["statistical"]["reference"]["metrics"]["score"]) == 3
+    assert any(label.startswith("seed ") for label in stat["curves"])
+    page = (userjobs.path / "r.html").read_text()
+    assert "config lr: reference (absent), this run 0.07 (user:dict)" in page and "NOT equivalent" in page
+    assert 'data-table="seeds"' in page
+
+
+def test_forgetting_repro_is_visible(userjobs: pytest.Pytester) -> None:
+    userjobs.makepyfile(test_many=TESTS)
+    result = userjobs.runpytest()
+    result.assert_outcomes(passed=1, skipped=4)
+    result.stdout.fnmatch_lines(["reproducibility: 4 reproducibility test(s) skipped: run them with `pytest --repro`"])

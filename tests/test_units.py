@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -339,3 +341,19 @@ def test_job_processes_die_with_their_worker(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert not _alive(pid), "the hanging job outlived its worker"
     assert outcome and outcome[0].status == "crashed"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "copy",
+    [dict, lambda c: {**c}, lambda c: c.copy(), lambda c: json.loads(json.dumps(c)), copy.deepcopy, copy.copy],
+    ids=["dict", "unpack", "copy-method", "json", "deepcopy", "copy"],
+)
+def test_config_copies_count_as_reads(copy: Any) -> None:
+    from pytest_repro.context import TrackedConfig
+
+    cfg = TrackedConfig({"lr": 0.1, "model": {"size": 4}})
+    copied = copy(cfg)
+    assert copied["lr"] == 0.1 and copied["model"]["size"] == 4
+    assert cfg.audit() == {"undeclared_reads": [], "unused_keys": []}
+    untouched = TrackedConfig({"lr": 0.1})
+    assert untouched.audit()["unused_keys"] == ["lr"], "a config nobody read is still reported"
