@@ -259,15 +259,18 @@ RESUME_STATE = (
 )
 
 
-def resume_mismatch(nodeid: str, at: int, headline: str, described: str, given: Sequence[str]) -> str:
-    """Stop + resume that does not give the uninterrupted run."""
-    missing = [c for c in ("model", "optimizer", "scheduler", "scaler") if c not in given]
-    not_given = (
-        f"checkpoint.save was not given: {', '.join(missing)} (needed if the job has one).\n"
-        if missing
-        else "checkpoint.save was given model, optimizer, scheduler and scaler: look at the data position and "
-        "at state kept outside them.\n"
-    )
+def resume_mismatch(nodeid: str, at: int, headline: str, described: str, given: Sequence[str] | None) -> str:
+    """Stop + resume that does not give the uninterrupted run (``given``: None for a checkpoint of another kind)."""
+    missing = [c for c in ("model", "optimizer", "scheduler", "scaler") if given is not None and c not in given]
+    if given is None:
+        not_given = "The checkpoint was not written by pytest_repro.checkpoint.save: check what it saves.\n"
+    elif missing:
+        not_given = f"checkpoint.save was not given: {', '.join(missing)} (needed if the job has one).\n"
+    else:
+        not_given = (
+            "checkpoint.save was given model, optimizer, scheduler and scaler: look at the data position and "
+            "at state kept outside them.\n"
+        )
     return (
         f"{nodeid}: resume mismatch: stopping after step {at} and resuming in a fresh process does not give the "
         f"uninterrupted run: {headline}\n{described}\n"
@@ -290,6 +293,6 @@ def resume_bad_stop(nodeid: str, at: int, got: int) -> str:
 def resume_no_checkpoint(nodeid: str, at: int) -> str:
     """A job that stopped without writing a checkpoint."""
     return (
-        f"{nodeid}: the run told to stop after step {at} wrote no checkpoint into ctx.checkpoint_dir. "
+        f"{nodeid}: the run told to stop after step {at} wrote nothing into ctx.checkpoint_dir. "
         "Fix: when ctx.stop_at is set, call pytest_repro.checkpoint.save(ctx.checkpoint_dir, step=ctx.stop_at, ...)."
     )

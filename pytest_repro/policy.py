@@ -381,7 +381,13 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
 
 
 def resume(
-    full: Record, stopped: Record, resumed: Record, at: int, spec: ToleranceSpec, nodeid: str, given: list[str]
+    full: Record,
+    stopped: Record,
+    resumed: Record,
+    at: int,
+    spec: ToleranceSpec,
+    nodeid: str,
+    given: list[str] | None,
 ) -> Decision:
     """Stop after ``at`` steps + resume in a fresh process must give the uninterrupted run, under the tolerance."""
     if len(stopped.losses) != at:

@@ -40,3 +40,9 @@ def test_lora_resumes_from_a_checkpoint(repro):
     # the uninterrupted run against its reference, then stop after 12 steps + resume in a fresh process
     result = repro.check_resume(lora_finetune, config="fixtures/tiny_lora.yaml", at=12)
     assert len(result.losses) == 32
+
+
+@pytest.mark.reproducible
+def test_lora_trainer_resumes_from_checkpoint(repro):
+    # transformers.Trainer's own checkpoints: resume_from_checkpoint restores optimizer, scheduler, RNG, data position
+    repro.check_resume(lora_finetune_trainer, config="fixtures/tiny_lora.yaml", at=12)
