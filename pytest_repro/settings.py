@@ -23,6 +23,10 @@ INI_OPTIONS: dict[str, tuple[str, str]] = {
     "repro_timeout": ("seconds one run may take before it is killed", "600"),
     "repro_isolation": ("auto (fork worker on Linux), fork or spawn (fresh interpreter per run)", "auto"),
     "repro_threads": ("CPU threads of job processes (torch, OpenMP, MKL); 0 leaves torch's default", "1"),
+    "repro_parallel_runs": (
+        "runs of one check that run side by side: auto (CPU: free cores // repro_threads; GPU: 1) or N",
+        "auto",
+    ),
     "repro_cross_env_tolerance": (
         "tolerance against a reference from another environment: close, bitwise or a YAML map",
         "close",
@@ -63,6 +67,7 @@ class Settings:
     manifest_packages: tuple[str, ...] = ()
     env_key_fields: tuple[str, ...] = ()
     diagnose: bool = False
+    parallel_runs: int = 0  # 0 = auto
 
 
 def _int(value: Any, where: str, minimum: int) -> int:
@@ -136,7 +141,21 @@ def base_settings(ini: dict[str, Any], cli: dict[str, Any], rootdir: Path) -> Se
         manifest_packages=tuple(ini.get("repro_manifest_packages") or ()),
         env_key_fields=tuple(ini.get("repro_env_key_fields") or ()),
         diagnose=bool(cli.get("repro_diagnose")),
+        parallel_runs=_parallel(cli.get("repro_parallel_runs") or ini.get("repro_parallel_runs") or "auto"),
     )
+
+
+def _parallel(value: Any) -> int:
+    """repro_parallel_runs: auto (0) or an integer >= 1."""
+    if str(value).strip().lower() == "auto":
+        return 0
+    try:
+        return _int(value, "repro_parallel_runs", minimum=1)
+    except SettingsError:
+        raise SettingsError(
+            f"repro_parallel_runs: expected auto or an integer >= 1 (1 runs a check's runs one after the other), "
+            f"got {value!r}"
+        ) from None
 
 
 def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
