@@ -88,6 +88,7 @@ class Outcome:
     differences: list[dict[str, Any]] = field(default_factory=list)
     max_abs: dict[str, float] = field(default_factory=dict)
     statistical: dict[str, Any] | None = None
+    effective_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # this run's, with provenance
     test_outcome: str = "failed"  # pytest's outcome of the test, filled in when the test has ended
     message: str = ""  # the full failure text (not in reports: pytest shows it)
     staged: str | None = None  # a reference written to a staging folder, committed only if the test passes
