@@ -98,7 +98,7 @@ def load_manifest(path: str) -> dict[str, Any]:
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         kind = "JSON" if p.suffix == ".json" else "YAML or JSON"
         raise CliError(f"{p} is not valid {kind}{_where(exc)}", "fix the file, or write it again: " + fix) from None
-    if not isinstance(data, dict) or not _MANIFEST_KEYS & set(data):
+    if not isinstance(data, dict) or len(_MANIFEST_KEYS & set(data)) < 3 or "tensors" in data:
         raise CliError(f"{p} does not hold a pytest-repro manifest (a mapping with schema, python, torch, ...)", fix)
     return data
 

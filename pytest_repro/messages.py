@@ -24,7 +24,7 @@ def _log(run: int, log_tail: str) -> str:
 def timeout(nodeid: str, run: int, detail: str, log_tail: str) -> str:
     """A run that was killed after the time limit."""
     return (
-        f"run {run} of {nodeid} was {detail} and was killed.{_log(run, log_tail)}\n"
+        f"run {run} of {nodeid} was {detail}.{_log(run, log_tail)}\n"
         "Fix: find why the job hangs, or raise the limit with "
         "@pytest.mark.reproducible(timeout=SECONDS), ini repro_timeout or --repro-timeout."
     )
@@ -82,10 +82,10 @@ def non_finite(nodeid: str, problems: Sequence[tuple[int, int | None, str]]) -> 
     )
 
 
-def empty(nodeid: str, run: int) -> str:
+def empty(nodeid: str, run: str) -> str:
     """A job whose result holds nothing to compare."""
     return (
-        f"run {run} of {nodeid}: the job returned nothing to compare (no losses, weights, metrics or outputs), "
+        f"{run} of {nodeid}: the job returned nothing to compare (no losses, metrics, or tensor elements), "
         "so the check could never fail. Fix: return at least the per-step losses or the final weights."
     )
 
@@ -240,6 +240,14 @@ def swallowed(nodeid: str, labels: Sequence[str]) -> str:
     return (
         f"{nodeid}: the reproducibility check failed ({', '.join(labels)}) but the test caught the failure "
         "and passed. A failed check always fails its test. Fix: do not catch the exception repro.check raises."
+    )
+
+
+def no_check(nodeid: str) -> str:
+    """A reproducible test that checked nothing."""
+    return (
+        f"{nodeid} is marked reproducible and uses the repro fixture, but never called repro.check: it checks "
+        "nothing, so it must not pass. Fix: call repro.check(job, ...) (or drop the marker and the fixture)."
     )
 
 

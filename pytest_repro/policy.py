@@ -114,8 +114,19 @@ def headline(cmp: Comparison, prefix: str = "") -> str:
 def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -> Decision | None:
     """Refuse empty results and NaN/inf anywhere (unless the key's tolerance sets equal_nan)."""
     for run, record in enumerate(records, start=1):
-        if is_empty(record):
-            return Decision(Verdict.ERROR, f"run {run} returned nothing to compare", messages.empty(nodeid, run))
+        for rank, part in [(None, record), *sorted(record.ranks.items())]:
+            if is_empty(part):
+                where = f"run {run}" + ("" if rank is None else f" (rank {rank})")
+                return Decision(Verdict.ERROR, f"{where} returned nothing to compare", messages.empty(nodeid, where))
+    stat = spec.statistical
+    if stat is not None and stat.metrics:
+        missing = [m for m in stat.metrics if any(m not in r.metrics for r in records)]
+        if missing:
+            problem = (
+                f"statistical(metrics={list(stat.metrics)}): the job returned no metric {missing[0]!r} "
+                f"(it returned: {', '.join(sorted(records[0].metrics)) or 'no metrics'})"
+            )
+            return Decision(Verdict.ERROR, problem, messages.usage(nodeid, problem + "; name metrics the job returns"))
 
     def allowed(section: str, key: str | None) -> bool:
         if spec.statistical is not None:

@@ -82,6 +82,8 @@ def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
                 raise RecordError(f"{where}[{name!r}]: expected a tensor, got {type(tensor).__name__}") from exc
         if tensor.layout != torch.strided:
             raise RecordError(f"{where}[{name!r}]: {tensor.layout} tensors are not supported; return .to_dense()")
+        if tensor.is_meta:
+            raise RecordError(f"{where}[{name!r}]: a tensor on the meta device holds no data; return a real tensor")
         tensor = tensor.detach().to("cpu").contiguous()
         # Tied weights (an embedding shared with the LM head) share storage, which safetensors refuses
         # to save: store every tensor on its own, under each of its names.
@@ -155,6 +157,8 @@ def find_non_finite(record: Record, allowed: Callable[[str, str | None], bool]) 
 
 
 def _non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> list[NonFinite]:
+    import torch
+
     found: list[NonFinite] = []
     bad = [i for i, v in enumerate(record.losses) if not math.isfinite(v)]
     if bad and not allowed("losses", None):
@@ -171,12 +175,16 @@ def _non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> l
         for key, t in tensors.items():
             if not (t.dtype.is_floating_point or t.dtype.is_complex) or allowed(section, key):
                 continue
-            finite = t.isfinite()
+            try:
+                finite = t.isfinite()
+            except (NotImplementedError, RuntimeError):  # e.g. float8 kernels without isfinite
+                finite = t.to(torch.float32).isfinite()
             if bool(finite.all()):
                 continue
             flat = int((~finite).reshape(-1).nonzero()[0, 0])
             index = tuple(int(i) for i in _unravel(flat, tuple(t.shape)))
-            value = complex(t.reshape(-1)[flat]) if t.dtype.is_complex else float(t.reshape(-1)[flat])
+            item = t.reshape(-1)[flat]
+            value = complex(item) if t.dtype.is_complex else float(item.to(torch.float64))
             found.append(NonFinite(section, key, int((~finite).sum()), f"at index {index}", value))  # type: ignore[arg-type]
     return found
 
@@ -190,9 +198,9 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
 
 
 def is_empty(record: Record) -> bool:
-    """Whether a record holds nothing to compare (no losses, weights, metrics or outputs, on any rank)."""
-    mine = not (record.losses or record.weights or record.metrics or record.outputs)
-    return mine and all(is_empty(r) for r in record.ranks.values())
+    """Whether a record holds nothing to compare: no losses, metrics, or tensor elements."""
+    tensors = [t for section in (record.weights, record.outputs) for t in section.values()]
+    return not (record.losses or record.metrics or any(t.numel() for t in tensors))
 
 
 def first_non_finite(values: list[float]) -> int | None:

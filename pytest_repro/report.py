@@ -131,9 +131,11 @@ def write_reports(session: ReproSession, json_path: str | None, html_path: str |
                 from .report_html import write_html
 
                 write_html(Path(path), report)
-        except OSError as exc:
+        except Exception as exc:  # a report that cannot be written fails the run, never the session
             ok = False
-            session.notes.append(f"could not write the {kind} report {path}: {exc}; give a writable file path")
+            session.notes.append(
+                f"could not write the {kind} report {path}: {type(exc).__name__}: {exc}; give a writable file path"
+            )
             continue
         session.notes.append(f"{kind} report: {path}")
     return ok

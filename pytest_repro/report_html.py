@@ -236,6 +236,21 @@ def _img(png: bytes, kind: str, alt: str) -> str:
 
 
 def _plots(test: Mapping[str, Any], name: str) -> list[str]:
+    """The check's plots; a plot matplotlib cannot draw (extreme values) becomes a note, never a crash."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. -W error: a flat curve's identical ylims is no error of the run
+            return _draw_plots(test, name)
+    except (ValueError, OverflowError, RuntimeError, MemoryError) as exc:
+        return [
+            f'<p class="note">plots unavailable for this check ({html.escape(type(exc).__name__)}: '
+            f"{html.escape(str(exc))})</p>"
+        ]
+
+
+def _draw_plots(test: Mapping[str, Any], name: str) -> list[str]:
     parts = []
     curves = {**_runs(test), **_references(test)}
     if any(curves.values()):

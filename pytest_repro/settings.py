@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,8 @@ def _float(value: Any, where: str) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise SettingsError(f"{where}: expected a number of seconds, got {value!r}") from None
-    if not number > 0:
-        raise SettingsError(f"{where}: expected a number of seconds > 0, got {value!r}")
+    if not (number > 0 and math.isfinite(number)):
+        raise SettingsError(f"{where}: expected a finite number of seconds > 0, got {value!r}")
     return number
 
 

@@ -51,7 +51,12 @@ def environment_dirs(test_dir: Path) -> dict[str, Path]:
     """Return the per-environment reference folders of one test, by environment key."""
     if not test_dir.is_dir():
         return {}
-    return {p.name: p for p in sorted(test_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    # an environment folder holds a record; a named check's folder beside them holds environment folders
+    return {
+        p.name: p
+        for p in sorted(test_dir.iterdir())
+        if p.is_dir() and not p.name.startswith(".") and (p / RECORD_FILE).exists()
+    }
 
 
 @dataclass
@@ -143,7 +148,10 @@ def clean_stale(test_dir: Path) -> list[str]:
                     f"restored {target.name} from the backup {entry.name} of a killed regeneration (pid {pid})"
                 )
                 continue
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_symlink():
+                entry.unlink()
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
             what = "staging" if kind == "new" else "backup"
             notes.append(f"removed the stale {what} folder {entry.name} of a killed regeneration (pid {pid} is gone)")
     return notes
@@ -169,6 +177,9 @@ def load_reference(path: Path, root: Path | None = None) -> Reference:
     if not path.parent.is_dir():
         raise MissingReferenceError(str(path))
     clean_stale(path.parent)
+    for name in PLUGIN_FILES:
+        if (path / name).is_dir():
+            raise ReferenceBlockedError(path / name, "is a folder, not a reference file (is it yours?)")
     with locked(path.parent, exclusive=False):
         if not (path / RECORD_FILE).exists():
             if path.is_dir() and any(path.iterdir()):
@@ -232,6 +243,11 @@ def user_files(path: Path) -> list[str]:
 
 def commit_reference(staging: Path, path: Path) -> list[str]:
     """Swap a staged reference into place atomically, keeping files the user added; return those kept."""
+    if path.is_symlink():  # a symlink inside the reference tree (check_in_the_way refuses outward ones)
+        path = path.resolve()
+        staged = path.with_name(staging.name)
+        os.replace(staging, staged)
+        staging = staged
     with locked(path.parent, exclusive=True):
         kept = user_files(path)
         for name in kept:

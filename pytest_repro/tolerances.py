@@ -141,8 +141,8 @@ def _parse_statistical(value: Mapping[str, Any], where: str) -> Statistical:
             f"{where}.seeds: statistical mode needs at least 2 runs to estimate a spread, got {seeds!r} "
             "(use 5 or more for a 95% confidence level to mean much)"
         )
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
-        raise ToleranceError(f"{where}.margin: expected a number >= 0, got {margin!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+        raise ToleranceError(f"{where}.margin: expected a finite number >= 0, got {margin!r}")
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 < confidence < 1:
         raise ToleranceError(f"{where}.confidence: expected a number between 0.5 and 1, got {confidence!r}")
     flags = {k: value.get(k, d) for k, d in (("relative", False), ("losses", True), ("same_seed", False))}

@@ -22,8 +22,11 @@ def owned_prefixes(reference_dir: Path, nodeids: Iterable[str]) -> set[Path]:
     return {reference_path(reference_dir, nodeid) for nodeid in nodeids}
 
 
-def find_unused(reference_dir: Path, owned: set[Path]) -> list[Path]:
-    """Return reference folders (one per check and environment) under ``reference_dir`` that no owner covers."""
+def find_unused(reference_dir: Path, owned: set[Path], scope: set[Path] | None = None) -> list[Path]:
+    """Return reference folders (one per check and environment) under ``reference_dir`` that no owner covers.
+
+    With ``scope``, only folders under one of those prefixes (the references of the paths the run collected).
+    """
     if not reference_dir.is_dir():
         return []
     unused = []
@@ -33,6 +36,8 @@ def find_unused(reference_dir: Path, owned: set[Path]) -> list[Path]:
             continue  # staging/backup folders of an interrupted write
         if re.match(r"^rank\d+$", folder.name) and (folder.parent / RECORD_FILE).is_file():
             continue  # a rank of a reference recorded on several ranks
+        if scope is not None and not any(folder.is_relative_to(prefix) for prefix in scope):
+            continue  # not a path this run collected: unknown, not unused
         if not any(folder.is_relative_to(prefix) for prefix in owned):
             unused.append(folder)
     return unused
@@ -88,8 +93,23 @@ def check(session: ReproSession, config: pytest.Config, mode: str) -> None:
         )
         return
     reference_dir = session.settings.reference_dir
+    root = Path(config.rootpath).resolve()
+    scope = set()
+    for arg in config.args:
+        target = (Path(config.invocation_params.dir) / arg.split("::")[0]).resolve()
+        if not target.is_relative_to(root):
+            session.unused_note = f"unused references not checked: {arg} lies outside the rootdir {root}"
+            return
+        relative = target.relative_to(root)
+        scope.add(reference_path(reference_dir, str(relative)) if relative.parts else reference_dir)
     owned = owned_prefixes(reference_dir, [*session.owned_nodeids, *session.deselected_reproducible])
-    session.unused = find_unused(reference_dir, owned)
+    session.unused = find_unused(reference_dir, owned, scope)
+    if session.unused and mode == "delete" and not reference_dir.resolve().is_relative_to(root):
+        session.unused_note = (
+            f"{len(session.unused)} unused reference folder(s) not deleted: repro_reference_dir ({reference_dir}) "
+            f"lies outside the rootdir {root}; delete them by hand"
+        )
+        return
     count = len(session.unused)
     if session.unused and mode == "delete":
         session.unused_kept = delete(session.unused, reference_dir)

@@ -91,6 +91,12 @@ def job(ctx):
         return {**good, "weights": {"emb.weight": emb.weight, "head.weight": head.weight}}
     if case == "large":
         return {**good, "weights": {"big": torch.randn(4_000_000, generator=torch.Generator().manual_seed(1))}}
+    if case == "fp8":
+        return {**good, "weights": {"w": torch.linspace(-2, 2, 8).to(torch.float8_e4m3fn)}}
+    if case == "meta":
+        return {**good, "outputs": {"y": torch.empty(3, device="meta")}}
+    if case == "only_empty_tensor":
+        return {"weights": {"w": torch.empty(0)}}
     if case == "sparse":
         return {**good, "outputs": {"y": torch.eye(3).to_sparse()}}
     if case == "raise":
@@ -146,7 +152,7 @@ import pytest
 from faultjobs import job
 
 @pytest.mark.reproducible{marker}
-def test_it(repro):
+def test_it(repro{fixtures}):
 {body}
 """
 
@@ -164,9 +170,9 @@ def faults(heavy_modules: None, pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-def write(p: pytest.Pytester, case: str = "ok", marker: str = "", body: str | None = None) -> None:
+def write(p: pytest.Pytester, case: str = "ok", marker: str = "", body: str | None = None, fixtures: str = "") -> None:
     body = body or f'    repro.check(job, config={{"case": "{case}"}})'
-    p.makepyfile(test_fault=TEST.format(marker=marker, body=body))
+    p.makepyfile(test_fault=TEST.format(marker=marker, body=body, fixtures=fixtures))
 
 
 def ref(p: pytest.Pytester) -> Path:
@@ -226,6 +232,8 @@ class Case:
     untouched: bool = True  # the reference written first must be byte-for-byte as before
     extra: Callable[[pytest.Pytester, str], None] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    conftest: str | None = None
+    fixtures: str = ""  # more fixtures the test requests, e.g. ", subtests"
 
 
 def _weights(p: pytest.Pytester) -> Path:
@@ -331,6 +339,29 @@ def readable_again(p: pytest.Pytester) -> None:
         path.chmod(0o755)
 
 
+def record_is_a_folder(p: pytest.Pytester) -> None:
+    (ref(p) / "record.json").unlink()
+    (ref(p) / "record.json").mkdir()
+    (ref(p) / "record.json" / "notes.txt").write_text("mine\n")
+
+
+def _folder_kept(p: pytest.Pytester, out: str) -> None:
+    assert (ref(p) / "record.json" / "notes.txt").read_text() == "mine\n"
+
+
+def symlink_in_tree(p: pytest.Pytester) -> None:
+    elsewhere = p.path / "reference_outputs" / "elsewhere"
+    os.replace(ref(p), elsewhere)
+    ref(p).symlink_to(Path("..") / ".." / "elsewhere", target_is_directory=True)
+
+
+def _symlink_kept(p: pytest.Pytester, out: str) -> None:
+    assert ref(p).is_symlink() and (p.path / "reference_outputs" / "elsewhere" / "record.json").is_file()
+    assert not [x for x in ref(p).parent.iterdir() if x.name.startswith(".")], "no staging left behind"
+    result, _, out2 = run(p)
+    assert result.ret == 0 and "removed the stale" not in out2
+
+
 def _no_ref_written(p: pytest.Pytester, out: str) -> None:
     assert not ref(p).exists(), "nothing may be written for a failing test"
 
@@ -361,6 +392,19 @@ def _written_then_passes(p: pytest.Pytester, out: str) -> None:
     result, places, _ = run(p)
     assert result.ret == 0 and places["json"] == "passed", result.stdout.str()
 
+
+# What soft-assertion plugins do: an outer (tryfirst) wrapper that turns a passed call into a failure.
+SOFT_ASSERT = """
+import pytest
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "call":
+        report.outcome = "failed"
+        report.longrepr = "soft assertion failed"
+"""
 
 CHANGED = '    repro.check(job, config={"case": "ok", "v": 2})'
 REGEN_ONLY = ("--repro-regen",)
@@ -639,6 +683,93 @@ CASES = [
         says=("run 2 (seed",),
     ),
     Case("missing-reference", first=None, verdict="missing", says=("--repro-regen=missing",)),
+    Case("float8-weights", case="fp8", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
+    Case("meta-device-tensor", case="meta", args=REGEN_ONLY, verdict="error", says=("outputs['y']", "meta device")),
+    Case(
+        "only-an-empty-tensor",
+        case="only_empty_tensor",
+        args=REGEN_ONLY,
+        verdict="error",
+        says=("returned nothing to compare",),
+    ),
+    Case(
+        "check-named-empty",
+        args=REGEN_ONLY,
+        body="    repro.check(job, config={'case': 'ok'}, name='')",
+        verdict="error",
+        says=("a name must be a non-empty string",),
+    ),
+    Case(
+        "check-named-like-an-environment",
+        args=REGEN_ONLY,
+        verdict="error",
+        body="    repro.check(job, config={'case': 'ok'}, name='cpu-amd-avx512')",
+        says=("does not start with cpu",),
+    ),
+    Case(
+        "never-calls-check",
+        args=REGEN_ONLY,
+        body="    assert repro.seed >= 0",
+        verdict="error",
+        says=("never called repro.check: it checks nothing",),
+    ),
+    Case(
+        "marker-infinite-timeout",
+        args=REGEN_ONLY,
+        marker="(timeout=float('inf'))",
+        says=("expected a finite number of seconds > 0",),
+    ),
+    Case(
+        "statistical-metric-not-returned",
+        args=REGEN_ONLY,
+        verdict="error",
+        first=None,
+        marker='(tolerance={"mode": "statistical", "seeds": 2, "margin": 0.1, "metrics": ["nope"]})',
+        says=("the job returned no metric 'nope' (it returned: acc)",),
+    ),
+    Case(
+        "statistical-infinite-margin",
+        args=REGEN_ONLY,
+        first=None,
+        marker='(tolerance={"mode": "statistical", "seeds": 2, "margin": float("inf")})',
+        says=("expected a finite number >= 0",),
+    ),
+    Case(
+        "record-json-is-a-folder",
+        setup=record_is_a_folder,
+        args=REGEN_ONLY,
+        verdict="error",
+        untouched=False,
+        says=("is a folder, not a reference file",),
+        extra=_folder_kept,
+    ),
+    Case(
+        "symlinked-environment-folder-in-tree",
+        setup=symlink_in_tree,
+        args=REGEN_ONLY,
+        body=CHANGED,
+        ret=0,
+        verdict="written",
+        extra=_symlink_kept,
+    ),
+    Case(
+        "failed-subtest-during-regen",
+        args=REGEN_ONLY,
+        verdict="test-failed",
+        first=None,
+        extra=_no_ref_written,
+        body="    repro.check(job, config={'case': 'ok'})\n    with subtests.test('sub'):\n        assert False",
+        fixtures=", subtests",
+    ),
+    Case(
+        "plugin-marks-call-failed",
+        args=REGEN_ONLY,
+        verdict="test-failed",
+        first=None,
+        extra=_no_ref_written,
+        conftest=SOFT_ASSERT,
+        says=("soft assertion failed",),
+    ),
     Case(
         "output-nan-allowed-differs",
         case="output_nan",
@@ -666,7 +797,9 @@ def test_fault_matrix(faults: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, 
         return {k: v for k, v in files.items() if not any(part.startswith(".") for part in Path(k).parts)}
 
     before = visible()
-    write(faults, c.case, marker=c.marker, body=c.body)
+    write(faults, c.case, marker=c.marker, body=c.body, fixtures=c.fixtures)
+    if c.conftest is not None:
+        faults.makeconftest(c.conftest)
     for name, value in c.env.items():
         monkeypatch.setenv(name, value)
     try:
@@ -702,7 +835,7 @@ def test_b(repro):
 
 @pytest.mark.parametrize(
     "hide",
-    ["collection-error", "importorskip", "ignore-option", "collect_ignore", "ignore-glob"],
+    ["collection-error", "importorskip", "ignore-option", "collect_ignore", "ignore-glob", "conftest-drops-items"],
 )
 def test_unused_delete_keeps_references_of_modules_not_collected(faults: pytest.Pytester, hide: str) -> None:
     faults.makepyfile(test_one=UNUSED, test_two=UNUSED)
@@ -717,6 +850,11 @@ def test_unused_delete_keeps_references_of_modules_not_collected(faults: pytest.
         args = ["--ignore=test_two.py"]
     elif hide == "collect_ignore":
         faults.makeconftest("collect_ignore = ['test_two.py']\n")
+    elif hide == "conftest-drops-items":
+        faults.makeconftest(
+            "def pytest_collection_modifyitems(config, items):\n"
+            "    items[:] = [i for i in items if 'test_two' not in i.nodeid]\n"
+        )
     else:
         args = ["--ignore-glob=*_two.py"]
     result = faults.runpytest("--repro", "--repro-unused=delete", *args)
@@ -757,3 +895,16 @@ def test_report_path_that_cannot_be_written_fails_the_run_and_leaves_no_temp_fil
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
     assert "could not write the JSON report blocked/r.json" in result.stdout.str()
     assert not [p for p in faults.path.rglob(".*.tmp-*")]
+
+
+def test_unused_only_looks_at_the_paths_the_run_collected(faults: pytest.Pytester) -> None:
+    """testpaths = sub: references of tests outside sub/ are unknown to this run, never deleted."""
+    (faults.path / "sub").mkdir()
+    (faults.path / "sub" / "test_in.py").write_text(UNUSED)
+    faults.makepyfile(test_out=UNUSED)
+    assert run(faults, "--repro-regen", "sub", "test_out.py")[0].ret == 0
+    faults.makeini("[pytest]\nrepro_timeout = 30\ntestpaths = sub\n")
+    before = snapshot(faults.path / "reference_outputs" / "test_out")
+    result = faults.runpytest("--repro", "--repro-unused=delete")
+    assert "no unused references" in result.stdout.str(), result.stdout.str()
+    assert snapshot(faults.path / "reference_outputs" / "test_out") == before
