@@ -20,6 +20,13 @@ RECORD_DIR = "record"
 ERROR_FILE = "error.json"
 MANIFEST_FILE = "manifest.json"
 LOG_FILE = "output.log"
+IMPORTS_FILE = "imports.json"  # modules the run imported beyond those its process started with
+
+
+def _new_imports(before: set[str]) -> list[str]:
+    """Modules imported since ``before`` was taken, in import order, the standard library left out."""
+    skip = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
+    return [name for name in list(sys.modules) if name not in before and name.partition(".")[0] not in skip]
 
 
 def _resolve_job(ref: JobRef) -> Callable[..., Any]:
@@ -67,6 +74,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
 
         return launch(spec, execute)
     workdir = Path(spec.workdir)
+    modules_before = set(sys.modules)  # forked: what the warm worker had preloaded
     workdir.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(workdir / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log_fd, 1)
@@ -151,6 +159,9 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
             if rank is not None:
                 manifest["distributed"] = {"backend": group["backend"], "world_size": spec.nproc}
             (workdir / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
+        # What the worker lacked, so that it can preload it for the next runs (a report, never required).
+        with contextlib.suppress(OSError):
+            (workdir / IMPORTS_FILE).write_text(json.dumps(_new_imports(modules_before)), encoding="utf-8")
         return 0
     except BaseException as exc:
         _write_error(workdir, stage, exc)

@@ -38,6 +38,8 @@ from .storage import (
 from .tolerances import Statistical
 from .verdict import Outcome, Verdict, reconcile
 
+_RESERVED = re.compile(r"^(cpu|cuda|rank)", re.IGNORECASE)
+
 
 class _Stop(Exception):
     """A decided failure that ends a check early (bad config, a run that failed, …)."""
@@ -103,6 +105,7 @@ class Repro:
         """
         outcome = Outcome(self._nodeid, name, seed=self.seed, path=str(self.reference_dir(name)))
         duplicate = any(o.name == name for o in self.outcomes)
+        bad_name = name is not None and (not isinstance(name, str) or not name.strip() or _RESERVED.match(name))
         self.outcomes.append(outcome)  # published at teardown whatever happens; starts as ERROR
         self._nproc = 1
         try:
@@ -110,6 +113,12 @@ class Repro:
                 problem = f"repro.check(nproc=...) takes a number of ranks >= 1, got {nproc!r}"
                 raise _stop(Verdict.ERROR, "bad nproc=", messages.usage(self._nodeid, problem))
             self._nproc = nproc
+            if bad_name:
+                problem = (
+                    f"repro.check(name={name!r}): a name must be a non-empty string that does not start with "
+                    "cpu, cuda or rank (those are the folders of environments and ranks)"
+                )
+                raise _stop(Verdict.ERROR, "bad name=", messages.usage(self._nodeid, problem))
             if duplicate:
                 raise _stop(
                     Verdict.ERROR,
@@ -162,7 +171,7 @@ class Repro:
         from .checkpoint import STATE_FILE, given
 
         steps = len(full.losses)
-        if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at < max(steps, 2):
+        if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at < steps:
             problem = (
                 f"repro.check_resume(at=...) needs a step between 1 and {steps - 1} (the job ran {steps}), got {at!r}"
             )
@@ -173,7 +182,7 @@ class Repro:
         stop_spec = replace(base, stop_at=at, manifest=False)
         stopped = self._run_one(stop_spec, 1, outcome)
         ckpt = Path(stop_spec.workdir) / "checkpoint"
-        if not (ckpt / STATE_FILE).is_file():
+        if not any(ckpt.iterdir()):
             raise _stop(Verdict.ERROR, "no checkpoint written", messages.resume_no_checkpoint(self._nodeid, at))
         workdir = str(self._session.next_workdir("resume"))
         resume_spec = replace(base, workdir=workdir, resume_from=str(ckpt), manifest=False, run_index=1)
@@ -189,7 +198,7 @@ class Repro:
             at,
             self._settings.tolerance,
             self._nodeid,
-            given(Path(stop_spec.workdir) / "checkpoint"),
+            given(ckpt) if (ckpt / STATE_FILE).is_file() else None,
         )
 
     def _check(
@@ -204,6 +213,7 @@ class Repro:
         cfg, config_dir = self._load_config(config)
         source = str(config) if isinstance(config, (str, Path)) else "dict"
         effective = self._validate_config(job, cfg, source)
+        outcome.effective_config = effective
         try:
             outcome.device = self.device
         except DeviceUnavailableError as exc:
@@ -277,7 +287,12 @@ class Repro:
     def finish(self, test_outcome: str, why: str) -> str | None:
         """The test has ended: commit staged references if it passed, reconcile verdicts; return a failure text."""
         failure = None
-        swallowed = [o.verdict.label for o in self.outcomes if not o.verdict.ok]
+        if not self.outcomes and test_outcome == "passed":
+            nothing = Outcome(self._nodeid, None, detail="the test never called repro.check: it checks nothing")
+            self.outcomes.append(nothing)
+            failure = messages.no_check(self._nodeid)
+            test_outcome, why = "error", "it never called repro.check"
+        swallowed = [o.verdict.label for o in self.outcomes if not o.verdict.ok and o.message]
         if swallowed and test_outcome == "passed":
             failure = messages.swallowed(self._nodeid, swallowed)
             test_outcome, why = "error", "it caught the check's failure"
@@ -340,6 +355,10 @@ class Repro:
         path = Path(config)
         candidates = [path] if path.is_absolute() else [self._session.rootdir / path, self._test_dir / path]
         found = next((p for p in candidates if p.is_file()), None)
+        folder = next((p for p in candidates if p.is_dir()), None)
+        if found is None and folder is not None:
+            raise bad(f"config {str(config)!r} is a folder ({folder}), not a YAML file")
+        candidates = list(dict.fromkeys(candidates))
         if found is None:
             raise bad(f"config file {str(config)!r} not found (looked in: {', '.join(str(p) for p in candidates)})")
         try:
@@ -407,9 +426,10 @@ class Repro:
         records: list[Record] = []
         manifest: dict[str, Any] = {}
         statistical = self._settings.tolerance.statistical is not None
-        for i, seed in enumerate(seeds):
-            spec = self._spec(ref, cfg, config_dir, seed, i)
-            result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+        specs = [self._spec(ref, cfg, config_dir, seed, i) for i, seed in enumerate(seeds)]
+        results = self._run_specs(ref, specs)
+        outcome.warnings += self._session.runner.take_warnings()
+        for i, (seed, result) in enumerate(zip(seeds, results, strict=False)):
             outcome.seconds.append(result.wall_s)
             if result.orphans:
                 outcome.warnings.append(messages.orphans(i + 1, result.orphans))
@@ -417,7 +437,23 @@ class Repro:
             outcome.curves[f"seed {seed}" if statistical else f"run {i + 1}"] = records[-1].losses
             if i == 0:
                 manifest = _read_manifest(result.workdir)
+        if len(records) < len(seeds):  # run_many stops early only after a failed run, which raised above
+            raise RuntimeError(f"only {len(records)} of {len(seeds)} runs came back")
         return records, manifest
+
+    def _run_specs(self, ref: JobRef, specs: list[RunSpec]) -> list[RunOutcome]:
+        """Preload what the job imports, then run the specs, side by side where repro_parallel_runs allows.
+
+        Stops after the first run that fails (the list is then shorter, ending with that run).
+        """
+        from .runner import parallel_runs
+
+        s = self._settings
+        self._session.preload_job(ref, self._test_dir)
+        parallel = parallel_runs(s.parallel_runs, len(specs), self.device, s.threads)
+        if any(getattr(spec, "nproc", 1) > 1 for spec in specs):
+            parallel = 1  # each run already uses several processes
+        return self._session.runner.run_many(specs, s.timeout, s.base_seed, parallel)
 
     def _run_one(self, spec: RunSpec, run: int, outcome: Outcome) -> Record:
         """Run one extra run (outside the check's N runs) and return its record."""
@@ -446,7 +482,8 @@ class Repro:
                     f"run {run}: {op} has no deterministic implementation",
                     messages.nondeterministic_op(nodeid, run, op, self.device, last),
                 )
-            what = "raised an exception" if result.status == "error" else "crashed"
+            crashed = result.status != "error" or "RankFailed" in result.detail
+            what = "crashed" if crashed else "raised an exception"
             raise _stop(
                 Verdict.ERROR,
                 f"run {run} {what}",

@@ -212,7 +212,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         session.config, "workerinput"
     )
     if repro is not None and not session.config.option.collectonly and not xdist_controller:
-        repro.warm_up()
+        # With what earlier sessions learned jobs import (pytest's cache), and, once collected, what the
+        # reproducible tests' modules import.
+        repro.warm_up(getattr(session.config, "cache", None))
+        from .preload import CollectionScan
+
+        session.config.pluginmanager.register(CollectionScan(repro), "repro-preload-scan")
 
 
 @pytest.fixture
@@ -263,7 +268,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     fixture = item.stash.get(repro_key, None)
     failure = None
     if fixture is not None and call.when == "teardown":
-        phases = item.stash.get(phase_key, {})
+        # What pytest will report: the final setup/call reports as logged (after every plugin's wrapper,
+        # subtests included), else the reports this wrapper saw.
+        session = item.config.stash[session_key]
+        seen: dict[str, tuple[str, str]] = item.stash.get(phase_key, {})
+        phases = {**seen, **session.logged.pop(item.nodeid, {})}
         outcome, why = phases.get("call", ("error", "the test did not run"))
         setup = phases.get("setup", ("passed", ""))
         if setup[0] != "passed":
@@ -283,21 +292,43 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
+_RANK = {"passed": 0, "xpassed": 1, "skipped": 2, "xfailed": 3, "error": 4, "failed": 5}
+
+
 class _OutcomeCollector:
     """Gathers every check's outcome from the test reports, which reach the main process also under xdist."""
 
     def __init__(self, session: ReproSession) -> None:
         self.session = session
 
+    @pytest.hookimpl(trylast=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "teardown":
             self.session.outcomes += getattr(report, "repro_outcomes", None) or []
+            return
+        # The test's final setup/call outcome: the worst of all its logged reports (failed subtests included).
+        phases = self.session.logged.setdefault(report.nodeid, {})
+        outcome, previous = _phase_outcome(report), phases.get(report.when)
+        if previous is None or _RANK.get(outcome[0], 5) > _RANK.get(previous[0], 5):
+            phases[report.when] = outcome
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
             self.session.not_collected.append(f"{report.nodeid or '.'} (collection error)")
         elif report.skipped:
             self.session.not_collected.append(f"{report.nodeid or '.'} (skipped while collecting)")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> Any:
+        before = [i.nodeid for i in items if i.get_closest_marker(MARKER) is not None]
+        result = yield
+        after = {i.nodeid for i in items}
+        dropped = [n for n in before if n not in after and n not in set(self.session.deselected_reproducible)]
+        if dropped:
+            self.session.not_collected.append(
+                f"{len(dropped)} reproducible test(s) removed from the run by a plugin or conftest, e.g. {dropped[0]}"
+            )
+        return result
 
     @pytest.hookimpl(wrapper=True)
     def pytest_ignore_collect(self, collection_path: Path, config: pytest.Config) -> Any:
@@ -350,6 +381,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     repro = config.stash.get(session_key, None)
     if repro is None:
         return
+    repro.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
     workeroutput = getattr(config, "workeroutput", None)
     if workeroutput is not None:  # xdist worker: hand what it saw to the controller
         workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))

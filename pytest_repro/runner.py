@@ -68,6 +68,7 @@ STARTUP_ENV = (
 )
 WORKER_START_TIMEOUT = 600.0
 _GRACE = 30.0
+_INLINE_LIMIT = 16384  # bytes: longer import lists go through a file
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def _preload(entries: Sequence[str], checked: bool = False) -> dict[str, Any]:
     """
     errors: dict[str, str] = {}
     missing: list[str] = []
-    tainted = ""
+    tainted = culprit = ""
     threads = threading.active_count()
     for entry in entries:
         module, _, attr = entry.partition(":")
@@ -167,8 +168,9 @@ def _preload(entries: Sequence[str], checked: bool = False) -> dict[str, Any]:
         elif checked and threading.active_count() > threads:
             tainted = f"importing {entry} started a thread"
         if tainted:
+            culprit = entry
             break
-    return {"errors": errors, "missing": missing, "tainted": tainted}
+    return {"errors": errors, "missing": missing, "tainted": tainted, "culprit": culprit}
 
 
 def _summary(entries: Sequence[str]) -> str:
@@ -184,7 +186,15 @@ def _preload_logged(entries: Sequence[str], when: str) -> dict[str, Any]:
     """Preload with the fork-safety checks and say in the worker's log what was imported and what was not."""
     started = time.perf_counter()
     before = len(sys.modules)
-    result = _preload(entries, checked=True)
+    # Garbage collection while importing thousands of modules rescans them all, over and over (~20% of the
+    # import time of torch + transformers + peft); nothing cyclic worth collecting is made meanwhile.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        result = _preload(entries, checked=True)
+    finally:
+        if enabled:
+            gc.enable()
     bad = set(result["errors"]) | set(result["missing"])
     done = [e for e in entries if e not in bad]
     _log(
@@ -326,7 +336,7 @@ def worker_main(preload: list[str]) -> None:
         proto.flush()
 
     result = _preload_logged(preload, "at start")
-    send({"ready": True, "pid": os.getpid(), "preload_errors": result["errors"], **result})
+    send({"ready": True, "pid": os.getpid(), **result})
     children: dict[int, _Child] = {}
     buffer = b""
     running = True
@@ -357,7 +367,10 @@ def worker_main(preload: list[str]) -> None:
             if op == "exit":
                 running = False
             elif op == "import":
-                send({"op": "import", **_preload_logged(request["modules"], "on request")})
+                entries = request.get("modules")
+                if entries is None:
+                    entries = json.loads(Path(request["file"]).read_text(encoding="utf-8"))
+                send({"op": "import", **_preload_logged(entries, "on request")})
             else:
                 forked = _fork_run(request, proto, children)
                 if isinstance(forked, dict):
@@ -387,12 +400,14 @@ class _Worker:
         log.close()
         self._buffer = b""
         self._ids = itertools.count(1)
+        self._lists = 0
         self._replies: dict[int, dict[str, Any]] = {}
         self.ready = False
         self.requested: set[str] = set(preload)  # every entry it was asked to import
         self.failed: dict[str, str] = {}  # entry -> why importing it failed
         self.missing: set[str] = set()  # entries not installed
         self.tainted = ""  # why forking became unsafe, if it did
+        self.culprit = ""  # the entry whose import made it unsafe
 
     def _read_line(self, deadline: float) -> dict[str, Any] | None:
         assert self.proc.stdout is not None
@@ -424,7 +439,8 @@ class _Worker:
             self.ready = self.ready or bool(msg.get("ready"))
             self.failed.update(msg.get("errors") or {})
             self.missing.update(msg.get("missing") or ())
-            self.tainted = self.tainted or str(msg.get("tainted") or "")
+            if msg.get("tainted") and not self.tainted:
+                self.tainted, self.culprit = str(msg["tainted"]), str(msg.get("culprit") or "")
         else:
             self._replies[int(msg.get("id", 0))] = msg
 
@@ -440,7 +456,13 @@ class _Worker:
     def submit_import(self, entries: Sequence[str]) -> None:
         """Ask the worker to import more modules before the runs that follow."""
         self.requested.update(entries)
-        self._send({"op": "import", "modules": list(entries)})
+        msg: dict[str, Any] = {"op": "import", "modules": list(entries)}
+        if len(json.dumps(msg)) > _INLINE_LIMIT:  # a long list could fill the pipe while the worker is busy
+            self._lists += 1
+            path = self.log_path.with_name(f"{self.log_path.stem}-import-{self._lists}.json")
+            path.write_text(json.dumps(list(entries)), encoding="utf-8")
+            msg = {"op": "import", "file": str(path)}
+        self._send(msg)
 
     def wait(self, rids: Sequence[int], deadline: float) -> tuple[int, dict[str, Any]]:
         """Wait for the first reply to one of ``rids`` (raises EOFError/TimeoutError if the worker fails)."""
@@ -450,9 +472,7 @@ class _Worker:
                     return rid, self._replies.pop(rid)
             msg = self._read_line(deadline)
             if msg is None:
-                raise TimeoutError(
-                    "the worker did not answer" if self.ready else f"the worker did not start within the time limit"
-                )
+                raise TimeoutError("the worker did not answer" if self.ready else "the worker did not start in time")
             self._dispatch(msg)
 
     def request(self, spec: RunSpec, timeout: float, env: dict[str, str]) -> dict[str, Any]:
@@ -498,8 +518,15 @@ def _log_dir() -> Path:
         import tempfile
 
         _LOG_DIR = Path(tempfile.mkdtemp(prefix="pytest-repro-workers-"))
-        atexit.register(shutdown_workers)
+        atexit.register(_at_exit)
     return _LOG_DIR
+
+
+def _at_exit() -> None:
+    shutdown_workers()
+    # The interpreter's last garbage collections walk every object torch & co. created (~0.4 s of a
+    # pytest --repro run). Frozen objects are skipped; the atexit handlers still to come run as usual.
+    gc.freeze()
 
 
 def shutdown_workers() -> None:
@@ -550,6 +577,7 @@ class Runner:
         self._reported: set[str] = set()
         self._warnings: list[str] = []
         self._warm: _Worker | None = None
+        self._retired: list[_Worker] = []  # workers this runner dropped (what they failed to import still counts)
 
     def env(self, deterministic: bool, hash_seed: int) -> dict[str, str]:
         """The environment of job processes (and of the worker that forks them)."""
@@ -571,15 +599,21 @@ class Runner:
                 self._sync(self._warm)
 
     def _sync(self, worker: _Worker) -> None:
-        new = [e for e in self.wanted if e not in worker.requested and e not in self.excluded]
+        bad = self.rejected()
+        new = [e for e in self.wanted if e not in worker.requested and e not in bad]
         if new:
             worker.submit_import(new)
 
+    def rejected(self) -> set[str]:
+        """Entries that failed to import, are not installed, or made forking unsafe."""
+        bad = set(self.excluded)
+        for worker in [*_WORKERS.values(), *self._retired]:
+            bad |= set(worker.failed) | worker.missing
+        return bad
+
     def preloaded(self) -> list[str]:
         """Every wanted entry that imported fine where it was tried (what is worth persisting)."""
-        bad = set(self.excluded)
-        for worker in _WORKERS.values():
-            bad |= set(worker.failed) | worker.missing
+        bad = self.rejected()
         return [e for e in self.wanted if e not in bad]
 
     def take_warnings(self) -> list[str]:
@@ -598,13 +632,12 @@ class Runner:
                     "the pytest cache entry repro/preload (`pytest --cache-clear`)"
                 )
         if worker.tainted:
-            culprit = worker.tainted.split()[1] if len(worker.tainted.split()) > 1 else ""
-            self.excluded.add(culprit)
+            self.excluded.add(worker.culprit)
             self._drop(worker)
             self._warnings.append(
-                f"{worker.tainted} in the warm worker, so that worker was replaced by one that does not preload "
-                f"{culprit}: runs of jobs importing it pay that import themselves. Nothing to fix unless runs are "
-                "slow; the package is not preloaded again in this session"
+                f"{worker.tainted} in the warm worker (forking from it is unsafe), so that worker was replaced by "
+                f"one that does not preload {worker.culprit}: runs of jobs that import it pay that import themselves. "
+                "Fix (only if runs are slow): have the package start threads or CUDA lazily, not on import"
             )
 
     def _learn_from(self, spec: RunSpec) -> None:
@@ -630,6 +663,7 @@ class Runner:
 
     def _drop(self, worker: _Worker) -> None:
         worker.close()
+        self._retired.append(worker)
         for key in [k for k, w in _WORKERS.items() if w is worker]:
             del _WORKERS[key]
         if self._warm is worker:

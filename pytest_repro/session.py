@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .context import JobRef
+from .preload import Preloads, load_cached, save_cached
 from .runner import Runner
 from .settings import Settings
 
@@ -80,9 +82,15 @@ class ReproSession:
         self.rootdir = rootdir
         self.invocation = invocation
         self.scratch = Path(tempfile.mkdtemp(prefix="pytest-repro-"))
+        # What the warm worker imports besides the basics: found in job/test sources, learned from runs,
+        # and kept in pytest's cache between sessions (see preload.py).
+        self.preloads = Preloads([rootdir])
         self.runner = Runner(
-            settings.isolation, extra_env={**thread_env(settings.threads), **job_env(settings.device, os.environ)}
+            settings.isolation,
+            extra_env={**thread_env(settings.threads), **job_env(settings.device, os.environ)},
+            learn=self.preloads.learned,
         )
+        self._cached_preloads: list[str] = []
         self.outcomes: list[dict[str, Any]] = []  # JSON form, gathered from test reports (all xdist workers)
         # For the unused-reference check: reproducible tests collected/deselected (merged from xdist workers),
         # and what the run could not see (collection errors, module-level skips, ignored paths).
@@ -92,12 +100,35 @@ class ReproSession:
         self.unused: list[Path] = []
         self.unused_kept: list[str] = []
         self.unused_note = ""
+        # nodeid -> when -> (outcome, why): the logged setup/call outcome of each running test
+        self.logged: dict[str, dict[str, tuple[str, str]]] = {}
         self.notes: list[str] = []  # session-level lines for the summary (e.g. a report that failed to write)
         self._counter = 0
 
-    def warm_up(self) -> None:
-        """Start the default worker now so that its imports overlap with collection."""
+    def warm_up(self, cache: Any = None) -> None:
+        """Start the default worker now, with what pytest's cache says jobs import, to overlap with collection."""
+        if cache is not None:
+            self._cached_preloads = load_cached(cache)
+            self.runner.want(self._cached_preloads)
         self.runner.warm_up(self.settings.deterministic, self.settings.base_seed)
+
+    def preload_tests(self, files: Sequence[Path]) -> None:
+        """Send the warm worker what the collected reproducible tests' modules (and their jobs) import."""
+        self.runner.want(self.preloads.tests(files))
+        self.runner.sync_warm()
+
+    def preload_job(self, ref: JobRef, test_dir: Path | None = None) -> None:
+        """Before a check's first run: have the worker import what the job's module imports."""
+        self.runner.want(self.preloads.for_job(ref, test_dir))
+
+    def save_preloads(self, cache: Any) -> None:
+        """Add what this session found worth preloading to pytest's cache, for the next session's warm-up."""
+        if cache is None or self.runner.isolation != "fork":
+            return
+        found = self.preloads.keep(self.runner.preloaded())
+        bad = self.runner.rejected()
+        if set(found) - set(self._cached_preloads) or bad & set(self._cached_preloads):
+            save_cached(cache, found, bad)
 
     def next_workdir(self, label: str) -> Path:
         """Return a fresh scratch folder for one run."""

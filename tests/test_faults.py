@@ -683,6 +683,7 @@ CASES = [
         says=("run 2 (seed",),
     ),
     Case("missing-reference", first=None, verdict="missing", says=("--repro-regen=missing",)),
+    # ---- more results, names, settings and files (from a hostile test run)
     Case("float8-weights", case="fp8", args=REGEN_ONLY, ret=0, verdict="written", extra=_written_then_passes),
     Case("meta-device-tensor", case="meta", args=REGEN_ONLY, verdict="error", says=("outputs['y']", "meta device")),
     Case(
@@ -752,6 +753,7 @@ CASES = [
         verdict="written",
         extra=_symlink_kept,
     ),
+    # ---- verdict honesty against other plugins
     Case(
         "failed-subtest-during-regen",
         args=REGEN_ONLY,
