@@ -631,7 +631,15 @@ class Runner:
                     "itself (slower). Fix: make the package importable in this environment, or remove it from "
                     "the pytest cache entry repro/preload (`pytest --cache-clear`)"
                 )
-        if worker.tainted:
+        if worker.tainted and (not worker.culprit or worker.culprit in self.preload):
+            self._drop(worker)  # a module every worker needs: forking cannot work in this environment
+            self.isolation = "spawn"
+            self._warnings.append(
+                f"{worker.tainted or 'forking became unsafe'} in the warm worker, so every run of this session is "
+                "a fresh interpreter (slower, same results). Fix: find what starts a thread or initialises CUDA "
+                "on import (e.g. a sitecustomize), or run with --repro-isolation=spawn to skip the worker"
+            )
+        elif worker.tainted:
             self.excluded.add(worker.culprit)
             self._drop(worker)
             self._warnings.append(
