@@ -206,8 +206,8 @@ def test_committed_references_pass_cross_env_under_other_cpu_kernels(
     report = json.loads((pytester.path / "r.json").read_text())
     checks = [t for t in report["tests"] if not (t["name"] or "").startswith("resume@")]
     resumes = [t for t in report["tests"] if (t["name"] or "").startswith("resume@")]
-    assert len(checks) == 5 and {t["verdict"] for t in checks} == {"passed-cross-env"}, out
-    assert [t["verdict"] for t in resumes] == ["passed"]  # stop + resume is compared within this environment
+    assert len(checks) == 6 and {t["verdict"] for t in checks} == {"passed-cross-env"}, out
+    assert [t["verdict"] for t in resumes] == ["passed"] * 2  # stop + resume is compared within this environment
     for t in checks:
         assert t["env_key"].endswith(f"-{capability}") and t["compared_with"].startswith("cpu-")
         assert "not bitwise" in t["detail"]

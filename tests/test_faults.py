@@ -613,7 +613,9 @@ CASES = [
     Case("cli-bad-device", args=("--repro-device=tpu",), ret=4, says=("expected auto, cpu, cuda or cuda:N",)),
     Case("cli-bad-regen", args=("--repro-regen=some",), ret=4, says=("expected all or missing",)),
     Case("cli-report-is-folder", args=("--repro-html=.",), ret=4, says=("is a folder; give a file path",)),
-    Case("cli-negative-timeout", args=("--repro-timeout=-1",), ret=4, says=("expected a number of seconds > 0",)),
+    Case(
+        "cli-negative-timeout", args=("--repro-timeout=-1",), ret=4, says=("expected a finite number of seconds > 0",)
+    ),
     Case("cli-regen-in-ci", args=REGEN_ONLY, ret=4, env={"CI": "true"}, says=("refuses to regenerate",)),
     # ---- verdict honesty
     Case(

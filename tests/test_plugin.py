@@ -266,7 +266,10 @@ def test_seed_is_per_test_stable_and_overridable(userjobs: pytest.Pytester) -> N
             assert repro.seed == 7
     """
     )
-    userjobs.runpytest("--repro").assert_outcomes(passed=3)
+    result = userjobs.runpytest("--repro")
+    # the seeds are right, but a reproducible test that never calls repro.check checks nothing: error
+    result.assert_outcomes(passed=3, errors=3)
+    result.stdout.fnmatch_lines(["*test_seeds.py::test_a is marked reproducible*never called repro.check*"])
     userjobs.runpytest("--repro", "--repro-seed=5").assert_outcomes(passed=0, failed=3)
 
 
@@ -371,7 +374,7 @@ def test_diagnose_names_the_first_diverging_tensor(userjobs: pytest.Pytester) ->
     write_test(userjobs, config='{"steps": 6, "grad_noise_at": 3}')
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*Rerun with --repro-diagnose to find the first step and tensor that diverge.*"])
+    result.stdout.fnmatch_lines(["*Rerun with --repro-diagnose to find the first step and tensor (input batch, loss, parameter or gradient) that diverge.*"])
     result = userjobs.runpytest("--repro", "--repro-diagnose")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
