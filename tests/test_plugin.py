@@ -374,7 +374,9 @@ def test_diagnose_names_the_first_diverging_tensor(userjobs: pytest.Pytester) ->
     write_test(userjobs, config='{"steps": 6, "grad_noise_at": 3}')
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*Rerun with --repro-diagnose to find the first step and tensor (input batch, loss, parameter or gradient) that diverge.*"])
+    result.stdout.fnmatch_lines(
+        ["*Rerun with --repro-diagnose to find the first step and tensor (input batch, loss, parameter or gradient)*"]
+    )
     result = userjobs.runpytest("--repro", "--repro-diagnose")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
