@@ -110,8 +110,9 @@ def process_group(spec: RunSpec, rank: int) -> Iterator[dict[str, Any]]:
     dist.init_process_group(
         backend, init_method="env://", rank=rank, world_size=spec.nproc, timeout=datetime.timedelta(seconds=120)
     )
-    try:
-        yield {"backend": backend, "world_size": spec.nproc, "device": f"cuda:{rank}" if cuda else spec.device}
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    yield {"backend": backend, "world_size": spec.nproc, "device": f"cuda:{rank}" if cuda else spec.device}
+    # Only after a job that returned: destroying the group waits on the peers, which may be blocked in a
+    # collective with a rank that raised; that rank just exits (its error report first) and the
+    # launcher kills the others.
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
