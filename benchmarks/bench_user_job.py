@@ -21,11 +21,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench_harness import timed  # the benchmarks folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 LRS = (0.001, 0.002, 0.003, 0.004, 0.005)
@@ -103,15 +103,6 @@ COLD = (
     "import json, sys; from pytest_repro.child import execute; from pytest_repro.context import RunSpec; "
     "sys.exit(execute(RunSpec.from_dict(json.loads(open(sys.argv[1]).read()))))"
 )
-
-
-def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
-    return elapsed
 
 
 def make_project(folder: Path, ini: str = "") -> None:

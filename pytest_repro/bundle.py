@@ -70,7 +70,8 @@ class Bundle:
 # ---------------------------------------------------------------------------------------------- export
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Return a YAML mapping from ``path``, or {} when it is missing or not a readable mapping."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
@@ -236,8 +237,8 @@ def build_bundle(
                 bundle.add(f"reference/{name}", reference / name, role.get(name, name.split(".")[0]))
         record = json.loads((reference / RECORD_FILE).read_text(encoding="utf-8"))
         meta = record.get("meta") or {}
-        provenance = _load_yaml(reference / PROVENANCE_FILE)
-        manifest = _load_yaml(reference / MANIFEST_FILE)
+        provenance = read_yaml(reference / PROVENANCE_FILE)
+        manifest = read_yaml(reference / MANIFEST_FILE)
         if not provenance:
             bundle.notes.append(f"{reference} holds no readable {PROVENANCE_FILE}: config and command are unknown")
     nodeid = str((outcome or {}).get("nodeid") or provenance.get("test") or "")

@@ -152,16 +152,6 @@ def _clip(value: Any, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _curve_label(label: str) -> str:
     return _key(label.replace(" ", "_"))
 
@@ -248,7 +238,9 @@ class _Logger:
         from mlflow.entities import Metric, Param, RunTag
 
         reference = Path(o["path"]) if o.get("path") else None
-        provenance = _load_yaml(reference / "provenance.yaml") if reference else {}
+        from .bundle import read_yaml
+
+        provenance = read_yaml(reference / "provenance.yaml") if reference else {}
         effective, params_from = _effective_config(o, provenance)
         name = o.get("name")
         tags = {
