@@ -239,6 +239,8 @@ class Repro:
         if diverged is not None:
             raise _Stop(diverged)
         outcome.warnings += policy.replicas_disagree(records[0])
+        for other in records[1:]:  # compared: hold one run's tensors (and the reference's) from here on
+            _release_tensors(other)
         audit = policy.audit_findings(records[0])
         if audit and self._settings.config_audit == "fail":
             raise _stop(Verdict.ERROR, "config audit failed", messages.audit_failed(self._nodeid, audit))
@@ -583,6 +585,13 @@ class Repro:
             "command": " ".join(shlex.quote(a) for a in self._session.invocation),
             "wall_s": record.meta.get("wall_s"),
         }
+
+
+def _release_tensors(record: Record) -> None:
+    """Drop a record's tensors (weights, outputs, and its ranks'), keeping losses, metrics and meta."""
+    record.weights, record.outputs = {}, {}
+    for rank in record.ranks.values():
+        _release_tensors(rank)
 
 
 def _read_manifest(workdir: Path) -> dict[str, Any]:

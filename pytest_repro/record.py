@@ -175,18 +175,36 @@ def _non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> l
         for key, t in tensors.items():
             if not (t.dtype.is_floating_point or t.dtype.is_complex) or allowed(section, key):
                 continue
-            try:
-                finite = t.isfinite()
-            except (NotImplementedError, RuntimeError):  # e.g. float8 kernels without isfinite
-                finite = t.to(torch.float32).isfinite()
-            if bool(finite.all()):
+            count, first = _count_non_finite(t)
+            if not count:
                 continue
-            flat = int((~finite).reshape(-1).nonzero()[0, 0])
-            index = tuple(int(i) for i in _unravel(flat, tuple(t.shape)))
-            item = t.reshape(-1)[flat]
+            index = tuple(int(i) for i in _unravel(first, tuple(t.shape)))
+            item = t.reshape(-1)[first]
             value = complex(item) if t.dtype.is_complex else float(item.to(torch.float64))
-            found.append(NonFinite(section, key, int((~finite).sum()), f"at index {index}", value))  # type: ignore[arg-type]
+            found.append(NonFinite(section, key, count, f"at index {index}", value))  # type: ignore[arg-type]
     return found
+
+
+_CHUNK = 1 << 20  # elements checked at a time: isfinite's temporaries stay small for a tensor of any size
+
+
+def _count_non_finite(t: torch.Tensor) -> tuple[int, int]:
+    """Return how many elements are NaN/inf and the flat index of the first one (chunked, bounded memory)."""
+    import torch
+
+    flat = t.reshape(-1)
+    count, first = 0, -1
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        try:
+            bad = ~chunk.isfinite()
+        except (NotImplementedError, RuntimeError):  # e.g. float8 kernels without isfinite
+            bad = ~chunk.to(torch.float32).isfinite()
+        n = int(bad.sum())
+        if n and first < 0:
+            first = start + int(bad.nonzero()[0, 0])
+        count += n
+    return count, first
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
