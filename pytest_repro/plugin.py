@@ -395,14 +395,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         unused.check(repro, config, mode)
         if repro.unused and mode == "fail":
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    from .report import write_reports
-
-    written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
-    if not written and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
     from .tracking import publish
 
     if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+    from .report import write_reports  # last: the JSON report states the run's final exit status
+
+    written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
+    if not written and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
 

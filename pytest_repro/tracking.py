@@ -367,7 +367,7 @@ def log_session(
 
 
 def publish(session: ReproSession, config: pytest.Config) -> bool:
-    """After the reports: write bundles of failing checks and log every check to MLflow; False on failure."""
+    """Before the reports: write bundles of failing checks and log every check to MLflow; False on failure."""
     bundle_dir = config.getoption("repro_bundle_dir")
     uri, _ = tracking_uri(config.getoption("repro_mlflow"), config.getini("repro_mlflow"), config.rootpath)
     if not bundle_dir and uri is None:
