@@ -102,14 +102,14 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _scalar_equal(a: float, b: float, tol: Tolerance, scalar_dtype: str = SCALAR_DTYPE) -> bool:
+def _scalar_equal(a: float, b: float, tol: Tolerance) -> bool:
     if tol.kind == "bitwise":
         return struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
     if math.isnan(a) or math.isnan(b):
         return tol.equal_nan and math.isnan(a) and math.isnan(b)
     if a == b:
         return True
-    atol, rtol = tol.limits(scalar_dtype)
+    atol, rtol = tol.limits(SCALAR_DTYPE)
     return abs(a - b) <= atol + rtol * abs(b)
 
 
@@ -123,14 +123,12 @@ def _nan_in_both(a: float, b: float, tol: Tolerance) -> bool:
     return tol.kind != "bitwise" and not tol.equal_nan and math.isnan(a) and math.isnan(b)
 
 
-def compare_losses(
-    expected: Sequence[float], actual: Sequence[float], tol: Tolerance, *, scalar_dtype: str = SCALAR_DTYPE
-) -> list[Difference]:
+def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tolerance) -> list[Difference]:
     """Compare two loss traces step by step; report the first divergent step."""
     diffs: list[Difference] = []
-    tdesc = tol.describe(scalar_dtype)
+    tdesc = tol.describe(SCALAR_DTYPE)
     common = min(len(expected), len(actual))
-    bad = [i for i in range(common) if not _scalar_equal(actual[i], expected[i], tol, scalar_dtype)]
+    bad = [i for i in range(common) if not _scalar_equal(actual[i], expected[i], tol)]
     if bad:
         nan_both = sum(_nan_in_both(expected[i], actual[i], tol) for i in bad)
         i = bad[0]
@@ -165,7 +163,7 @@ def compare_losses(
 
 
 def compare_metrics(
-    expected: Mapping[str, float], actual: Mapping[str, float], spec: ToleranceSpec, *, scalar_dtype: str = SCALAR_DTYPE
+    expected: Mapping[str, float], actual: Mapping[str, float], spec: ToleranceSpec
 ) -> list[Difference]:
     """Compare scalar metrics key by key."""
     diffs: list[Difference] = []
@@ -173,18 +171,18 @@ def compare_metrics(
         tol = spec.for_key("metrics", key)
         if key not in actual:
             diffs.append(
-                Difference("metrics", key, "missing", tol.describe(scalar_dtype), detail="missing from this run")
+                Difference("metrics", key, "missing", tol.describe(SCALAR_DTYPE), detail="missing from this run")
             )
             continue
         act = actual[key]
-        if not _scalar_equal(act, exp, tol, scalar_dtype):
+        if not _scalar_equal(act, exp, tol):
             d = abs(act - exp)
             diffs.append(
                 Difference(
                     "metrics",
                     key,
                     "value",
-                    tol.describe(scalar_dtype),
+                    tol.describe(SCALAR_DTYPE),
                     expected=exp,
                     actual=act,
                     n_diff=1,
@@ -198,7 +196,7 @@ def compare_metrics(
         if key not in expected:
             tol = spec.for_key("metrics", key)
             diffs.append(
-                Difference("metrics", key, "extra", tol.describe(scalar_dtype), detail="not in the expected record")
+                Difference("metrics", key, "extra", tol.describe(SCALAR_DTYPE), detail="not in the expected record")
             )
     return diffs
 
@@ -540,13 +538,11 @@ def compare_tensor_maps(
     return diffs
 
 
-def compare_records(
-    expected: Record, actual: Record, spec: ToleranceSpec, *, scalar_dtype: str = SCALAR_DTYPE
-) -> Comparison:
-    """Compare two records section by section; scalar_dtype sets the "close" limits of losses and metrics."""
-    diffs = compare_losses(expected.losses, actual.losses, spec.for_key("losses"), scalar_dtype=scalar_dtype)
+def compare_records(expected: Record, actual: Record, spec: ToleranceSpec) -> Comparison:
+    """Compare two records section by section (and rank by rank), under a tolerance spec."""
+    diffs = compare_losses(expected.losses, actual.losses, spec.for_key("losses"))
     diffs += compare_tensor_maps("weights", expected.weights, actual.weights, spec)
-    diffs += compare_metrics(expected.metrics, actual.metrics, spec, scalar_dtype=scalar_dtype)
+    diffs += compare_metrics(expected.metrics, actual.metrics, spec)
     diffs += compare_tensor_maps("outputs", expected.outputs, actual.outputs, spec)
     if not (expected.ranks or actual.ranks):
         return Comparison(tuple(diffs))
@@ -558,7 +554,7 @@ def compare_records(
                 Difference("ranks", None, "missing", "-", detail=f"no record of rank {rank} in {missing}", rank=rank)
             )
             continue
-        other = compare_records(expected.ranks[rank], actual.ranks[rank], spec, scalar_dtype=scalar_dtype)
+        other = compare_records(expected.ranks[rank], actual.ranks[rank], spec)
         diffs += [replace(d, rank=rank) for d in other.differences]
     return Comparison(tuple(diffs))
 
