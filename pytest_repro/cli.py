@@ -293,9 +293,9 @@ def _update_provenance_key(folder: Path, key: str) -> None:
         return
     new = re.sub(rf"^environment_key: {LEGACY_CPU_KEY}$", f"environment_key: {key}", text, count=1, flags=re.M)
     if new != text:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(new, encoding="utf-8")
-        os.replace(tmp, path)
+        from .record import write_text_atomic
+
+        write_text_atomic(path, new)
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
