@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 session_key = pytest.StashKey["ReproSession"]()
 repro_key = pytest.StashKey["Repro"]()
-phase_key = pytest.StashKey[dict[str, tuple[str, str]]]()  # when -> (outcome, why) of setup and call
 skipped_key = pytest.StashKey[int]()  # reproducible tests skipped because --repro is off
 _CLI = (
     "repro_runs",
@@ -268,11 +267,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     fixture = item.stash.get(repro_key, None)
     failure = None
     if fixture is not None and call.when == "teardown":
-        # What pytest will report: the final setup/call reports as logged (after every plugin's wrapper,
-        # subtests included), else the reports this wrapper saw.
-        session = item.config.stash[session_key]
-        seen: dict[str, tuple[str, str]] = item.stash.get(phase_key, {})
-        phases = {**seen, **session.logged.pop(item.nodeid, {})}
+        # What pytest reports: the final setup/call reports as logged (after every plugin's wrapper,
+        # subtests included; see _OutcomeCollector.pytest_runtest_logreport).
+        phases = item.config.stash[session_key].logged.pop(item.nodeid, {})
         outcome, why = phases.get("call", ("error", "the test did not run"))
         setup = phases.get("setup", ("passed", ""))
         if setup[0] != "passed":
@@ -282,8 +279,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         failure = fixture.finish(outcome, why)
         item.user_properties += fixture.properties()
     report: pytest.TestReport = yield
-    if call.when in ("setup", "call"):
-        item.stash.setdefault(phase_key, {})[call.when] = _phase_outcome(report)
     if fixture is not None and call.when == "teardown":
         report.repro_outcomes = [o.to_dict() for o in fixture.outcomes]  # type: ignore[attr-defined]
         if failure is not None and report.passed:
