@@ -229,14 +229,14 @@ def run_all(out: Path, parallel: int) -> None:
 
 
 def load_all(out: Path) -> dict[str, dict[str, Any]]:
-    from pytest_repro.record import load_record
+    from pytest_repro.record import load_record, user_view
 
     records: dict[str, dict[str, Any]] = {}
     for job_name, (ref_dir, _, _) in JOBS.items():
-        records[job_name] = {REFERENCE: load_record(reference_dir(ref_dir))}
+        records[job_name] = {REFERENCE: user_view(load_record(reference_dir(ref_dir)))}
         for setting in SETTINGS:
             folder = out / job_name.replace(" ", "-") / setting.replace("/", "-") / "record"
-            records[job_name][setting] = load_record(folder)
+            records[job_name][setting] = user_view(load_record(folder))
     return records
 
 

@@ -1,4 +1,7 @@
-"""Pure comparison of run records: what differs, where it first diverges, and by how much. No I/O."""
+"""Pure comparison of run records: what differs, where it first diverges, and by how much.
+
+No I/O of its own: tensors of loaded records (``StoredTensor``) are read chunk by chunk as compared.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from .record import StoredTensor, TensorLike, flat_chunks
 from .tolerances import SCALAR_DTYPE, Tolerance, ToleranceSpec
 
 if TYPE_CHECKING:
@@ -231,9 +235,13 @@ def _wide(*dtypes: torch.dtype) -> torch.dtype:
     return torch.complex128 if any(d.is_complex for d in dtypes) else torch.float64
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def _plain(t: TensorLike) -> TensorLike:
     """Detach, and materialise a lazy conjugate or negation (no copy for ordinary tensors)."""
-    return t.detach().resolve_conj().resolve_neg()
+    return t if isinstance(t, StoredTensor) else t.detach().resolve_conj().resolve_neg()
+
+
+def _on_cpu(*tensors: TensorLike) -> bool:
+    return all(isinstance(t, StoredTensor) or t.device.type == "cpu" for t in tensors)
 
 
 def _chunk_size(dtype: torch.dtype, chunk_elements: int | None) -> int:
@@ -242,12 +250,17 @@ def _chunk_size(dtype: torch.dtype, chunk_elements: int | None) -> int:
 
 
 def _chunk_pairs(
-    expected: torch.Tensor, actual: torch.Tensor, n: int, base: int = 0
+    expected: TensorLike, actual: TensorLike, n: int, base: int = 0
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield (flat offset, 1-D chunk of expected, same chunk of actual) in row-major order, at most n elements each.
 
-    Contiguous tensors are sliced without copying; otherwise at most one chunk is copied at a time.
+    Contiguous tensors are sliced without copying, stored tensors read a chunk at a time; otherwise at most
+    one chunk is copied at a time.
     """
+    if isinstance(expected, StoredTensor) or isinstance(actual, StoredTensor):
+        offsets = range(base, base + expected.numel(), n)
+        yield from zip(offsets, flat_chunks(expected, n), flat_chunks(actual, n), strict=True)
+        return
     if expected.dim() == 0:
         yield base, expected.reshape(1), actual.reshape(1)
         return
@@ -393,8 +406,8 @@ def _modulus(x: Any, out: Any) -> Any:
 def compare_tensor(
     section: str,
     key: str,
-    expected: torch.Tensor,
-    actual: torch.Tensor,
+    expected: TensorLike,
+    actual: TensorLike,
     tol: Tolerance,
     position: int | None = None,
     *,
@@ -426,10 +439,12 @@ def compare_tensor(
     bitwise = tol.kind == "bitwise"
     # Equal bits are bitwise-equal and close, except NaN: never close to NaN unless the tolerance sets equal_nan.
     nan_matters = not bitwise and not tol.equal_nan and (expected.dtype.is_floating_point or expected.dtype.is_complex)
-    on_cpu = expected.device.type == actual.device.type == "cpu"
+    on_cpu = _on_cpu(expected, actual)
     # on an accelerator, check on the device before copying chunks off it
     if (
         not on_cpu
+        and isinstance(expected, torch.Tensor)
+        and isinstance(actual, torch.Tensor)
         and torch.equal(_bits(expected), _bits(actual))
         and not (nan_matters and bool(expected.isnan().any()))
     ):
@@ -517,7 +532,7 @@ def compare_tensor(
 
 
 def compare_tensor_maps(
-    section: str, expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], spec: ToleranceSpec
+    section: str, expected: Mapping[str, TensorLike], actual: Mapping[str, TensorLike], spec: ToleranceSpec
 ) -> list[Difference]:
     """Compare two name->tensor maps in the expected map's (state-dict) order."""
     diffs: list[Difference] = []
@@ -559,14 +574,14 @@ def compare_records(expected: Record, actual: Record, spec: ToleranceSpec) -> Co
     return Comparison(tuple(diffs))
 
 
-def _max_abs_diff(expected: torch.Tensor, actual: torch.Tensor, chunk_elements: int | None) -> float:
+def _max_abs_diff(expected: TensorLike, actual: TensorLike, chunk_elements: int | None) -> float:
     """Return max |actual - expected| (float64, complex modulus), NaN if any difference is NaN; chunked."""
     import numpy
 
     same = expected.dtype == actual.dtype
     n = _chunk_size(_wide(expected.dtype, actual.dtype), chunk_elements)
     work = _Work(expected.dtype, _wide(expected.dtype, actual.dtype), n)
-    on_cpu = expected.device.type == actual.device.type == "cpu"
+    on_cpu = _on_cpu(expected, actual)
     worst = 0.0
     with numpy.errstate(all="ignore"):
         for _, ec, ac in _chunk_pairs(expected, actual, n):
@@ -587,7 +602,7 @@ def _max_abs_diff(expected: torch.Tensor, actual: torch.Tensor, chunk_elements: 
 def section_max_abs(expected: Record, actual: Record, *, chunk_elements: int | None = None) -> dict[str, float]:
     """Return the largest absolute difference per section, whatever the tolerance (NaN where shapes differ)."""
 
-    def tensors(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    def tensors(a: Mapping[str, TensorLike], b: Mapping[str, TensorLike]) -> float:
         worst = 0.0
         for key, exp in a.items():
             act = b.get(key)

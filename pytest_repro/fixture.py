@@ -19,7 +19,7 @@ from .child import MANIFEST_FILE, RECORD_DIR
 from .context import JobRef, JobReferenceError, RunSpec
 from .distributed import rank_dir
 from .policy import Decision
-from .record import CorruptRecordError, Record, load_record
+from .record import CorruptRecordError, Record, close_record, load_record, user_view
 from .runner import RunOutcome
 from .seeding import derive_seed
 from .session import DeviceUnavailableError, ReproSession, resolve_device
@@ -65,7 +65,6 @@ class Repro:
         self._device: str | None = None
         self._nproc = 1  # ranks of the check being run
         self.outcomes: list[Outcome] = []
-        self.records: list[Record] = []
 
     @property
     def seed(self) -> int:
@@ -103,6 +102,10 @@ class Repro:
         ``nproc=N`` runs each run as N ranks with torch.distributed initialised (gloo on CPU, nccl on CUDA);
         every rank's record is compared and stored, and rank 0's is returned (with the others in ``.ranks``).
         """
+        return user_view(self._checked(job, config, name, nproc))
+
+    def _checked(self, job: Callable[..., Any] | str, config: Any, name: str | None, nproc: int = 1) -> Record:
+        """check(), returning run 1's record as loaded (its tensors read from its files on demand)."""
         outcome = Outcome(self._nodeid, name, seed=self.seed, path=str(self.reference_dir(name)))
         duplicate = any(o.name == name for o in self.outcomes)
         bad_name = name is not None and (not isinstance(name, str) or not name.strip() or _RESERVED.match(name))
@@ -149,7 +152,7 @@ class Repro:
         at: int | None = None,
     ) -> Record:
         """Check the job like check(), then stop it after ``at`` steps and resume it in a fresh process: same run."""
-        full = self.check(job, config, name)
+        full = self._checked(job, config, name)
         label = f"{name}:resume@{at}" if name else f"resume@{at}"
         outcome = Outcome(self._nodeid, label, seed=self.seed, device=self.device)
         self.outcomes.append(outcome)
@@ -163,7 +166,7 @@ class Repro:
         self._apply(outcome, decision)
         if not decision.verdict.ok:
             pytest.fail(decision.message or outcome.detail, pytrace=False)
-        return full
+        return user_view(full)
 
     def _resume(self, job: Callable[..., Any] | str, config: Any, at: Any, full: Record, outcome: Outcome) -> Decision:
         from dataclasses import replace
@@ -222,7 +225,6 @@ class Repro:
             ) from None
         spec = self._settings.tolerance
         records, manifest = self._run_all(ref, cfg, config_dir, self._seeds(spec.statistical), outcome)
-        self.records = records
         found = policy.check_results(records, spec, self._nodeid)
         if found is not None:
             raise _Stop(found)
@@ -239,8 +241,8 @@ class Repro:
         if diverged is not None:
             raise _Stop(diverged)
         outcome.warnings += policy.replicas_disagree(records[0])
-        for other in records[1:]:  # compared: hold one run's tensors (and the reference's) from here on
-            _release_tensors(other)
+        for other in records[1:]:  # compared: close their files, keep the scalars for the reports
+            close_record(other)
         audit = policy.audit_findings(records[0])
         if audit and self._settings.config_audit == "fail":
             raise _stop(Verdict.ERROR, "config audit failed", messages.audit_failed(self._nodeid, audit))
@@ -585,13 +587,6 @@ class Repro:
             "command": " ".join(shlex.quote(a) for a in self._session.invocation),
             "wall_s": record.meta.get("wall_s"),
         }
-
-
-def _release_tensors(record: Record) -> None:
-    """Drop a record's tensors (weights, outputs, and its ranks'), keeping losses, metrics and meta."""
-    record.weights, record.outputs = {}, {}
-    for rank in record.ranks.values():
-        _release_tensors(rank)
 
 
 def _read_manifest(workdir: Path) -> dict[str, Any]:

@@ -214,9 +214,9 @@ def _same_records(a: Path, b: Path) -> None:
     """Bitwise: the same losses and the same bytes in every weight."""
     import torch
 
-    from pytest_repro.record import load_record
+    from pytest_repro.record import load_record, user_view
 
-    ra, rb = load_record(a), load_record(b)
+    ra, rb = user_view(load_record(a)), user_view(load_record(b))
     assert ra.losses == rb.losses
     assert ra.weights.keys() == rb.weights.keys()
     for name, tensor in ra.weights.items():

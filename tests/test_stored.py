@@ -1,0 +1,210 @@
+"""Loaded records read their tensors from the verified files on demand, in chunks (bounded memory)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+
+from pytest_repro.compare import compare_records, compare_tensor, section_max_abs  # noqa: E402
+from pytest_repro.record import (  # noqa: E402
+    CorruptRecordError,
+    Record,
+    RecordError,
+    StoredTensor,
+    close_record,
+    find_non_finite,
+    load_record,
+    save_record,
+    user_view,
+)
+from pytest_repro.tolerances import BITWISE, CLOSE, ToleranceSpec  # noqa: E402
+
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+    torch.complex64,
+]
+
+
+def _tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return torch.randint(0, 100, shape, generator=g).to(dtype)
+    return torch.randn(shape, generator=g, dtype=torch.complex64 if dtype.is_complex else torch.float32).to(dtype)
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@given(
+    shape=st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    chunk=st.integers(1, 40),
+)
+@settings(max_examples=80, deadline=None)
+def test_stored_tensor_reads_back_bitwise_whole_and_in_chunks(
+    tmp_path_factory: pytest.TempPathFactory, shape: tuple[int, ...], dtype: torch.dtype, seed: int, chunk: int
+) -> None:
+    folder = tmp_path_factory.mktemp("rec")
+    t = _tensor(shape, dtype, seed)
+    save_record(Record(weights={"t": t, "other": torch.ones(3)}), folder)
+    stored = load_record(folder).weights["t"]
+    assert isinstance(stored, StoredTensor)
+    assert stored.shape == tuple(t.shape) and stored.dtype == t.dtype and stored.numel() == t.numel()
+    assert stored.load().shape == t.shape and _bytes(stored.load()) == _bytes(t)
+    chunks = [c.clone() for c in stored.chunks(chunk)]
+    assert all(c.numel() <= chunk for c in chunks)
+    joined = torch.cat(chunks) if chunks else torch.empty(0, dtype=dtype)
+    assert _bytes(joined) == _bytes(t)
+    if t.numel() > 2:
+        assert _bytes(stored.read(1, 2)) == _bytes(t.reshape(-1)[1:3])
+
+
+@given(
+    n=st.integers(1, 300),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**16),
+    flips=st.lists(st.integers(0, 299), max_size=5),
+    scale=st.sampled_from([1e-7, 1e-3, 1.0]),
+)
+@settings(max_examples=60, deadline=None)
+def test_comparing_stored_tensors_finds_what_comparing_in_memory_finds(
+    tmp_path_factory: pytest.TempPathFactory,
+    n: int,
+    dtype: torch.dtype,
+    seed: int,
+    flips: list[int],
+    scale: float,
+) -> None:
+    a = _tensor((n,), dtype, seed)
+    b = a.clone()
+    for i in flips:
+        if i < n:
+            b[i] = (b[i].to(torch.float64) + scale).to(dtype)
+    fa, fb = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    save_record(Record(weights={"w": a}), fa)
+    save_record(Record(weights={"w": b}), fb)
+    sa, sb = load_record(fa).weights["w"], load_record(fb).weights["w"]
+    for tol in (BITWISE, CLOSE):
+        want = compare_tensor("weights", "w", a, b, tol, chunk_elements=16)
+        assert compare_tensor("weights", "w", sa, sb, tol, chunk_elements=16) == want
+        assert compare_tensor("weights", "w", sa, b, tol, chunk_elements=16) == want  # one side in memory
+        assert compare_tensor("weights", "w", a, sb, tol, chunk_elements=7) == want
+    assert section_max_abs(Record(weights={"w": sa}), Record(weights={"w": sb})) == section_max_abs(
+        Record(weights={"w": a}), Record(weights={"w": b})
+    )
+
+
+def test_non_finite_values_are_found_in_stored_tensors(tmp_path: Path) -> None:
+    w = torch.zeros(3_000_000)
+    w[2_500_001] = float("nan")
+    w[2_900_000] = float("inf")
+    save_record(Record(weights={"w": w.reshape(3, 1_000_000)}), tmp_path)
+    (bad,) = find_non_finite(load_record(tmp_path), lambda section, key: False)
+    assert (bad.section, bad.key, bad.count, bad.first) == ("weights", "w", 2, "at index (2, 500001)")
+    assert bad.value != bad.value  # NaN
+
+
+def test_a_loaded_record_reads_the_verified_bytes_even_after_its_file_is_replaced(tmp_path: Path) -> None:
+    save_record(Record(losses=[1.0], weights={"w": torch.full((1000,), 1.0)}), tmp_path / "ref")
+    loaded = load_record(tmp_path / "ref")
+    save_record(Record(losses=[2.0], weights={"w": torch.full((1000,), 2.0)}), tmp_path / "new")
+    os.replace(tmp_path / "new" / "weights.safetensors", tmp_path / "ref" / "weights.safetensors")
+    stored = loaded.weights["w"]
+    assert isinstance(stored, StoredTensor)
+    assert bool((stored.load() == 1.0).all())  # the file it verified, not the one now at the path
+    close_record(loaded)
+    assert loaded.weights == {}
+    with pytest.raises(RecordError, match="closed"):
+        stored.load()
+
+
+def test_writing_a_loaded_record_copies_its_files_and_a_changed_one_is_serialized(tmp_path: Path) -> None:
+    src = Record(losses=[1.0], weights={"b": torch.arange(5.0), "a": torch.ones(2, 2)}, outputs={"o": torch.zeros(3)})
+    save_record(src, tmp_path / "src")
+    loaded = load_record(tmp_path / "src")
+    save_record(loaded, tmp_path / "copy")
+    for name in ("weights.safetensors", "outputs.safetensors"):
+        assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "src" / name).read_bytes()
+    # a subset of the tensors, or tensors moved to another section: serialized again, still equal
+    save_record(Record(weights={"b": loaded.weights["b"]}, outputs=dict(loaded.weights)), tmp_path / "mixed")
+    again = user_view(load_record(tmp_path / "mixed"))
+    assert list(again.weights) == ["b"] and torch.equal(again.weights["b"], torch.arange(5.0))
+    assert list(again.outputs) == ["b", "a"] and torch.equal(again.outputs["a"], torch.ones(2, 2))
+    assert compare_records(load_record(tmp_path / "copy"), src, ToleranceSpec(default=BITWISE)).ok
+
+
+def test_the_record_a_test_gets_holds_plain_tensors_read_on_first_use(tmp_path: Path) -> None:
+    save_record(Record(weights={"w": torch.arange(4.0)}, ranks={1: Record(weights={"w": torch.ones(2)})}), tmp_path)
+    view = user_view(load_record(tmp_path))
+    assert isinstance(view.weights["w"], torch.Tensor) and view.weights["w"] is view.weights["w"]
+    assert torch.equal(view.ranks[1].weights["w"], torch.ones(2)) and dict(view.outputs) == {}
+
+
+def _write_raw(path: Path, header: dict[str, object], data: bytes, pad: bytes = b"") -> None:
+    body = json.dumps(header).encode() + pad
+    path.write_bytes(struct.pack("<Q", len(body)) + body + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "problem"),
+    [
+        ({"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed entry"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "4 bytes for shape"),
+        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "malformed entry"),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "8 data bytes"),
+        (
+            {
+                "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            b"\0" * 4,
+            "overlaps or leaves gaps",
+        ),
+        ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"a": 1}}, b"\0" * 4, "meta"),
+        ({"w": "F32"}, b"", "malformed entry"),
+    ],
+)
+def test_malformed_safetensors_headers_are_corrupt_not_trusted(
+    tmp_path: Path, header: dict[str, object], data: bytes, problem: str
+) -> None:
+    save_record(Record(weights={"w": torch.zeros(1)}), tmp_path)
+    path = tmp_path / "weights.safetensors"
+    _write_raw(path, header, data)
+    index = json.loads((tmp_path / "record.json").read_text())
+    index["tensors"]["weights"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    index["tensors"]["weights"]["keys"] = [k for k in header if k != "__metadata__"]
+    (tmp_path / "record.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptRecordError, match=problem):
+        load_record(tmp_path)
+
+
+def test_a_header_longer_than_the_file_is_corrupt(tmp_path: Path) -> None:
+    save_record(Record(weights={"w": torch.zeros(1)}), tmp_path)
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    index = json.loads((tmp_path / "record.json").read_text())
+    index["tensors"]["weights"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "record.json").write_text(json.dumps(index))
+    with pytest.raises(CorruptRecordError, match="header length"):
+        load_record(tmp_path)
