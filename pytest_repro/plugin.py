@@ -27,6 +27,7 @@ _CLI = (
     "repro_deterministic",
     "repro_timeout",
     "repro_isolation",
+    "repro_parallel_runs",
     "repro_threads",
 )
 
@@ -100,6 +101,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="CPU threads of job processes, 0 = torch's default (ini repro_threads, default 1)",
     )
     group.addoption("--repro-timeout", default=None, help="seconds per run before it is killed (ini repro_timeout)")
+    group.addoption(
+        "--repro-parallel-runs",
+        default=None,
+        metavar="N|auto",
+        help="runs of one check side by side: auto or N, 1 = one after the other (ini repro_parallel_runs)",
+    )
     group.addoption(
         "--repro-isolation",
         default=None,

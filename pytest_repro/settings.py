@@ -142,20 +142,19 @@ def base_settings(ini: dict[str, Any], cli: dict[str, Any], rootdir: Path) -> Se
         manifest_packages=tuple(ini.get("repro_manifest_packages") or ()),
         env_key_fields=tuple(ini.get("repro_env_key_fields") or ()),
         diagnose=bool(cli.get("repro_diagnose")),
-        parallel_runs=_parallel(cli.get("repro_parallel_runs") or ini.get("repro_parallel_runs") or "auto"),
+        parallel_runs=_parallel(*pick("repro_parallel_runs")),
     )
 
 
-def _parallel(value: Any) -> int:
+def _parallel(value: Any, where: str) -> int:
     """repro_parallel_runs: auto (0) or an integer >= 1."""
-    if str(value).strip().lower() == "auto":
+    if value is None or str(value).strip().lower() in ("", "auto"):
         return 0
     try:
-        return _int(value, "repro_parallel_runs", minimum=1)
+        return _int(value, where, minimum=1)
     except SettingsError:
         raise SettingsError(
-            f"repro_parallel_runs: expected auto or an integer >= 1 (1 runs a check's runs one after the other), "
-            f"got {value!r}"
+            f"{where}: expected auto or an integer >= 1 (1 runs a check's runs one after the other), got {value!r}"
         ) from None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import textwrap
 import time
@@ -125,8 +126,51 @@ def test_parallel_runs_ini_option(tmp_path: Path) -> None:
     assert base_settings(ini, {}, tmp_path).parallel_runs == 0
     assert base_settings({**ini, "repro_parallel_runs": "3"}, {}, tmp_path).parallel_runs == 3
     for bad in ("0", "many"):
-        with pytest.raises(SettingsError, match=r"repro_parallel_runs: expected auto or an integer >= 1"):
+        with pytest.raises(SettingsError, match=r"^repro_parallel_runs: expected auto or an integer >= 1"):
             base_settings({**ini, "repro_parallel_runs": bad}, {}, tmp_path)
+    # the flag wins over the ini option, and names itself when it is wrong
+    three = {**ini, "repro_parallel_runs": "3"}
+    assert base_settings(three, {"repro_parallel_runs": "1"}, tmp_path).parallel_runs == 1
+    assert base_settings(three, {"repro_parallel_runs": "auto"}, tmp_path).parallel_runs == 0
+    with pytest.raises(SettingsError, match=r"^--repro-parallel-runs: expected auto or an integer >= 1"):
+        base_settings(ini, {"repro_parallel_runs": "-2"}, tmp_path)
+
+
+def test_parallel_runs_flag_end_to_end(pytester: pytest.Pytester) -> None:
+    """--repro-parallel-runs overrides the ini option: 1 runs a check's runs one after the other, 2 side by side."""
+    spans_dir = pytester.path / "spans"
+    pytester.makepyfile(
+        test_spans=f"""
+        import json, os, time
+        import pytest
+
+        def job(ctx):
+            started = time.time()
+            time.sleep(1.0)
+            with open(os.path.join({str(spans_dir)!r}, str(os.getpid())), "w") as fh:
+                json.dump([started, time.time()], fh)
+            return {{"losses": [1.0]}}
+
+        @pytest.mark.reproducible(runs=2)
+        def test_spans(repro):
+            repro.check(job)
+        """
+    )
+    pytester.makeini("[pytest]\nrepro_config_audit = off\nrepro_parallel_runs = 2\n")
+
+    def overlapped(*args: str) -> bool:
+        shutil.rmtree(spans_dir, ignore_errors=True)
+        spans_dir.mkdir()
+        result = pytester.runpytest_subprocess("--repro", "--repro-regen=all", *args)
+        assert result.ret == 0, result.stdout.str()
+        first, second = sorted(json.loads(f.read_text()) for f in spans_dir.iterdir())
+        return bool(second[0] < first[1])
+
+    assert not overlapped("--repro-parallel-runs=1")
+    assert overlapped("--repro-parallel-runs=2")
+    bad = pytester.runpytest_subprocess("--repro", "--repro-parallel-runs=lots")
+    assert bad.ret == 4
+    bad.stderr.fnmatch_lines(["*--repro-parallel-runs: expected auto or an integer >= 1*got 'lots'*"])
 
 
 # ---------------------------------------------------------------- the worker itself
