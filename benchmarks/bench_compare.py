@@ -5,6 +5,8 @@ A float32 tensor of --mb MB (default 200) is compared against
   one:       a copy with one element (in the middle) changed,
   perturbed: a copy where every element differs by ~1 ulp (within the "close" tolerance),
 with `numpy.array_equal` on the numpy views as the yardstick (median of --repeats, default 5).
+"bitwise (files)" / "close (files)" compare the same tensors as a check does: saved as records, loaded
+(sha256-verified, nothing held in memory) and read chunk by chunk from the (page-cached) files.
 Extra peak memory is measured in a fresh subprocess per (case, method): build the tensors, warm up
 on a tiny tensor, reset the peak RSS (/proc/self/clear_refs), run once, report VmHWM minus VmRSS before.
 tracemalloc would not see torch's allocations.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 CASES = ("equal", "one", "perturbed")
-METHODS = ("numpy.array_equal", "bitwise", "close", "section_max_abs")
+METHODS = ("numpy.array_equal", "bitwise", "close", "section_max_abs", "bitwise (files)", "close (files)")
+_FILES: dict[int, Any] = {}  # id(tensor) -> its record loaded from a temporary folder
 
 
 def build(mb: int, case: str) -> tuple[Any, Any]:
@@ -53,8 +57,27 @@ def operation(method: str, expected: Any, actual: Any) -> Callable[[], object]:
     if method in ("bitwise", "close"):
         tol = BITWISE if method == "bitwise" else CLOSE
         return lambda: compare_tensor("weights", "w", expected, actual, tol)
+    if method.endswith("(files)"):
+        tol = BITWISE if method.startswith("bitwise") else CLOSE
+        se, sa = stored(expected), stored(actual)
+        return lambda: compare_tensor("weights", "w", se, sa, tol)
     re, ra = Record(weights={"w": expected}), Record(weights={"w": actual})
     return lambda: section_max_abs(re, ra)
+
+
+def stored(t: Any) -> Any:
+    """The tensor as a check sees a run's: written as a record, loaded back (read from the file on demand)."""
+    import tempfile
+    from pathlib import Path
+
+    from pytest_repro.record import Record, load_record, save_record
+
+    if id(t) not in _FILES:
+        folder = Path(tempfile.mkdtemp(prefix="bench-compare-"))
+        save_record(Record(weights={"w": t}), folder)
+        _FILES[id(t)] = load_record(folder)
+        shutil.rmtree(folder)  # the open handle keeps the data readable
+    return _FILES[id(t)].weights["w"]
 
 
 def _status_kb(field: str) -> int:
@@ -129,6 +152,7 @@ def main() -> None:
             mem = memory_in_subprocess(args.mb, args.threads, case, method)
             print(f"{case:<10} {method:<18} {ms:>10.1f} {ms / base:>14.2f} {mem:>14.1f}", flush=True)
         del expected, actual
+        _FILES.clear()
         gc.collect()
 
 

@@ -115,8 +115,8 @@ class _TensorFile:
             try:
                 dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
                 shape = tuple(shape)
-                ok = dtype in _DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
-                ok = ok and isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop
+                ok = dtype in _DTYPES and all(type(d) is int and d >= 0 for d in shape)
+                ok = ok and type(begin) is int and type(stop) is int and 0 <= begin <= stop
             except (TypeError, KeyError, ValueError):
                 ok = False
             if not ok:
@@ -259,6 +259,10 @@ class TensorMap(Mapping[str, "torch.Tensor"]):
 
     def __repr__(self) -> str:
         return f"TensorMap({list(self._tensors)})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # pickle and deepcopy see a plain dict of tensors (an open file cannot travel)
+        return (dict, (dict(self.items()),))
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import pickle
 import struct
 from pathlib import Path
 
@@ -159,6 +161,8 @@ def test_the_record_a_test_gets_holds_plain_tensors_read_on_first_use(tmp_path: 
     view = user_view(load_record(tmp_path))
     assert isinstance(view.weights["w"], torch.Tensor) and view.weights["w"] is view.weights["w"]
     assert torch.equal(view.ranks[1].weights["w"], torch.ones(2)) and dict(view.outputs) == {}
+    for copied in (pickle.loads(pickle.dumps(view)), copy.deepcopy(view)):  # plain dicts of tensors
+        assert isinstance(copied.weights, dict) and torch.equal(copied.weights["w"], torch.arange(4.0))
 
 
 def _write_raw(path: Path, header: dict[str, object], data: bytes, pad: bytes = b"") -> None:
