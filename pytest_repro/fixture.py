@@ -19,7 +19,7 @@ from .child import MANIFEST_FILE, RECORD_DIR
 from .context import JobRef, JobReferenceError, RunSpec
 from .distributed import rank_dir
 from .policy import Decision
-from .record import CorruptRecordError, Record, close_record, load_record, user_view
+from .record import CorruptRecordError, Record, RecordError, close_record, load_record, release_record, user_view
 from .runner import RunOutcome
 from .seeding import derive_seed
 from .session import DeviceUnavailableError, ReproSession, resolve_device
@@ -133,6 +133,10 @@ class Repro:
             record, decision = self._check(job, config, name, outcome)
         except _Stop as stop:
             record, decision = None, stop.decision
+        except RecordError as exc:  # a record file changed or broke while the check read it
+            record = None
+            text = messages.unreadable(self._nodeid, exc)
+            decision = Decision(Verdict.ERROR, f"a record became unreadable: {exc}", text)
         except BaseException as exc:  # unforeseen (or an interrupt): ERROR, never a pass
             self._apply(outcome, Decision(Verdict.ERROR, f"{type(exc).__name__}: {exc}", ""))
             outcome.message = messages.internal_error(self._nodeid, exc)
@@ -262,6 +266,9 @@ class Repro:
         found_refs = self._find_references(self.reference_dir(name), manifest, outcome)
         outcome.env_key = found_refs.env_key
         decision = policy.against_reference(found_refs, records[0], facts)
+        for stored in [found_refs.here, *(r for _, r in found_refs.others)]:
+            if stored is not None:  # decided: the reference's files are not read again
+                close_record(stored.record)
         if decision.write:
             assert decision.reference is not None
             provenance = self._provenance(ref, cfg, source, effective, found_refs.env_key, records[0])
@@ -272,6 +279,7 @@ class Repro:
                 raise _stop(
                     Verdict.ERROR, f"cannot write {shown}: {exc}", messages.write_failed(self._nodeid, shown, exc)
                 ) from None
+        release_record(records[0])  # the test may keep it: no open file per kept record
         return records[0], decision
 
     def _apply(self, outcome: Outcome, d: Decision) -> None:

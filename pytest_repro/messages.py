@@ -134,6 +134,16 @@ def corrupt(nodeid: str, problem: str) -> str:
     )
 
 
+def unreadable(nodeid: str, exc: BaseException) -> str:
+    """A record file (a run's or the reference's) that changed or failed while the check was reading it."""
+    return (
+        f"{nodeid}: a record file became unreadable while the check read it: {exc}\n"
+        "Nothing was written. Something else changed the file during the check (a copy over a reference, "
+        f"a cleanup of the temporary folder). Fix: leave reference files alone while tests run, then rerun: "
+        f"{rerun_command(nodeid)}"
+    )
+
+
 def blocked(nodeid: str, problem: str) -> str:
     """Something that is not a reference stands where the reference folder should be."""
     return (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,12 +26,14 @@ from pytest_repro.record import (  # noqa: E402
     close_record,
     find_non_finite,
     load_record,
+    release_record,
     save_record,
     user_view,
 )
 from pytest_repro.tolerances import BITWISE, CLOSE, ToleranceSpec  # noqa: E402
 
 DTYPES = [
+    *([torch.float8_e8m0fnu] if hasattr(torch, "float8_e8m0fnu") else []),
     torch.float32,
     torch.float64,
     torch.float16,
@@ -156,13 +159,138 @@ def test_writing_a_loaded_record_copies_its_files_and_a_changed_one_is_serialize
     assert compare_records(load_record(tmp_path / "copy"), src, ToleranceSpec(default=BITWISE)).ok
 
 
-def test_the_record_a_test_gets_holds_plain_tensors_read_on_first_use(tmp_path: Path) -> None:
+def test_the_record_a_test_gets_holds_plain_dicts_of_tensors_read_on_first_use(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
     save_record(Record(weights={"w": torch.arange(4.0)}, ranks={1: Record(weights={"w": torch.ones(2)})}), tmp_path)
-    view = user_view(load_record(tmp_path))
-    assert isinstance(view.weights["w"], torch.Tensor) and view.weights["w"] is view.weights["w"]
-    assert torch.equal(view.ranks[1].weights["w"], torch.ones(2)) and dict(view.outputs) == {}
-    for copied in (pickle.loads(pickle.dumps(view)), copy.deepcopy(view)):  # plain dicts of tensors
-        assert isinstance(copied.weights, dict) and torch.equal(copied.weights["w"], torch.arange(4.0))
+    loaded = load_record(tmp_path)
+    view = user_view(loaded)
+    assert "weights" not in vars(view)  # nothing read yet
+    assert type(view.weights) is dict and isinstance(view.weights["w"], torch.Tensor)
+    assert view.weights is view.weights and view.outputs == {}
+    assert torch.equal(view.ranks[1].weights["w"], torch.ones(2))
+    view.weights["extra"] = torch.zeros(1)  # a plain, mutable state dict
+    save_file(view.weights | {}, str(tmp_path / "mine.safetensors"))
+    fresh = user_view(loaded)
+    for copied in (pickle.loads(pickle.dumps(fresh)), copy.deepcopy(fresh)):  # before first use, too
+        assert type(copied.weights) is dict and torch.equal(copied.weights["w"], torch.arange(4.0))
+    assert dataclasses.asdict(user_view(loaded))["weights"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert dataclasses.replace(user_view(loaded), losses=[9.0]).weights["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = view.nope
+
+
+def test_a_released_record_reopens_its_file_only_if_it_is_still_the_verified_one(tmp_path: Path) -> None:
+    save_record(Record(weights={"w": torch.full((10,), 1.0)}), tmp_path / "ref")
+    loaded = load_record(tmp_path / "ref")
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    release_record(loaded)
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds - 1
+    stored = loaded.weights["w"]
+    assert isinstance(stored, StoredTensor) and bool((stored.load() == 1.0).all())  # reopened
+    release_record(loaded)
+    save_record(Record(weights={"w": torch.full((10,), 2.0)}), tmp_path / "new")
+    os.replace(tmp_path / "new" / "weights.safetensors", tmp_path / "ref" / "weights.safetensors")
+    with pytest.raises(CorruptRecordError, match="changed after it was verified"):
+        stored.load()
+
+
+def test_a_tensor_file_that_cannot_be_opened_is_an_os_error_not_corruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pytest_repro import record as record_module
+
+    save_record(Record(weights={"w": torch.ones(2)}), tmp_path)
+
+    def no_fds(path: object, *args: object, **kwargs: object) -> object:
+        if str(path).endswith(".safetensors"):
+            raise OSError(errno.EMFILE, "Too many open files", str(path))
+        return open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(record_module, "open", no_fds, raising=False)
+    with pytest.raises(OSError, match="Too many open files") as info:
+        load_record(tmp_path)
+    assert not isinstance(info.value, CorruptRecordError)
+
+
+def test_a_dtype_this_torch_lacks_is_a_clear_corrupt_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_repro import record as record_module
+
+    save_record(Record(weights={"w": torch.ones(2, dtype=torch.uint8)}), tmp_path)
+    monkeypatch.setitem(record_module._DTYPES, "U8", "uint8_from_the_future")
+    with pytest.raises(
+        CorruptRecordError, match=r"'w': holds dtype uint8_from_the_future \(safetensors U8\), which torch"
+    ):
+        load_record(tmp_path)
+
+
+def test_a_record_file_broken_during_the_check_is_an_error_with_its_fix(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import pytest_repro.policy as policy
+        from pytest_repro.record import CorruptRecordError
+
+        def broken(*args, **kwargs):
+            raise CorruptRecordError("reference_outputs/x/weights.safetensors", "the file ended while being read")
+
+        policy.compare = broken
+        """
+    )
+    pytester.makepyfile(
+        test_it="""
+        import pytest, torch
+
+        def job(ctx):
+            return {"losses": [1.0], "weights": {"w": torch.ones(3)}}
+
+        @pytest.mark.reproducible
+        def test_it(repro):
+            repro.check(job)
+        """
+    )
+    pytester.makeini("[pytest]\nrepro_config_audit = off\n")
+    result = pytester.runpytest_subprocess("--repro", "--repro-regen=missing", "-p", "no:cacheprovider")
+    assert result.ret == 1
+    out = result.stdout.str()
+    assert "ERROR" in out and "a record became unreadable" in out and "Traceback" not in out
+    result.stdout.fnmatch_lines(
+        ["*the file ended while being read*", "Nothing was written*rerun: pytest --repro test_it.py::test_it"]
+    )
+    assert not list(pytester.path.rglob("record.json"))  # nothing written
+
+
+def test_records_a_session_keeps_hold_no_open_files(pytester: pytest.Pytester) -> None:
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd (Linux) to count open files")
+    pytester.makepyfile(
+        test_keep="""
+        import os, pytest, torch
+
+        KEPT = []
+
+        def job(ctx):
+            w = torch.full((4,), float(ctx.config["i"]))
+            return {"losses": [1.0], "weights": {"w": w}, "outputs": {"o": torch.ones(2)}}
+
+        @pytest.mark.reproducible
+        @pytest.mark.parametrize("i", range(30))
+        def test_keep(repro, i):
+            KEPT.append(repro.check(job, config={"i": i}))
+            if i == 0:
+                KEPT.append(len(os.listdir("/proc/self/fd")))
+            if i == 29:
+                assert len(os.listdir("/proc/self/fd")) <= KEPT[1] + 2
+                assert KEPT[0].weights["w"].tolist() == [0.0] * 4 and KEPT[-1].weights["w"].tolist() == [29.0] * 4
+        """
+    )
+    pytester.makeini("[pytest]\nrepro_config_audit = off\n")
+    result = pytester.runpytest_subprocess("--repro", "--repro-regen=missing", "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()
+    result = pytester.runpytest_subprocess("--repro", "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()
 
 
 def _write_raw(path: Path, header: dict[str, object], data: bytes, pad: bytes = b"") -> None:
