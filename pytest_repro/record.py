@@ -81,7 +81,7 @@ class _TensorFile:
                 raise CorruptRecordError(
                     path, f"sha256 {actual[:12]}… does not match {expected_hash[:12]}… recorded in {RECORD_FILE}"
                 )
-            self.entries, self.metadata, self._data = self._header(fh)
+            self.entries, self.metadata = self._header(fh)
             self._identity = _identity(os.fstat(fh.fileno()))
         except BaseException:
             fh.close()
@@ -115,8 +115,8 @@ class _TensorFile:
         self.release()
         self._closed = True
 
-    def _header(self, fh: IO[bytes]) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str], int]:
-        """Parse and check the header: (name -> (dtype, shape, byte offset)), metadata, start of the data."""
+    def _header(self, fh: IO[bytes]) -> tuple[dict[str, tuple[str, tuple[int, ...], int]], dict[str, str]]:
+        """Parse and check the header: name -> (dtype, shape, byte offset in the file), and the metadata."""
         size = os.fstat(fh.fileno()).st_size
 
         def bad(problem: str) -> CorruptRecordError:
@@ -165,7 +165,7 @@ class _TensorFile:
             end = stop
         if data + end != size:
             raise bad(f"{size - data} data bytes, the header describes {end}")
-        return entries, metadata, data
+        return entries, metadata
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the file's bytes from ``offset``."""
