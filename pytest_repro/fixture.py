@@ -157,6 +157,14 @@ class Repro:
     ) -> Record:
         """Check the job like check(), then stop it after ``at`` steps and resume it in a fresh process: same run."""
         full = self._checked(job, config, name)
+        try:
+            return self._checked_resume(job, config, name, at, full)
+        finally:
+            release_record(full)  # the resume compare read it again
+
+    def _checked_resume(
+        self, job: Callable[..., Any] | str, config: Any, name: str | None, at: Any, full: Record
+    ) -> Record:
         label = f"{name}:resume@{at}" if name else f"resume@{at}"
         outcome = Outcome(self._nodeid, label, seed=self.seed, device=self.device)
         self.outcomes.append(outcome)
@@ -164,6 +172,9 @@ class Repro:
             decision = self._resume(job, config, at, full, outcome)
         except _Stop as stop:
             decision = stop.decision
+        except RecordError as exc:  # a record file changed or broke while the check read it
+            text = messages.unreadable(self._nodeid, exc)
+            decision = Decision(Verdict.ERROR, f"a record became unreadable: {exc}", text)
         except BaseException as exc:  # unforeseen: ERROR, never a pass
             self._apply(outcome, Decision(Verdict.ERROR, f"{type(exc).__name__}: {exc}", ""))
             raise
@@ -506,9 +517,9 @@ class Repro:
             for rank in range(1, self._nproc):
                 record.ranks[rank] = load_record(rank_dir(result.workdir, rank) / RECORD_DIR)
             return record
-        except (CorruptRecordError, FileNotFoundError) as exc:
+        except (CorruptRecordError, FileNotFoundError) as exc:  # written and checked by the child: broken since
             raise _stop(
-                Verdict.ERROR, f"run {run} wrote an unreadable record", messages.unrecordable(nodeid, run, str(exc))
+                Verdict.ERROR, f"run {run} wrote an unreadable record", messages.unreadable(nodeid, exc)
             ) from None
 
     def _diagnosis(self, ref: JobRef, cfg: dict[str, Any], config_dir: str | None) -> Callable[[], str] | None:

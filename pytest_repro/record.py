@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import struct
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class _TensorFile:
 
     def __init__(self, path: Path, expected_hash: str) -> None:
         self.path = path
+        self._hash = expected_hash
+        self._lock = threading.Lock()  # one handle, positioned reads: one reader at a time
         fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by release()/close() or the finalizer
         try:
             actual = _sha256_of(fh)
@@ -94,11 +97,23 @@ class _TensorFile:
         self._finalizer = weakref.finalize(self, fh.close)
 
     def _handle(self) -> io.FileIO:
+        """The open handle; reopened (and verified again, bytes included) after release(). Call with the lock."""
         if self._closed:
             raise RecordError(f"{self.path}: the record was closed; its tensors can no longer be read")
         if self._fh is None:
-            fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept until release()/close()
-            if _identity(os.fstat(fh.fileno())) != self._identity:
+            try:
+                fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept until release()/close()
+            except FileNotFoundError:
+                raise RecordError(
+                    f"{self.path}: the file is gone (pytest-repro removes its temporary folder when the session "
+                    "ends); read a record's .weights/.outputs during the session"
+                ) from None
+            try:
+                changed = _identity(os.fstat(fh.fileno())) != self._identity or _sha256_of(fh) != self._hash
+            except BaseException:
+                fh.close()
+                raise
+            if changed:
                 fh.close()
                 raise CorruptRecordError(self.path, "the file changed after it was verified; run the check again")
             self._open(fh)
@@ -107,8 +122,9 @@ class _TensorFile:
 
     def release(self) -> None:
         """Close the handle until the next read (which checks that the file is still the verified one)."""
-        self._finalizer()
-        self._fh = None
+        with self._lock:
+            self._finalizer()
+            self._fh = None
 
     def close(self) -> None:
         """Close the handle for good."""
@@ -169,21 +185,23 @@ class _TensorFile:
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the file's bytes from ``offset``."""
-        fh = self._handle()
-        fh.seek(offset)
-        got = 0
-        while got < len(view):
-            n = fh.readinto(view[got:])
-            if not n:
-                raise CorruptRecordError(self.path, "the file ended while being read")
-            got += n
+        with self._lock:
+            fh = self._handle()
+            fh.seek(offset)
+            got = 0
+            while got < len(view):
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise CorruptRecordError(self.path, "the file ended while being read")
+                got += n
 
     def copy_to(self, target: Path) -> None:
         """Copy the whole file (the verified bytes) to ``target``."""
-        fh = self._handle()
-        fh.seek(0)
-        with open(target, "wb") as out:
-            shutil.copyfileobj(fh, out, 1 << 20)
+        with self._lock:
+            fh = self._handle()
+            fh.seek(0)
+            with open(target, "wb") as out:
+                shutil.copyfileobj(fh, out, 1 << 20)
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -300,19 +318,46 @@ class Record:
 class CheckedRecord(Record):
     """Run 1's record as ``repro.check`` returns it: ``.weights``/``.outputs`` become plain dicts on first use."""
 
+    _LAZY = ("weights", "outputs")
+
     def __getattr__(self, name: str) -> Any:
-        pending = self.__dict__.get("_pending")
-        if pending is None or name not in pending:
+        pending = self.__dict__.get("_pending", {})
+        tensors = pending.get(name)
+        if tensors is None:
+            if name in self.__dict__:  # another thread read it meanwhile
+                return self.__dict__[name]
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        value = {k: materialize(t) for k, t in pending[name].items()}
-        self.__dict__[name] = value
-        del pending[name]
+        value = self.__dict__.setdefault(name, {k: materialize(t) for k, t in tensors.items()})
+        pending.pop(name, None)
         return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._LAZY:  # assigned before first use: the stored tensors are not wanted any more
+            self.__dict__.get("_pending", {}).pop(name, None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        pending = self.__dict__.get("_pending", {})
+        if name in self._LAZY and name in pending and name not in self.__dict__:
+            del pending[name]
+            return
+        super().__delattr__(name)
+
+    def __repr__(self) -> str:
+        # without reading the tensors (pytest shows it in assertion messages)
+        sections = {
+            n: list(self.__dict__[n] if n in self.__dict__ else self.__dict__["_pending"][n]) for n in self._LAZY
+        }
+        return (
+            f"CheckedRecord(losses=<{len(self.losses)} steps>, weights={sections['weights']}, "
+            f"metrics={self.metrics!r}, outputs={sections['outputs']}, seed={self.seed!r}, device={self.device!r}, "
+            f"ranks={sorted(self.ranks)})"
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle and deepcopy carry the tensors themselves (an open file cannot travel)
         state = {k: v for k, v in self.__dict__.items() if k != "_pending"}
-        return state | {"weights": self.weights, "outputs": self.outputs}
+        return state | {name: getattr(self, name) for name in self._LAZY}
 
 
 def user_view(record: Record) -> Record:

@@ -88,6 +88,34 @@ def test_resume_passes_when_every_state_is_restored(resumejobs: pytest.Pytester)
 
 
 @pytest.mark.slow
+def test_records_check_resume_returns_hold_no_open_files(resumejobs: pytest.Pytester) -> None:
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd (Linux) to count open files")
+    resumejobs.makepyfile(
+        test_keep="""
+        import os, pytest
+        from resumejobs import train
+
+        KEPT = []
+
+        @pytest.mark.reproducible
+        @pytest.mark.parametrize("i", range(4))
+        def test_keep(repro, i):
+            KEPT.append(repro.check_resume(train, config={}, at=3))
+            if i == 0:
+                KEPT.append(len(os.listdir("/proc/self/fd")))
+            if i == 3:
+                assert len(os.listdir("/proc/self/fd")) <= KEPT[1]
+                assert all(len(r.weights) == 4 for r in KEPT if not isinstance(r, int))
+        """
+    )
+    result = resumejobs.runpytest_subprocess("--repro", "--repro-regen")
+    result.assert_outcomes(passed=4)
+
+
+@pytest.mark.slow
 def test_resume_that_forgets_the_optimizer_names_the_first_step_and_what_was_not_saved(
     resumejobs: pytest.Pytester,
 ) -> None:

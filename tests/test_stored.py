@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,80 @@ def test_a_released_record_reopens_its_file_only_if_it_is_still_the_verified_one
     os.replace(tmp_path / "new" / "weights.safetensors", tmp_path / "ref" / "weights.safetensors")
     with pytest.raises(CorruptRecordError, match="changed after it was verified"):
         stored.load()
+
+
+def test_a_released_file_edited_in_place_with_its_mtime_restored_is_refused(tmp_path: Path) -> None:
+    save_record(Record(weights={"w": torch.full((10,), 1.0)}), tmp_path)
+    loaded = load_record(tmp_path)
+    release_record(loaded)
+    path = tmp_path / "weights.safetensors"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    with open(path, "r+b") as fh:  # same inode, same size
+        fh.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as rsync -t or touch -r would
+    with pytest.raises(CorruptRecordError, match="changed after it was verified"):
+        loaded.weights["w"].load()  # type: ignore[union-attr]
+
+
+def test_a_released_file_that_is_gone_says_why(tmp_path: Path) -> None:
+    save_record(Record(weights={"w": torch.ones(3)}), tmp_path)
+    loaded = load_record(tmp_path)
+    release_record(loaded)
+    (tmp_path / "weights.safetensors").unlink()
+    with pytest.raises(RecordError, match=r"the file is gone .* during the session"):
+        user_view(loaded).weights  # noqa: B018
+
+
+def test_threads_reading_one_record_get_the_right_tensors(tmp_path: Path) -> None:
+    import threading
+
+    tensors = {f"t{i}": torch.full((64,), float(i)) for i in range(200)}
+    save_record(Record(weights=tensors), tmp_path)
+    loaded = load_record(tmp_path)
+    view = user_view(loaded)
+    seen: list[object] = []
+    wrong: list[str] = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def read(offset: int) -> None:
+        try:
+            seen.append(view.weights)
+            for i in range(offset, offset + 1000):
+                name = f"t{i % 200}"
+                stored = loaded.weights[name]
+                assert isinstance(stored, StoredTensor)
+                if not bool((stored.load() == float(i % 200)).all()):
+                    wrong.append(name)
+        except Exception as exc:  # reported below
+            wrong.append(repr(exc))
+
+    try:
+        threads = [threading.Thread(target=read, args=(k * 37,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert wrong == []
+    assert all(d is seen[0] for d in seen) and torch.equal(view.weights["t3"], tensors["t3"])
+
+
+def test_the_returned_record_behaves_like_plain_attributes_without_reading_for_repr(tmp_path: Path) -> None:
+    save_record(Record(losses=[1.0, 2.0], weights={"w": torch.ones(2)}, metrics={"acc": 0.5}), tmp_path)
+    view = user_view(load_record(tmp_path))
+    text = repr(view)
+    assert "weights=['w']" in text and "<2 steps>" in text and "weights" not in vars(view)
+    view.weights = {"mine": torch.zeros(1)}
+    del view.weights  # the stored tensors do not come back
+    with pytest.raises(AttributeError):
+        _ = view.weights
+    del view.outputs
+    with pytest.raises(AttributeError):
+        _ = view.outputs
 
 
 def test_a_tensor_file_that_cannot_be_opened_is_an_os_error_not_corruption(
