@@ -645,14 +645,10 @@ def _whole_file(tensors: Mapping[str, TensorLike], section: str) -> _TensorFile 
 
 def close_record(record: Record) -> None:
     """Close the files a loaded record reads its tensors from (every rank's); the record keeps its scalars."""
-    for section in TENSOR_SECTIONS:
-        tensors: Mapping[str, TensorLike] = getattr(record, section)
-        for t in tensors.values():
-            if isinstance(t, StoredTensor):
-                t._file.close()
-        setattr(record, section, {})
-    for other in record.ranks.values():
-        close_record(other)
+    for file in _files(record):
+        file.close()
+    for r in (record, *record.ranks.values()):
+        r.weights, r.outputs = {}, {}
 
 
 def load_record(folder: Path) -> Record:
