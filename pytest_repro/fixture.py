@@ -566,7 +566,7 @@ class Repro:
             found.problem = ("blocked", str(exc))
             return found
         except OSError as exc:  # e.g. unreadable folder
-            found.problem = ("blocked", f"{test_dir}: {type(exc).__name__}: {exc}")
+            found.problem = ("unreadable", f"{test_dir}: {type(exc).__name__}: {exc}")
             return found
         if found.here is None:
             for other_key, folder in environment_dirs(test_dir).items():

@@ -153,6 +153,15 @@ def blocked(nodeid: str, problem: str) -> str:
     )
 
 
+def reference_unreadable(nodeid: str, problem: str) -> str:
+    """A reference the operating system would not let us read (permissions, open-file limit, I/O error)."""
+    return (
+        f"the reference for {nodeid} cannot be read: {problem}. It was left untouched.\n"
+        "Fix: check the folder's permissions and the open-file limit (ulimit -n; a test that keeps many "
+        f"open files), then rerun: {rerun_command(nodeid)}"
+    )
+
+
 def missing(nodeid: str, env_key: str, expected: str, unusable: Sequence[str]) -> str:
     """No reference for this environment and none usable from another."""
     also = f" (unusable: {'; '.join(unusable)})" if unusable else ""

@@ -51,7 +51,7 @@ class Found:
     env_key: str
     target: Path
     here: Any = None  # storage.Reference
-    problem: tuple[str, str] | None = None  # ("corrupt" | "blocked", description)
+    problem: tuple[str, str] | None = None  # ("corrupt" | "blocked" | "unreadable", description)
     others: list[tuple[str, Any]] = field(default_factory=list)  # (env key, storage.Reference)
     unusable: list[str] = field(default_factory=list)
 
@@ -304,6 +304,8 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
             return Decision(Verdict.WRITTEN, f"replaced a corrupt reference ({problem})", reference=target, write=True)
         if kind == "corrupt":
             return Decision(Verdict.CORRUPT, problem, messages.corrupt(nodeid, problem), reference=target)
+        if kind == "unreadable":
+            return Decision(Verdict.ERROR, problem, messages.reference_unreadable(nodeid, problem), reference=target)
         return Decision(Verdict.ERROR, problem, messages.blocked(nodeid, problem), reference=target)
     stored = found.here
     if stored is None:

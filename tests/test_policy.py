@@ -47,9 +47,13 @@ def test_regen_all_writes_only_what_changed_and_missing_never_replaces() -> None
     assert policy.against_reference(corrupt, rec([1.0]), facts("missing")).verdict is Verdict.CORRUPT
     assert policy.against_reference(corrupt, rec([1.0]), facts("all")).write
     blocked = policy.Found("k", Path("x/k"), problem=("blocked", "x/k: is a file"))
+    unreadable = policy.Found("k", Path("x/k"), problem=("unreadable", "x: OSError: [Errno 24] Too many open files"))
     for regen in (None, "missing", "all"):
         d = policy.against_reference(blocked, rec([1.0]), facts(regen))
-        assert d.verdict is Verdict.ERROR and not d.write
+        assert d.verdict is Verdict.ERROR and not d.write and "move it out of the way" in d.message
+        d = policy.against_reference(unreadable, rec([1.0]), facts(regen))
+        assert d.verdict is Verdict.ERROR and not d.write and "ulimit -n" in d.message
+        assert "move it out of the way" not in d.message
 
 
 def test_missing_and_cross_environment() -> None:

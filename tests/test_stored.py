@@ -415,3 +415,42 @@ def test_a_header_longer_than_the_file_is_corrupt(tmp_path: Path) -> None:
     (tmp_path / "record.json").write_text(json.dumps(index))
     with pytest.raises(CorruptRecordError, match="header length"):
         load_record(tmp_path)
+
+
+def test_a_reference_the_system_will_not_open_is_an_error_that_names_the_limit(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_it="""
+        import pytest, torch
+
+        def job(ctx):
+            return {"losses": [1.0], "weights": {"w": torch.ones(3)}}
+
+        @pytest.mark.reproducible
+        def test_it(repro):
+            repro.check(job)
+        """
+    )
+    pytester.makeini("[pytest]\nrepro_config_audit = off\n")
+    assert pytester.runpytest_subprocess("--repro", "--repro-regen=missing", "-p", "no:cacheprovider").ret == 0
+    files = sorted(pytester.path.glob("reference_outputs/**/*.safetensors"))
+    before = [f.read_bytes() for f in files]
+    pytester.makeconftest(
+        """
+        import errno
+        import pytest_repro.record as record
+
+        def no_fds(path, *args, **kwargs):
+            if "reference_outputs" in str(path) and str(path).endswith(".safetensors"):
+                raise OSError(errno.EMFILE, "Too many open files", str(path))
+            return open(path, *args, **kwargs)
+
+        record.open = no_fds
+        """
+    )
+    for regen in ([], ["--repro-regen=missing"]):
+        result = pytester.runpytest_subprocess("--repro", *regen, "-p", "no:cacheprovider")
+        assert result.ret == 1
+        out = result.stdout.str()
+        assert "cannot be read" in out and "Too many open files" in out and "ulimit -n" in out, out
+        assert "corrupt" not in out.lower() and "Traceback" not in out
+    assert [f.read_bytes() for f in files] == before
