@@ -134,9 +134,7 @@ class Repro:
         except _Stop as stop:
             record, decision = None, stop.decision
         except RecordError as exc:  # a record file changed or broke while the check read it
-            record = None
-            text = messages.unreadable(self._nodeid, exc)
-            decision = Decision(Verdict.ERROR, f"a record became unreadable: {exc}", text)
+            record, decision = None, _unreadable(self._nodeid, exc)
         except BaseException as exc:  # unforeseen (or an interrupt): ERROR, never a pass
             self._apply(outcome, Decision(Verdict.ERROR, f"{type(exc).__name__}: {exc}", ""))
             outcome.message = messages.internal_error(self._nodeid, exc)
@@ -173,8 +171,7 @@ class Repro:
         except _Stop as stop:
             decision = stop.decision
         except RecordError as exc:  # a record file changed or broke while the check read it
-            text = messages.unreadable(self._nodeid, exc)
-            decision = Decision(Verdict.ERROR, f"a record became unreadable: {exc}", text)
+            decision = _unreadable(self._nodeid, exc)
         except BaseException as exc:  # unforeseen: ERROR, never a pass
             self._apply(outcome, Decision(Verdict.ERROR, f"{type(exc).__name__}: {exc}", ""))
             raise
@@ -606,6 +603,10 @@ class Repro:
             "command": " ".join(shlex.quote(a) for a in self._session.invocation),
             "wall_s": record.meta.get("wall_s"),
         }
+
+
+def _unreadable(nodeid: str, exc: RecordError) -> Decision:
+    return Decision(Verdict.ERROR, f"a record became unreadable: {exc}", messages.unreadable(nodeid, exc))
 
 
 def _read_manifest(workdir: Path) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class _TensorFile:
 
     def __init__(self, path: Path, expected_hash: str) -> None:
         self.path = path
-        self._hash = expected_hash
+        self.sha256 = expected_hash  # of the bytes every read returns
         self._lock = threading.Lock()  # one handle, positioned reads: one reader at a time
         fh = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by release()/close() or the finalizer
         try:
@@ -109,7 +109,7 @@ class _TensorFile:
                     "ends); read a record's .weights/.outputs during the session"
                 ) from None
             try:
-                changed = _identity(os.fstat(fh.fileno())) != self._identity or _sha256_of(fh) != self._hash
+                changed = _identity(os.fstat(fh.fileno())) != self._identity or _sha256_of(fh) != self.sha256
             except BaseException:
                 fh.close()
                 raise
@@ -609,15 +609,17 @@ def save_record(record: Record, folder: Path) -> None:
         source = _whole_file(tensors, section)
         if source is not None:  # a loaded record written again (a run staged as the reference): copy its file
             source.copy_to(tmp)
+            digest = source.sha256  # the copy's bytes; loading the copy verifies them
         else:
             loaded = {k: materialize(t) for k, t in tensors.items()}
             save_file(loaded, str(tmp), metadata={"pytest_repro_section": section})
+            digest = sha256_file(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, folder / filename)
         index[section] = {
             "file": filename,
             "keys": list(tensors),  # safetensors does not keep insertion (state-dict) order
-            "sha256": sha256_file(folder / filename),
+            "sha256": digest,
         }
     body: dict[str, Any] = {
         "schema": RECORD_SCHEMA,

@@ -302,18 +302,8 @@ def test_a_dtype_this_torch_lacks_is_a_clear_corrupt_record(tmp_path: Path, monk
         load_record(tmp_path)
 
 
-def test_a_record_file_broken_during_the_check_is_an_error_with_its_fix(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(
-        """
-        import pytest_repro.policy as policy
-        from pytest_repro.record import CorruptRecordError
-
-        def broken(*args, **kwargs):
-            raise CorruptRecordError("reference_outputs/x/weights.safetensors", "the file ended while being read")
-
-        policy.compare = broken
-        """
-    )
+def _one_check(pytester: pytest.Pytester) -> None:
+    """A project with one reproducible test (test_it.py::test_it) whose job returns a loss and one tensor."""
     pytester.makepyfile(
         test_it="""
         import pytest, torch
@@ -327,6 +317,21 @@ def test_a_record_file_broken_during_the_check_is_an_error_with_its_fix(pytester
         """
     )
     pytester.makeini("[pytest]\nrepro_config_audit = off\n")
+
+
+def test_a_record_file_broken_during_the_check_is_an_error_with_its_fix(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import pytest_repro.policy as policy
+        from pytest_repro.record import CorruptRecordError
+
+        def broken(*args, **kwargs):
+            raise CorruptRecordError("reference_outputs/x/weights.safetensors", "the file ended while being read")
+
+        policy.compare = broken
+        """
+    )
+    _one_check(pytester)
     result = pytester.runpytest_subprocess("--repro", "--repro-regen=missing", "-p", "no:cacheprovider")
     assert result.ret == 1
     out = result.stdout.str()
@@ -418,19 +423,7 @@ def test_a_header_longer_than_the_file_is_corrupt(tmp_path: Path) -> None:
 
 
 def test_a_reference_the_system_will_not_open_is_an_error_that_names_the_limit(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        test_it="""
-        import pytest, torch
-
-        def job(ctx):
-            return {"losses": [1.0], "weights": {"w": torch.ones(3)}}
-
-        @pytest.mark.reproducible
-        def test_it(repro):
-            repro.check(job)
-        """
-    )
-    pytester.makeini("[pytest]\nrepro_config_audit = off\n")
+    _one_check(pytester)
     assert pytester.runpytest_subprocess("--repro", "--repro-regen=missing", "-p", "no:cacheprovider").ret == 0
     files = sorted(pytester.path.glob("reference_outputs/**/*.safetensors"))
     before = [f.read_bytes() for f in files]
