@@ -227,6 +227,19 @@ def statistical_problem(nodeid: str, problem: str) -> str:
     )
 
 
+def unresolvable_margin(nodeid: str, reasons: list[str], lines: list[str]) -> str:
+    """A statistical margin narrower than the seeds' spread can establish: inconclusive, not a change."""
+    return (
+        f"{nodeid}: the statistical check is inconclusive, not failed: its margin is narrower than the spread "
+        "of these seeds can establish, so even an unchanged result could not be shown equivalent.\n"
+        + "\n".join(f"  {r}" for r in reasons)
+        + "\n"
+        + "\n".join(lines)
+        + "\nFix: widen the margin or run the seeds it needs (pytest_repro.statistical(margin=..., seeds=...)); "
+        "the reference itself is fine, no regeneration is needed."
+    )
+
+
 def no_per_seed_values(nodeid: str, label: str) -> str:
     """A reference without per-seed values compared statistically."""
     return (

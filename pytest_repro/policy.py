@@ -288,6 +288,11 @@ def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, node
     lines = [f"  {r.describe()}" for r in results]
     if band is not None:
         lines.append(f"  {band.describe()}")
+    unresolved = [r for r in results if r.unresolved]
+    if unresolved and all(r.equivalent or r.unresolved for r in results) and band is None:
+        problem = f"the margin of metrics[{unresolved[0].name!r}] is below what these seeds can resolve"
+        text = messages.unresolvable_margin(nodeid, [r.explain_resolution() for r in unresolved], lines)
+        return Decision(Verdict.ERROR, problem, text, details=lines)
     failed = [r for r in results if not r.equivalent]
     where = f"in metrics[{failed[0].name!r}]" if failed else (f"at step {band.step}" if band else "")
     return _Match(not failed and band is None, where, lines)

@@ -30,20 +30,80 @@ class Equivalence:
     p_value: float
     confidence: float
     equivalent: bool
+    paired: bool = False  # the same seeds on both sides: the test is on the per-seed differences
+    seeds_needed: int | None = None  # seeds per side for this margin at this spread (None: no count suffices)
+
+    @property
+    def resolution(self) -> float:
+        """Return the smallest margin these values can establish: |diff| + the CI's half-width."""
+        return abs(self.diff) + (self.ci_high - self.ci_low) / 2
+
+    @property
+    def unresolved(self) -> bool:
+        """True when not even an unchanged result could be shown equivalent within this margin."""
+        return not self.equivalent and self.margin <= (self.ci_high - self.ci_low) / 2
 
     def describe(self) -> str:
         """Return the verdict in one line: both means, the difference with its CI, the margin."""
         level = 100 * (1 - 2 * (1 - self.confidence))
         verdict = "equivalent" if self.equivalent else "NOT equivalent"
+        if self.unresolved:
+            verdict = "UNRESOLVED (margin below what these seeds can resolve)"
+        paired = ", paired by seed" if self.paired else ""
         return (
             f"{self.name}: reference mean {self.ref_mean:.6g} (n={self.n_ref}), this run mean {self.new_mean:.6g} "
-            f"(n={self.n_new}), diff {self.diff:+.3g}, {level:.0f}% CI [{self.ci_low:+.3g}, {self.ci_high:+.3g}], "
-            f"margin ±{self.margin:.3g} -> {verdict} (TOST p={self.p_value:.3g})"
+            f"(n={self.n_new}), diff {self.diff:+.3g}, {level:.0f}% CI [{self.ci_low:+.3g}, {self.ci_high:+.3g}]"
+            f"{paired}, margin ±{self.margin:.3g} -> {verdict} (TOST p={self.p_value:.3g})"
+        )
+
+    def explain_resolution(self) -> str:
+        """Return why this margin cannot be established, and what would be needed."""
+        level = 100 * (1 - 2 * (1 - self.confidence))
+        half = (self.ci_high - self.ci_low) / 2
+        need = (
+            f"a margin of ±{self.margin:.3g} needs about {self.seeds_needed} seeds"
+            if self.seeds_needed is not None
+            else f"no number of seeds establishes ±{self.margin:.3g} while the difference is {self.diff:+.3g}"
+        )
+        return (
+            f"{self.name}: the margin ±{self.margin:.3g} is below what {self.n_new} seeds can resolve: their spread "
+            f"gives a {level:.0f}% CI half-width of {half:.3g}, so the smallest margin they can establish is "
+            f"±{self.resolution:.3g}; {need}. This says nothing about a change of the code or data."
         )
 
 
-def tost(name: str, reference: Sequence[float], new: Sequence[float], margin: float, confidence: float) -> Equivalence:
-    """Welch two one-sided tests of H0: |mean(new) - mean(reference)| >= margin, at the given confidence."""
+def _seeds_needed(variance: float, diff: float, margin: float, alpha: float, paired: bool) -> int | None:
+    """Seeds per side for which |diff| + t·SE < margin at the given per-seed variance."""
+    from scipy import stats
+
+    room = margin - abs(diff)
+    if room <= 0:
+        return None
+
+    def enough(n: int) -> bool:
+        df = n - 1 if paired else 2 * n - 2
+        return float(stats.t.ppf(1 - alpha, df)) * math.sqrt(variance / n) < room
+
+    high = 2
+    while not enough(high):  # t·SE falls monotonically with n: double, then bisect
+        high *= 2
+    low = high // 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid, high)
+    return max(high, 2)
+
+
+def tost(
+    name: str,
+    reference: Sequence[float],
+    new: Sequence[float],
+    margin: float,
+    confidence: float,
+    *,
+    paired: bool = False,
+) -> Equivalence:
+    """Two one-sided tests of H0: |mean(new) - mean(reference)| >= margin (Welch, or paired by seed)."""
     from scipy import stats
 
     if len(reference) < 2 or len(new) < 2:
@@ -51,29 +111,55 @@ def tost(name: str, reference: Sequence[float], new: Sequence[float], margin: fl
             f"{name}: statistical equivalence needs at least 2 values on each side "
             f"(reference has {len(reference)}, this run has {len(new)})"
         )
+    if paired and len(reference) != len(new):
+        raise ValueError(f"{name}: a paired test needs as many values on each side ({len(reference)} vs {len(new)})")
     alpha = 1 - confidence
     m_ref, m_new = statistics.fmean(reference), statistics.fmean(new)
-    v_ref, v_new = statistics.variance(reference), statistics.variance(new)
     diff = m_new - m_ref
-    se = math.sqrt(v_ref / len(reference) + v_new / len(new))
-    if se == 0.0:  # both sides constant: the difference is known exactly
+    if paired:
+        # The same seeds on both sides: what seed-to-seed variation the two share cancels out.
+        d = [b - a for a, b in zip(reference, new, strict=True)]
+        variance = statistics.variance(d)
+        se = math.sqrt(variance / len(d))
+        df = float(len(d) - 1)
+    else:
+        v_ref, v_new = statistics.variance(reference), statistics.variance(new)
+        variance = v_ref + v_new
+        df = 1.0
+        se = math.sqrt(v_ref / len(reference) + v_new / len(new))
+        if se > 0.0:
+            # Welch-Satterthwaite degrees of freedom, computed scale-free so tiny variances do not underflow.
+            a, b = v_ref / len(reference), v_new / len(new)
+            top = max(a, b)
+            a, b = a / top, b / top
+            df = (a + b) ** 2 / (a**2 / (len(reference) - 1) + b**2 / (len(new) - 1))
+    if se == 0.0:  # both sides constant (or a constant per-seed difference): the difference is known exactly
         equivalent = abs(diff) < margin
         ci_low = ci_high = diff
         p_value = 0.0 if equivalent else 1.0
     else:
-        # Welch-Satterthwaite degrees of freedom, computed scale-free so tiny variances do not underflow.
-        a, b = v_ref / len(reference), v_new / len(new)
-        top = max(a, b)
-        a, b = a / top, b / top
-        df = (a + b) ** 2 / (a**2 / (len(reference) - 1) + b**2 / (len(new) - 1))
         t_crit = float(stats.t.ppf(1 - alpha, df))
         ci_low, ci_high = diff - t_crit * se, diff + t_crit * se
         p_lower = float(stats.t.sf((diff + margin) / se, df))  # H0: diff <= -margin
         p_upper = float(stats.t.cdf((diff - margin) / se, df))  # H0: diff >= +margin
         p_value = max(p_lower, p_upper)
         equivalent = margin > 0 and p_value < alpha
+    needed = None if equivalent or se == 0.0 else _seeds_needed(variance, diff, margin, alpha, paired)
     return Equivalence(
-        name, m_ref, m_new, len(reference), len(new), diff, ci_low, ci_high, margin, p_value, confidence, equivalent
+        name,
+        m_ref,
+        m_new,
+        len(reference),
+        len(new),
+        diff,
+        ci_low,
+        ci_high,
+        margin,
+        p_value,
+        confidence,
+        equivalent,
+        paired,
+        needed,
     )
 
 
@@ -121,13 +207,22 @@ def compare_statistical(
     ref_metrics: Mapping[str, Sequence[float]] = reference.get("metrics", {})  # type: ignore[assignment]
     new_metrics: Mapping[str, Sequence[float]] = new.get("metrics", {})  # type: ignore[assignment]
     names = spec.metrics or tuple(sorted(ref_metrics))
+    ref_seeds, new_seeds = reference.get("seeds"), new.get("seeds")
+    paired = isinstance(ref_seeds, list) and ref_seeds == new_seeds
     results = []
     for name in names:
         if name not in ref_metrics or name not in new_metrics:
             raise KeyError(f"metric {name!r} is missing from the {'reference' if name not in ref_metrics else 'runs'}")
         ref_values, new_values = ref_metrics[name], new_metrics[name]
         results.append(
-            tost(name, ref_values, new_values, spec.margin_for(statistics.fmean(ref_values)), spec.confidence)
+            tost(
+                name,
+                ref_values,
+                new_values,
+                spec.margin_for(statistics.fmean(ref_values)),
+                spec.confidence,
+                paired=paired and len(ref_values) == len(new_values),
+            )
         )
     band = None
     ref_losses: Sequence[Sequence[float]] = reference.get("losses", [])  # type: ignore[assignment]
@@ -136,7 +231,3 @@ def compare_statistical(
         band = loss_band_exit(ref_losses, new_losses, spec)
     return results, band
 
-
-def spread(values: Sequence[float]) -> float:
-    """Return max - min."""
-    return max(values) - min(values) if values else 0.0

@@ -63,6 +63,8 @@ USER_JOBS = textwrap.dedent(
         cfg = ctx.config
         noise = ctx.rng.normal(0.0, 0.01, size=7)
         score = 1.0 + cfg.get("shift", 0.0) + noise[0]
+        if cfg.get("jitter"):  # a per-seed change of the score, drawn after the values above
+            score += cfg["jitter"] * ctx.rng.normal()
         shift_from = cfg.get("loss_shift_from", 99)
         losses = [
             2.0 - 0.1 * step + noise[step + 1] + (cfg.get("loss_shift", 0.0) if step >= shift_from else 0.0)

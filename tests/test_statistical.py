@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("scipy")
@@ -42,6 +42,52 @@ def test_tost_verdicts_and_report_line() -> None:
     assert not tost("score", ref, far, 0.05, 0.95).equivalent
     with pytest.raises(TooFewSeedsError, match="at least 2 values on each side"):
         tost("score", [1.0], close, 0.05, 0.95)
+
+
+def test_paired_by_seed_identical_values_are_equivalent_at_any_positive_margin() -> None:
+    # The README's example: 5 seeds whose eval_loss spreads by ~1e-2, margin 0.1% of ~3.78; rerun unchanged.
+    ref = [3.781, 3.802, 3.764, 3.790, 3.771]
+    welch = tost("eval_loss", ref, list(ref), 0.00378, 0.95)
+    assert not welch.equivalent and welch.unresolved  # unpaired, the seeds' spread hides a zero difference
+    assert welch.seeds_needed is not None and welch.seeds_needed > 5
+    paired = tost("eval_loss", ref, list(ref), 0.00378, 0.95, paired=True)
+    assert paired.equivalent and paired.diff == 0 and "paired by seed" in paired.describe()
+    moved = tost("eval_loss", ref, [x + 0.01 for x in ref], 0.00378, 0.95, paired=True)
+    assert not moved.equivalent and not moved.unresolved  # a real shift, known exactly: NOT equivalent
+
+
+def test_unresolvable_margin_says_what_would_resolve_it() -> None:
+    ref = [1.0, 1.02, 0.98, 1.01, 0.99]
+    new = [1.01, 0.99, 1.0, 0.985, 1.015]
+    e = tost("score", ref, new, 0.001, 0.95)
+    assert e.unresolved and not e.equivalent
+    text = e.explain_resolution()
+    assert "is below what 5 seeds can resolve" in text and f"needs about {e.seeds_needed} seeds" in text
+    assert "says nothing about a change" in text
+    assert e.resolution > e.margin
+    # A margin above the resolution is decided (equivalent here), not unresolved.
+    wide = tost("score", ref, new, e.resolution * 1.01, 0.95)
+    assert wide.equivalent and not wide.unresolved
+
+
+@settings(deadline=None)
+@given(
+    st.lists(st.floats(-10, 10, allow_nan=False), min_size=3, max_size=8, unique=True),
+    st.floats(0.01, 1.0),
+    st.floats(1e-4, 0.5),
+)
+def test_seeds_needed_is_enough_seeds(base: list[float], scale: float, margin: float) -> None:
+    # Unpaired samples whose spread makes `margin` unresolvable: with seeds_needed seeds of about the same
+    # spread (the same values, repeated), equivalence of an identical sample is established.
+    ref = [x * scale for x in base]
+    e = tost("m", ref, list(ref), margin, 0.95)
+    if not e.unresolved:
+        return
+    assert e.seeds_needed is not None and e.seeds_needed > len(ref)
+    assume(e.seeds_needed <= 20_000)  # a list that long is enough to show it
+    k = -(-e.seeds_needed // len(ref))
+    more = ref * k
+    assert tost("m", more, list(more), margin, 0.95).equivalent
 
 
 def test_loss_band_reports_the_first_step_outside() -> None:
@@ -92,6 +138,26 @@ def test_statistical_pass_then_fail_beyond_margin(userjobs: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(
         ["*score: reference mean * (n=5), this run mean * (n=5), diff +0.2*, 90% CI *, margin ±0.05 -> NOT equivalent*"]
     )
+
+
+@pytest.mark.slow
+def test_statistical_margin_below_the_resolution_is_inconclusive_not_a_change(userjobs: pytest.Pytester) -> None:
+    args = 'metrics=["score"], seeds=3, margin=0.001'
+    userjobs.makepyfile(test_stat=TEST.format(args=args, config="{}"))
+    userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    userjobs.runpytest("--repro").assert_outcomes(passed=1)  # unchanged: paired by seed, the difference is 0
+    userjobs.makepyfile(test_stat=TEST.format(args=args, config='{"jitter": 0.01}'))
+    result = userjobs.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the statistical check is inconclusive, not failed*",
+            "*score: the margin ±0.001 is below what 3 seeds can resolve*smallest margin they can establish is*",
+            "*Fix: widen the margin or run the seeds it needs*",
+            "ERROR *test_stat.py::test_noisy (*): the margin of metrics*score* is below what these seeds can resolve",
+        ]
+    )
+    assert "DIFFERS" not in result.stdout.str() and "the code or data changed" not in result.stdout.str()
 
 
 @pytest.mark.slow
