@@ -169,7 +169,7 @@ def job_config(dtype: str | None) -> tuple[dict[str, Any], str | None]:
     if dtype is None:
         return config, str(CONFIG.parent)
     config["dtype"] = dtype
-    config.pop("data")  # the defaults (fixtures/...) are relative to the rootdir, where the runs start
+    config.pop("data")  # the defaults: the same data, shipped with the package
     return config, None
 
 

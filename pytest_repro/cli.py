@@ -394,6 +394,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(Path(args.keep) if args.keep else None)
+
+
 def _cmd_history(args: argparse.Namespace) -> int:
     from .tracking import INSTALL, LOCAL_DB, LOCAL_STORE, experiment_name, format_history, local_uri, read_history
 
@@ -438,6 +444,9 @@ def _cmd_history(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pytest-repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    o = sub.add_parser("demo", help="the gate in ~30 s: record a reference, pass, change the job, fail (temp project)")
+    o.add_argument("--keep", metavar="DIR", help="build the demo project in DIR and keep it (default: a temp folder)")
+    o.set_defaults(func=_cmd_demo)
     m = sub.add_parser("manifest", help="print this machine's environment manifest (YAML)")
     m.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     m.add_argument("--package", action="append", default=[], help="also record this package's version (repeatable)")

@@ -230,4 +230,3 @@ def compare_statistical(
     if spec.losses and ref_losses and new_losses and all(ref_losses) and all(new_losses):
         band = loss_band_exit(ref_losses, new_losses, spec)
     return results, band
-

@@ -28,7 +28,7 @@ def test_lora_half_precision_is_reproducible(repro, dtype):
     with open("fixtures/tiny_lora.yaml") as fh:
         config = yaml.safe_load(fh)
     config["dtype"] = dtype
-    config.pop("data")  # the defaults (fixtures/…) are relative to the rootdir, where the runs start
+    config.pop("data")  # the defaults: the same data, shipped with the package
     result = repro.check(lora_finetune, config=config)
     assert result.meta["dtype"] == dtype  # the base model's dtype
     # peft keeps LoRA adapters in float32 over a half-precision base (autocast_adapter_dtype=True)

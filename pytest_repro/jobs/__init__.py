@@ -11,7 +11,7 @@ __all__ = ["lora_finetune", "lora_finetune_trainer", "record_from_trainer"]
 
 
 def lora_finetune(ctx: JobContext) -> dict[str, Any]:
-    """Fine-tune a tiny Llama-style model with LoRA (plain loop); config: see fixtures/tiny_lora.yaml."""
+    """Fine-tune a tiny Llama-style model with LoRA (plain loop); config: see pytest_repro.jobs.lora.LoraJobConfig."""
     from .lora import run
 
     return run(ctx)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import checkpoint
@@ -54,13 +55,16 @@ class TrainConfig:
     weight_decay: float = field(0.0, ge=0)
 
 
+PACKAGED = "package:"  # a data path naming a file shipped with pytest-repro (pytest_repro/jobs/data/)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the corpus, its static split file and the tokenizer live (relative to the config file)."""
 
-    corpus: str = field("fixtures/corpus.jsonl")
-    splits: str = field("fixtures/splits_v1.json")
-    tokenizer: str = field("fixtures/tokenizer.json")
+    corpus: str = field(PACKAGED + "corpus.jsonl")
+    splits: str = field(PACKAGED + "splits_v1.json")
+    tokenizer: str = field(PACKAGED + "tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,18 @@ def _encode(texts: list[str], tokenizer: Any, seq_len: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def data_path(ctx: JobContext, value: str) -> Path:
+    """Resolve a data path of the config: ``package:NAME`` is the tiny data shipped with pytest-repro."""
+    if not value.startswith(PACKAGED):
+        return ctx.path(value)
+    name = value[len(PACKAGED) :]
+    path = Path(__file__).parent / "data" / name
+    if "/" in name or "\\" in name or not path.is_file():
+        shipped = ", ".join(sorted(f"{PACKAGED}{p.name}" for p in path.parent.glob("*") if p.is_file()))
+        raise FileNotFoundError(f"{value!r}: pytest-repro ships no such data file (it ships: {shipped})")
+    return path
+
+
 def prepare(ctx: JobContext) -> Prepared:
     """Validate the config, load the split and tokenizer, and build the LoRA-wrapped model on ctx.device."""
     import torch
@@ -130,8 +146,8 @@ def prepare(ctx: JobContext) -> Prepared:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = parse_config(ctx.config)
-    split = load_split(ctx.path(cfg.data.splits), ctx.path(cfg.data.corpus))
-    tokenizer = Tokenizer.from_file(str(ctx.path(cfg.data.tokenizer)))
+    split = load_split(data_path(ctx, cfg.data.splits), data_path(ctx, cfg.data.corpus))
+    tokenizer = Tokenizer.from_file(str(data_path(ctx, cfg.data.tokenizer)))
     data = {
         name: _encode([r["text"] for r in rows], tokenizer, cfg.train.seq_len) for name, rows in split.splits.items()
     }
