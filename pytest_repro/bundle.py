@@ -369,6 +369,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _field(data: Mapping[str, Any], key: str, first: Mapping[str, Any] | None = None) -> str:
+    """A recorded value as text (from ``first`` when it has it): "(absent)" when not recorded, None for a null."""
+    for source in (first or {}, data):
+        if key in source:
+            return _fmt(source[key])
+    return "(absent)"
+
+
 def render_readme(
     index: Mapping[str, Any],
     provenance: Mapping[str, Any],
@@ -458,15 +466,14 @@ def render_readme(
             lines.append(f"| `{key}` | `{_fmt(entry.get('value'))}` | {entry.get('source')} |")
     lines += ["", "## With what", ""]
     lines.append(
-        f"- seed {provenance.get('seed', meta.get('seed'))} (base seed {provenance.get('base_seed')}), "
-        f"device {provenance.get('device', meta.get('device'))}, deterministic "
-        f"{provenance.get('deterministic', meta.get('deterministic'))}, dtype {meta.get('dtype', '?')}"
+        f"- seed {_field(meta, 'seed', provenance)} (base seed {_field(provenance, 'base_seed')}), "
+        f"device {_field(meta, 'device', provenance)}, deterministic {_field(meta, 'deterministic', provenance)}, "
+        f"dtype {_field(meta, 'dtype')}"
     )
     packages = {k: v for k, v in (manifest.get("packages") or {}).items() if v}
-    python = (manifest.get("python") or {}).get("version")
     lines.append(
-        f"- Python {python}, torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, "
-        f"cuDNN {torch_info.get('cudnn')}, BLAS {torch_info.get('blas')})"
+        f"- Python {_field(manifest.get('python') or {}, 'version')}, torch {_field(torch_info, 'version')} "
+        f"(CUDA {_field(torch_info, 'cuda')}, cuDNN {_field(torch_info, 'cudnn')}, BLAS {_field(torch_info, 'blas')})"
     )
     if packages:
         lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in sorted(packages.items())))
@@ -475,8 +482,8 @@ def render_readme(
     gpus = manifest.get("gpu") or []
     os_info = manifest.get("os") or {}
     lines.append(
-        f"- environment key `{env_key}`; {os_info.get('system')} {os_info.get('libc') or ''}, "
-        f"CPU {cpu.get('model')}" + (f", GPU {', '.join(str(g.get('name')) for g in gpus)}" if gpus else "")
+        f"- environment key `{env_key}`; OS {_field(os_info, 'system')} {os_info.get('libc') or ''}, "
+        f"CPU {_field(cpu, 'model')}" + (f", GPU {', '.join(str(g.get('name')) for g in gpus)}" if gpus else "")
     )
     host = manifest.get("host") or {}
     if host.get("hostname"):
@@ -488,11 +495,13 @@ def render_readme(
             + (" (with uncommitted changes)" if git.get("dirty") else "")
         )
     else:
-        why = f" ({git['error']})" if git.get("error") else ""
-        lines.append(
-            f"- no git commit recorded{why}: the project was not a git checkout when the reference was recorded"
+        why = (
+            f"the git probe failed ({git['error']})"
+            if git.get("error")
+            else "the project was not a git checkout when the reference was recorded"
         )
-    lines.append(f"- recorded {provenance.get('recorded_at')} by `{provenance.get('command')}`")
+        lines.append(f"- no git commit recorded: {why}")
+    lines.append(f"- recorded {_field(provenance, 'recorded_at')} by `{_field(provenance, 'command')}`")
     reference = index.get("reference") or f"reference_outputs/.../{env_key}"
     name = archive.name if archive is not None else "bundle.tar.gz"
     top = _top(Path(name))
