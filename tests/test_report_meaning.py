@@ -16,7 +16,6 @@ from helpers import env_key
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_repro.bundle import install_command, render_readme
 from pytest_repro.compare import compare_losses
 from pytest_repro.manifest import diff_manifests
 from pytest_repro.record import Record
@@ -214,6 +213,8 @@ def test_a_run_setting_missing_from_the_reference_is_absent_not_none() -> None:
 
 
 def _readme(git: dict[str, Any], installs: list[str]) -> str:
+    from pytest_repro.bundle import render_readme
+
     index = {"test": "t.py::test_x", "environment_key": "cpu-x", "plugin_version": "0.1.0", "files": {}}
     index.update(contents="the reference", created="2026-01-01T00:00:00+00:00")
     manifest = {"git": git, "torch": {"version": "2.5.1+cpu"}, "packages": {"numpy": "2.0.0"}}
@@ -272,6 +273,8 @@ def test_bundle_readme_without_git_info_says_so_instead_of_none() -> None:
 def test_install_command_follows_how_it_was_installed(
     direct_url: dict[str, Any] | None, checkout: dict[str, Any], expected: list[str]
 ) -> None:
+    from pytest_repro.bundle import install_command
+
     assert install_command("pytest-repro", "0.1.0", direct_url, lambda _: checkout) == expected
 
 
