@@ -202,12 +202,18 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def _change(drift: Drift) -> dict[str, Any]:
-    """One change as JSON: a side where the field is absent has no old/new key (null is an explicit null)."""
+    """One change as JSON: a side where the field is absent has no old/new key (null is an explicit null).
+
+    A list of plain values also says the items ``added`` and ``removed``.
+    """
     out: dict[str, Any] = {"path": drift.path, "category": drift.category, "change": drift.change}
     if drift.change != "added":
         out["old"] = drift.old
     if drift.change != "removed":
         out["new"] = drift.new
+    items = drift.list_items()
+    if items is not None:
+        out["added"], out["removed"] = items
     return out
 
 

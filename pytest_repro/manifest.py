@@ -360,11 +360,17 @@ class Drift:
         new = "(absent)" if self.change == "removed" else repr(self.new)
         return old, new
 
+    def list_items(self) -> tuple[list[Any], list[Any]] | None:
+        """Return the items added and removed when both sides are lists of plain values, else None."""
+        if self.change != "changed" or not (_scalar_list(self.old) and _scalar_list(self.new)):
+            return None
+        return [x for x in self.new if x not in self.old], [x for x in self.old if x not in self.new]
+
     def describe(self) -> str:
         """Return one aligned line for this change (a list of plain values as the items added and removed)."""
-        items = _list_change(self.old, self.new) if self.change == "changed" else None
+        items = self.list_items()
         if items is not None:
-            return f"{self.category:<8} {self.path}: {items}"
+            return f"{self.category:<8} {self.path}: {_list_change(self.old, self.new, *items)}"
         old, new = self.values()
         return f"{self.category:<8} {self.path}: {old} -> {new}"
 
@@ -380,12 +386,8 @@ def _item(value: Any) -> str:
     return value if isinstance(value, str) and re.fullmatch(r"[\w.+:/@-]+", value) else repr(value)
 
 
-def _list_change(old: Any, new: Any) -> str | None:
-    """Say how a list of plain values changed ("added a, b; removed c"), or None when either side is not one."""
-    if not (_scalar_list(old) and _scalar_list(new)):
-        return None
-    added = [x for x in new if x not in old]
-    removed = [x for x in old if x not in new]
+def _list_change(old: list[Any], new: list[Any], added: list[Any], removed: list[Any]) -> str:
+    """Say how a list of plain values changed: "added a, b; removed c" (or that only the order changed)."""
     parts = [f"{word} {', '.join(_item(x) for x in xs)}" for word, xs in (("added", added), ("removed", removed)) if xs]
     if not parts:  # the same items: another order or other repeat counts
         return f"same items, reordered: {old!r} -> {new!r}"

@@ -183,15 +183,28 @@ def test_absent_is_a_missing_field_and_none_an_explicit_null(
     from pytest_repro.cli import main
 
     old = {"schema": 2, "python": {}, "cpu": {}, "torch": {}, "env": {}, "packages": {"peft": None, "gone": "1.0"}}
-    new = {**old, "env": {"OMP_NUM_THREADS": "1"}, "packages": {"peft": "0.13"}}
+    new = {**old, "env": {"OMP_NUM_THREADS": "1"}, "packages": {"peft": "0.13"}, "cpu": {"isa_flags": ["avx2"]}}
+    old = {**old, "cpu": {"isa_flags": ["avx", "avx2"]}}
     lines = [d.describe() for d in diff_manifests(old, new)]
     assert "numeric  env.OMP_NUM_THREADS: (absent) -> '1'" in lines
     assert "numeric  packages.peft: None -> '0.13'" in lines
     assert "numeric  packages.gone: '1.0' -> (absent)" in lines
     (tmp_path / "a.json").write_text(json.dumps(old))
     (tmp_path / "b.json").write_text(json.dumps(new))
+    assert main(["diff", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    text = capsys.readouterr().out
+    assert "numeric  cpu.isa_flags: removed avx\n" in text and "isa_flags.0" not in text
     assert main(["diff", "--json", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
     changes = {c["path"]: c for c in json.loads(capsys.readouterr().out)["changes"]}
+    assert changes["cpu.isa_flags"] == {
+        "path": "cpu.isa_flags",
+        "category": "numeric",
+        "change": "changed",
+        "old": ["avx", "avx2"],
+        "new": ["avx2"],
+        "added": [],
+        "removed": ["avx"],
+    }
     added, null, removed = changes["env.OMP_NUM_THREADS"], changes["packages.peft"], changes["packages.gone"]
     assert added == {"path": "env.OMP_NUM_THREADS", "category": "numeric", "change": "added", "new": "1"}
     assert null == {"path": "packages.peft", "category": "numeric", "change": "changed", "old": None, "new": "0.13"}
