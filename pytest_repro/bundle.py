@@ -11,6 +11,7 @@ hash and notes on anything that could not be bundled. Nothing is pickled; nothin
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -199,12 +200,17 @@ def installed_as(name: str) -> list[str]:
     return install_command(dist.metadata["Name"] or name, dist.version, direct if isinstance(direct, dict) else None)
 
 
-def _job_distribution(job: str) -> str | None:
-    """The installed distribution that provides the job's top-level module, if any (not pytest-repro)."""
+@functools.cache
+def _module_distributions() -> Mapping[str, list[str]]:
     import importlib.metadata
 
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: once per process
+
+
+def _job_distribution(job: str) -> str | None:
+    """The installed distribution that provides the job's top-level module, if any (not pytest-repro)."""
     top = job.partition(":")[0].split(".")[0]
-    names = [n for n in importlib.metadata.packages_distributions().get(top, []) if n.lower() != "pytest-repro"]
+    names = [n for n in _module_distributions().get(top, []) if n.lower() != "pytest-repro"]
     return names[0] if names else None
 
 

@@ -114,7 +114,11 @@ def _drift_lines(drifted: Sequence[Mapping[str, Any]]) -> list[str]:
     common = [line for line in drifted[0]["drift"] if all(line in o["drift"] for o in drifted[1:])]
     if len(drifted) < 2 or not common:
         common = []
-    lines = [f"  the same for all {len(drifted)} checks:", *(f"    {line}" for line in common)] if common else []
+    lines = (
+        [f"  the same for all {len(drifted)} checks that passed with drift:", *(f"    {line}" for line in common)]
+        if common
+        else []
+    )
     for o in drifted:
         own = [line for line in o["drift"] if line not in common]
         if own:
