@@ -520,7 +520,8 @@ def render_readme(
             + ("   # the reference was recorded with uncommitted changes" if git.get("dirty") else "")
         )
     else:
-        lines.append("# no git commit was recorded: get the project's code as it was (job source sha256 above)")
+        known = " (its job module's sha256 is listed above)" if job.get("found") else ""
+        lines.append(f"# no git commit was recorded: get the project's code as it was{known}")
     torch_version = str(packages.get("torch") or torch_info.get("version") or "")
     if torch_version:
         plain, _, build = torch_version.partition("+")
