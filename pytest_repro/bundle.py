@@ -10,6 +10,8 @@ hash and notes on anything that could not be bundled. Nothing is pickled; nothin
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -18,7 +20,7 @@ import shlex
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,6 +132,86 @@ def _job_source(job: str | None, rootdir: Path) -> dict[str, Any] | None:
     hashes = {p.relative_to(base).as_posix(): sha256_file(p) for p in files}
     combined = hashlib.sha256("".join(f"{name}\0{digest}\n" for name, digest in hashes.items()).encode()).hexdigest()
     return {"job": job, "module": module, "found": True, "sha256": combined, "files": hashes, "hashed": "at export"}
+
+
+def _checkout(path: Path) -> dict[str, Any]:
+    """The git commit, remote URL and dirtiness of a local folder (empty when it is not a git checkout)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        info: dict[str, Any] = {"commit": git("rev-parse", "HEAD")}
+        info["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # a checkout without a remote
+        info["remote"] = git("remote", "get-url", "origin")
+    return info
+
+
+def install_command(
+    name: str, version: str, direct_url: Mapping[str, Any] | None, checkout: Any = _checkout
+) -> list[str]:
+    """Return the lines that install distribution ``name`` as it is installed here (index, git, checkout, file).
+
+    ``direct_url`` is the distribution's PEP 610 ``direct_url.json`` (None for one installed from an index);
+    ``checkout(path)`` says the commit/remote/dirtiness of a local folder it was installed from.
+    """
+    url = str((direct_url or {}).get("url") or "")
+    if not url:
+        return [f"pip install {shlex.quote(f'{name}=={version}')}"]
+    vcs = (direct_url or {}).get("vcs_info")
+    if isinstance(vcs, Mapping) and vcs.get("vcs") == "git":
+        at = f"@{vcs['commit_id']}" if vcs.get("commit_id") else ""
+        return [f"pip install {shlex.quote(f'{name} @ git+{url}{at}')}"]
+    if "dir_info" not in (direct_url or {}) or not url.startswith("file://"):
+        return [f"pip install {shlex.quote(url)}   # {name} {version} was installed from this file"]
+    from urllib.parse import unquote, urlparse
+
+    folder = Path(unquote(urlparse(url).path))
+    git = checkout(folder)
+    dirty = " (it had uncommitted changes)" if git.get("dirty") else ""
+    if git.get("commit") and git.get("remote"):
+        spec = f"{name} @ git+{git['remote']}@{git['commit']}"
+        return [f"pip install {shlex.quote(spec)}   # {name} {version} was installed from the checkout {folder}{dirty}"]
+    where = f"commit {git['commit']} of the checkout" if git.get("commit") else "the folder"
+    return [
+        f"# {name} {version} was installed from {where} {folder}{dirty}; elsewhere, use your copy of it:",
+        f"pip install {shlex.quote(str(folder))}",
+    ]
+
+
+def installed_as(name: str) -> list[str]:
+    """Return the lines that install the distribution ``name`` the way it is installed in this environment."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    try:
+        direct = json.loads(dist.read_text("direct_url.json") or "null")
+    except ValueError:
+        direct = None
+    return install_command(dist.metadata["Name"] or name, dist.version, direct if isinstance(direct, dict) else None)
+
+
+@functools.cache
+def _module_distributions() -> Mapping[str, list[str]]:
+    import importlib.metadata
+
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: once per process
+
+
+def _job_distribution(job: str) -> str | None:
+    """The installed distribution that provides the job's top-level module, if any (not pytest-repro)."""
+    top = job.partition(":")[0].split(".")[0]
+    names = [n for n in _module_distributions().get(top, []) if n.lower() != "pytest-repro"]
+    return names[0] if names else None
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -275,7 +357,12 @@ def build_bundle(
     else:
         bundle.index["contents"] = "the reference"
     bundle.index["notes"] = list(bundle.notes)
-    readme = render_readme(bundle.index, provenance, manifest, record, outcome, archive).encode()
+    job = str(meta.get("job") or provenance.get("job") or "")
+    installs = installed_as("pytest-repro")
+    job_dist = _job_distribution(job) if job else None
+    if job_dist:
+        installs += installed_as(job_dist)
+    readme = render_readme(bundle.index, provenance, manifest, record, outcome, archive, installs).encode()
     bundle.add(README_FILE, readme, "readme")
     return bundle
 
@@ -288,6 +375,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _field(data: Mapping[str, Any], key: str, first: Mapping[str, Any] | None = None) -> str:
+    """A recorded value as text (from ``first`` when it has it): "(absent)" when not recorded, None for a null."""
+    for source in (first or {}, data):
+        if key in source:
+            return _fmt(source[key])
+    return "(absent)"
+
+
 def render_readme(
     index: Mapping[str, Any],
     provenance: Mapping[str, Any],
@@ -295,8 +390,12 @@ def render_readme(
     record: Mapping[str, Any],
     outcome: Mapping[str, Any] | None,
     archive: Path | None = None,
+    installs: Sequence[str] = (),
 ) -> str:
-    """Write the bundle's README.md: what was trained, with what, where, when, and how to reproduce it."""
+    """Write the bundle's README.md: what was trained, with what, where, when, and how to reproduce it.
+
+    ``installs``: the lines that install pytest-repro (and the job's own distribution) as installed at export.
+    """
     nodeid = str(index.get("test") or "(unknown test)")
     env_key = index.get("environment_key") or "?"
     meta = record.get("meta") or {}
@@ -373,15 +472,14 @@ def render_readme(
             lines.append(f"| `{key}` | `{_fmt(entry.get('value'))}` | {entry.get('source')} |")
     lines += ["", "## With what", ""]
     lines.append(
-        f"- seed {provenance.get('seed', meta.get('seed'))} (base seed {provenance.get('base_seed')}), "
-        f"device {provenance.get('device', meta.get('device'))}, deterministic "
-        f"{provenance.get('deterministic', meta.get('deterministic'))}, dtype {meta.get('dtype', '?')}"
+        f"- seed {_field(meta, 'seed', provenance)} (base seed {_field(provenance, 'base_seed')}), "
+        f"device {_field(meta, 'device', provenance)}, deterministic {_field(meta, 'deterministic', provenance)}, "
+        f"dtype {_field(meta, 'dtype')}"
     )
     packages = {k: v for k, v in (manifest.get("packages") or {}).items() if v}
-    python = (manifest.get("python") or {}).get("version")
     lines.append(
-        f"- Python {python}, torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, "
-        f"cuDNN {torch_info.get('cudnn')}, BLAS {torch_info.get('blas')})"
+        f"- Python {_field(manifest.get('python') or {}, 'version')}, torch {_field(torch_info, 'version')} "
+        f"(CUDA {_field(torch_info, 'cuda')}, cuDNN {_field(torch_info, 'cudnn')}, BLAS {_field(torch_info, 'blas')})"
     )
     if packages:
         lines.append("- packages: " + ", ".join(f"{k} {v}" for k, v in sorted(packages.items())))
@@ -390,17 +488,26 @@ def render_readme(
     gpus = manifest.get("gpu") or []
     os_info = manifest.get("os") or {}
     lines.append(
-        f"- environment key `{env_key}`; {os_info.get('system')} {os_info.get('libc') or ''}, "
-        f"CPU {cpu.get('model')}" + (f", GPU {', '.join(str(g.get('name')) for g in gpus)}" if gpus else "")
+        f"- environment key `{env_key}`; OS {_field(os_info, 'system')} {os_info.get('libc') or ''}, "
+        f"CPU {_field(cpu, 'model')}" + (f", GPU {', '.join(str(g.get('name')) for g in gpus)}" if gpus else "")
     )
     host = manifest.get("host") or {}
     if host.get("hostname"):
         lines.append(f"- host {host.get('hostname')}")
-    lines.append(
-        f"- git commit `{git.get('commit')}` on {git.get('branch')}"
-        + (" (with uncommitted changes)" if git.get("dirty") else "")
-    )
-    lines.append(f"- recorded {provenance.get('recorded_at')} by `{provenance.get('command')}`")
+    if git.get("commit"):
+        lines.append(
+            f"- git commit `{git['commit']}`"
+            + (f" on {git['branch']}" if git.get("branch") and git.get("branch") != "HEAD" else "")
+            + (" (with uncommitted changes)" if git.get("dirty") else "")
+        )
+    else:
+        why = (
+            f"the git probe failed ({git['error']})"
+            if git.get("error")
+            else "the project was not a git checkout when the reference was recorded"
+        )
+        lines.append(f"- no git commit recorded: {why}")
+    lines.append(f"- recorded {_field(provenance, 'recorded_at')} by `{_field(provenance, 'command')}`")
     reference = index.get("reference") or f"reference_outputs/.../{env_key}"
     name = archive.name if archive is not None else "bundle.tar.gz"
     top = _top(Path(name))
@@ -412,14 +519,18 @@ def render_readme(
             f"git checkout {git['commit']}"
             + ("   # the reference was recorded with uncommitted changes" if git.get("dirty") else "")
         )
+    else:
+        known = " (its job module's sha256 is listed above)" if job.get("found") else ""
+        lines.append(f"# no git commit was recorded: get the project's code as it was{known}")
     torch_version = str(packages.get("torch") or torch_info.get("version") or "")
     if torch_version:
         plain, _, build = torch_version.partition("+")
         index_url = f" --index-url https://download.pytorch.org/whl/{build}" if build else ""
         lines.append(f"pip install torch=={plain}{index_url}")
     pins = [f"{k}=={v}" for k, v in sorted(packages.items()) if k != "torch"]
-    pins.append(f"pytest-repro=={index.get('plugin_version')}")
-    lines.append("pip install " + " ".join(shlex.quote(p) for p in pins))
+    if pins:
+        lines.append("pip install " + " ".join(shlex.quote(p) for p in pins))
+    lines += installs or ["pip install " + shlex.quote(f"pytest-repro=={index.get('plugin_version')}")]
     lines.append(f"mkdir -p {shlex.quote(str(reference))}")
     lines.append(f"cp {top}/reference/* {shlex.quote(str(reference))}/   # put the reference where the test looks")
     if any(str(name).startswith("inputs/") for name in (index.get("files") or {})):

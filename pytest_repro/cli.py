@@ -10,9 +10,12 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
+
+if TYPE_CHECKING:
+    from .manifest import Drift
 
 MANIFEST_FILE = "manifest.yaml"
 RECORD_FILE = "record.json"
@@ -198,6 +201,22 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _change(drift: Drift) -> dict[str, Any]:
+    """One change as JSON: a side where the field is absent has no old/new key (null is an explicit null).
+
+    A list of plain values also says the items ``added`` and ``removed``.
+    """
+    out: dict[str, Any] = {"path": drift.path, "category": drift.category, "change": drift.change}
+    if drift.change != "added":
+        out["old"] = drift.old
+    if drift.change != "removed":
+        out["new"] = drift.new
+    items = drift.list_items()
+    if items is not None:
+        out["added"], out["removed"] = items
+    return out
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     from .manifest import diff_manifests, run_only_fields, run_only_note
 
@@ -208,7 +227,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     if args.json:
         body: dict[str, Any] = {
             "numeric_drift": numeric,
-            "changes": [{"path": x.path, "old": x.old, "new": x.new, "category": x.category} for x in drifts],
+            "changes": [_change(x) for x in drifts],
         }
         if note:
             body["not_compared"] = {"fields": run_only_fields(old, new), "reason": note}

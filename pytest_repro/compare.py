@@ -34,8 +34,10 @@ class Difference:
     index: tuple[int, ...] | None = None
     n_diff: int = 0
     numel: int = 0
-    max_abs: float = 0.0
+    max_abs: float = 0.0  # the largest |actual - expected| among the steps/elements that differ
     max_rel: float = 0.0
+    first_step_abs: float | None = None  # losses: |actual - expected| at the first divergent step
+    first_step_rel: float | None = None
     position: int | None = None  # position of the tensor in state-dict order
     detail: str = ""
     rank: int | None = None  # jobs on several ranks: which rank's record differs
@@ -53,8 +55,9 @@ class Difference:
         if self.section == "losses":
             return (
                 f"losses: first divergent step {self.step}: {expected_label} {self.expected!r}, "
-                f"{actual_label} {self.actual!r}, abs diff {_g(self.max_abs)}, rel diff {_g(self.max_rel)}; "
-                f"{self.n_diff} of {self.numel} steps differ{tol}"
+                f"{actual_label} {self.actual!r}, abs diff {_g(self.first_step_abs)}, "
+                f"rel diff {_g(self.first_step_rel)}; {self.n_diff} of {self.numel} steps differ, "
+                f"max abs diff {_g(self.max_abs)}, max rel diff {_g(self.max_rel)}{tol}"
             )
         if self.section == "metrics":
             return (
@@ -71,8 +74,8 @@ class Difference:
         )
 
 
-def _g(x: float) -> str:
-    return f"{x:.3g}"
+def _g(x: float | None) -> str:
+    return "?" if x is None else f"{x:.3g}"
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,11 @@ def _rel(diff: float, expected: float) -> float:
     return diff / abs(expected) if expected != 0 else math.inf
 
 
+def _max(values: Sequence[float]) -> float:
+    """The largest value, NaN if any is NaN (as a tensor's max)."""
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def _nan_in_both(a: float, b: float, tol: Tolerance) -> bool:
     return tol.kind != "bitwise" and not tol.equal_nan and math.isnan(a) and math.isnan(b)
 
@@ -137,6 +145,8 @@ def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tole
         nan_both = sum(_nan_in_both(expected[i], actual[i], tol) for i in bad)
         i = bad[0]
         d = abs(actual[i] - expected[i])
+        steps_abs = [abs(actual[k] - expected[k]) for k in bad]
+        steps_rel = [_rel(x, expected[k]) for x, k in zip(steps_abs, bad, strict=True)]
         diffs.append(
             Difference(
                 "losses",
@@ -148,8 +158,10 @@ def compare_losses(expected: Sequence[float], actual: Sequence[float], tol: Tole
                 actual=actual[i],
                 n_diff=len(bad),
                 numel=common,
-                max_abs=d,
-                max_rel=_rel(d, expected[i]),
+                max_abs=_max(steps_abs),
+                max_rel=_max(steps_rel),
+                first_step_abs=d,
+                first_step_rel=_rel(d, expected[i]),
                 detail=_nan_both(nan_both, "step") if nan_both else "",
             )
         )

@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -360,10 +360,38 @@ class Drift:
         new = "(absent)" if self.change == "removed" else repr(self.new)
         return old, new
 
+    def list_items(self) -> tuple[list[Any], list[Any]] | None:
+        """Return the items added and removed when both sides are lists of plain values, else None."""
+        if self.change != "changed" or not (_scalar_list(self.old) and _scalar_list(self.new)):
+            return None
+        return [x for x in self.new if x not in self.old], [x for x in self.old if x not in self.new]
+
     def describe(self) -> str:
-        """Return one aligned line for this change."""
+        """Return one aligned line for this change (a list of plain values as the items added and removed)."""
+        items = self.list_items()
+        if items is not None:
+            return f"{self.category:<8} {self.path}: {_list_change(self.old, self.new, *items)}"
         old, new = self.values()
         return f"{self.category:<8} {self.path}: {old} -> {new}"
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _scalar_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, _SCALARS) for x in value)
+
+
+def _item(value: Any) -> str:
+    return value if isinstance(value, str) and re.fullmatch(r"[\w.+:/@-]+", value) else repr(value)
+
+
+def _list_change(old: list[Any], new: list[Any], added: list[Any], removed: list[Any]) -> str:
+    """Say how a list of plain values changed: "added a, b; removed c" (or that only the order changed)."""
+    parts = [f"{word} {', '.join(_item(x) for x in xs)}" for word, xs in (("added", added), ("removed", removed)) if xs]
+    if not parts:  # the same items: another order or other repeat counts
+        return f"same items, reordered: {old!r} -> {new!r}"
+    return "; ".join(parts)
 
 
 def category(path: str) -> str:
@@ -447,9 +475,19 @@ def diff_manifests(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift
     a, b = _with_vendor(_without(old, skip)), _with_vendor(_without(new, skip))
     diff = DeepDiff(a, b, ignore_order=False, view="tree")
     drifts: list[Drift] = []
+    lists: set[str] = set()
     for change_type in diff:
         for level in diff[change_type]:
-            path = ".".join(str(p) for p in level.path(output_format="list"))
+            parts = level.path(output_format="list")
+            inside = _scalar_list_at(a, b, parts)
+            if inside is not None:  # an item of a list of plain values: one change of the whole list
+                path = ".".join(str(p) for p in parts[:inside])
+                if path not in lists:
+                    lists.add(path)
+                    old_list, new_list = _get(a, parts[:inside]), _get(b, parts[:inside])
+                    drifts.append(Drift(path, old_list, new_list, category(path)))
+                continue
+            path = ".".join(str(p) for p in parts)
             added, removed = change_type.endswith("_added"), change_type.endswith("_removed")
             old_v = None if added else level.t1
             new_v = None if removed else level.t2
@@ -457,6 +495,23 @@ def diff_manifests(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift
             drifts.append(Drift(path, old_v, new_v, category(path), change))
     order = {"numeric": 0, "code": 1, "cosmetic": 2}
     return sorted(drifts, key=lambda d: (order[d.category], d.path))
+
+
+def _get(data: Any, parts: Sequence[Any]) -> Any:
+    for part in parts:
+        data = data[part]
+    return data
+
+
+def _scalar_list_at(a: Any, b: Any, parts: Sequence[Any]) -> int | None:
+    """How many path parts lead to a list of plain values, in both manifests, that the change lies inside; or None."""
+    for depth, part in enumerate(parts):
+        if isinstance(a, list) and isinstance(b, list):
+            return depth if _scalar_list(a) and _scalar_list(b) else None
+        if not (isinstance(a, Mapping) and isinstance(b, Mapping) and part in a and part in b):
+            return None
+        a, b = a[part], b[part]
+    return None
 
 
 def numeric_drift(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift]:

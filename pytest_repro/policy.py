@@ -249,7 +249,8 @@ def changes(
     for key in ("seed", "device", "deterministic", "dtype"):
         old, new = stored.record.meta.get(key), record.meta.get(key)
         if old != new:
-            lines.append(f"{key}: reference {old!r}, this run {new!r}")
+            shown = [repr(meta[key]) if key in meta else "(absent)" for meta in (stored.record.meta, record.meta)]
+            lines.append(f"{key}: reference {shown[0]}, this run {shown[1]}")
     if stored.manifest and manifest:
         drift = [d for d in diff_manifests(stored.manifest, manifest) if d.category != "cosmetic"]
         lines += [d.describe() for d in drift[:12]]
@@ -435,7 +436,8 @@ def resume(
         else:
             headline_text = (
                 f"first step after the resume that differs: step {first.step} "
-                f"(uninterrupted {first.expected!r}, resumed {first.actual!r}, abs diff {first.max_abs:.3g})"
+                f"(uninterrupted {first.expected!r}, resumed {first.actual!r}, "
+                f"abs diff {first.first_step_abs or 0:.3g})"
             )
     else:
         where = headline(cmp)

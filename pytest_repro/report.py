@@ -80,7 +80,7 @@ def write_summary(tr: Writer, session: ReproSession) -> None:
         if tr.verbosity > 0:
             if o["max_abs"]:
                 figures = ", ".join(f"{k} {_g(v)}" for k, v in o["max_abs"].items())
-                tr.write_line(f"{'':<{width}} max abs diff vs reference: {figures}")
+                tr.write_line(f"{'':<{width}} max abs diff vs reference (largest over each section): {figures}")
             for line in o["details"]:
                 tr.write_line(f"{'':<{width}} {line.strip()}")
     written = [o for o in outcomes if o["verdict"] == Verdict.WRITTEN.value]
@@ -96,10 +96,8 @@ def write_summary(tr: Writer, session: ReproSession) -> None:
             "since their reference was recorded:",
             yellow=True,
         )
-        for o in drifted:
-            tr.write_line(f"  {o['nodeid']}:", yellow=True)
-            for line in o["drift"]:
-                tr.write_line(f"    {line}", yellow=True)
+        for line in _drift_lines(drifted):
+            tr.write_line(line, yellow=True)
     warned = [o for o in outcomes if o["warnings"]]
     if warned:
         tr.write_line("warnings:", yellow=True)
@@ -109,6 +107,25 @@ def write_summary(tr: Writer, session: ReproSession) -> None:
     tr.write_line(f"reproducibility: {tally}")
     for line in notes:
         tr.write_line(f"reproducibility: {line}" if not line.startswith(" ") else line)
+
+
+def _drift_lines(drifted: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The drift block's lines: drift shared by every check once, then per check only what is its own."""
+    common = [line for line in drifted[0]["drift"] if all(line in o["drift"] for o in drifted[1:])]
+    if len(drifted) < 2 or not common:
+        common = []
+    lines = (
+        [f"  the same for all {len(drifted)} checks that passed with drift:", *(f"    {line}" for line in common)]
+        if common
+        else []
+    )
+    for o in drifted:
+        own = [line for line in o["drift"] if line not in common]
+        if own:
+            name = o["nodeid"] + (f" [{o['name']}]" if o["name"] else "")
+            lines.append(f"  {name}{', also' if common else ''}:")
+            lines += [f"    {line}" for line in own]
+    return lines
 
 
 def _g(value: Any) -> str:
@@ -141,7 +158,7 @@ def write_reports(session: ReproSession, json_path: str | None, html_path: str |
     return ok
 
 
-REPORT_SCHEMA_VERSION = 2
+REPORT_SCHEMA_VERSION = 3
 
 
 def build_report(outcomes: Sequence[Mapping[str, Any]], rootdir: Path, exitstatus: int) -> dict[str, Any]:

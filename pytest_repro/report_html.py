@@ -347,7 +347,8 @@ def _section(test: Mapping[str, Any]) -> str:
         parts.append(_statistical_table(stat))
     if test.get("max_abs"):
         parts.append(
-            "<table><tr><th>section</th><th>max abs diff vs reference</th></tr>"
+            '<table data-table="max-abs"><tr><th>section</th>'
+            "<th>max abs diff vs reference (largest over the whole section, any tolerance)</th></tr>"
             + "".join(
                 f"<tr><td>{html.escape(k)}</td><td class=num>{_fmt(v)}</td></tr>" for k, v in test["max_abs"].items()
             )
@@ -357,7 +358,16 @@ def _section(test: Mapping[str, Any]) -> str:
     if diffs:
         head = "".join(
             f"<th>{h}</th>"
-            for h in ("section", "key", "kind", "step / index", "elements differing", "max abs diff", "max rel diff")
+            for h in (
+                "section",
+                "key",
+                "kind",
+                "first divergent step / index",
+                "abs diff at that step",
+                "steps / elements differing",
+                "max abs diff (over those differing)",
+                "max rel diff (over those differing)",
+            )
         )
         rows = []
         for d in diffs[:50]:
@@ -365,10 +375,11 @@ def _section(test: Mapping[str, Any]) -> str:
             count = f"{d.get('n_diff')} of {d.get('numel')}" if d.get("numel") else ""
             rows.append(
                 f"<tr><td>{_fmt(d.get('section'))}</td><td>{_fmt(d.get('key'))}</td><td>{_fmt(d.get('kind'))}</td>"
-                f"<td>{_fmt(where)}</td><td class=num>{count}</td><td class=num>{_fmt(d.get('max_abs'))}</td>"
+                f"<td>{_fmt(where)}</td><td class=num>{_fmt(d.get('first_step_abs'))}</td>"
+                f"<td class=num>{count}</td><td class=num>{_fmt(d.get('max_abs'))}</td>"
                 f"<td class=num>{_fmt(d.get('max_rel'))}</td></tr>"
             )
-        parts.append(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
+        parts.append(f'<table data-table="differences"><tr>{head}</tr>{"".join(rows)}</table>')
     for title, lines in (
         ("details", test.get("details")),
         ("environment drift since the reference", test.get("drift")),

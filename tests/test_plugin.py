@@ -125,7 +125,7 @@ def test_intentional_change_reports_what_moved(userjobs: pytest.Pytester) -> Non
     # losses: step 0 is computed before any update, so the first divergent step is 1
     expected = [
         "losses: first divergent step 1: reference ",
-        "; 5 of 6 steps differ [tolerance: bitwise]",
+        "; 5 of 6 steps differ, max abs diff ",
         "weights['weight'] (tensor 1 in state-dict order): 8 of 8 elements differ (100%), max abs diff ",
         "also weights['bias'] (tensor 2 in state-dict order): 2 of 2 elements differ",
         "metrics['accuracy']: reference 0.46875, this run 1.0, abs diff 0.531",

@@ -129,7 +129,8 @@ def test_html_report_is_self_contained_with_plots_and_tables(userjobs: pytest.Py
     page = (userjobs.path / "out" / "report.html").read_text()
     assert page.count('data-plot="loss"') == 4  # one loss plot per check
     assert page.count('data-plot="diff"') == 1  # and a difference plot for the check that differs
-    assert "<th>max abs diff vs reference</th>" in page and "<th>elements differing</th>" in page
+    assert "<th>max abs diff vs reference (largest over the whole section, any tolerance)</th>" in page
+    assert "<th>steps / elements differing</th>" in page
     assert f"DIFFERS · {env_key()}" in page and "differs from the reference at step 1" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page  # no network, no CDN
     assert page.index("test_many.py::test_b") < page.index("test_many.py::test_a")  # failures first
