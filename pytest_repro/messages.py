@@ -59,10 +59,14 @@ def job_crashed(nodeid: str, run: int, detail: str, log_tail: str) -> str:
     if log_tail.strip():
         output = f"Its output (stdout and stderr, last lines):\n{log_tail.rstrip()}\n"
     else:
-        output = "It printed nothing to stdout or stderr.\n"
+        output = "Nothing was captured on its stdout or stderr.\n"
+    if "Fatal Python error" in log_tail:  # faulthandler was on in the job: its stack is in the output
+        happened = "no Python exception was raised; faulthandler's stack of the crash is in the output below"
+    else:
+        happened = "no Python traceback was produced"
     return (
-        f"run {run} of {nodeid}: {detail}; no Python traceback was produced (the process ended without "
-        f"raising: os._exit, a signal, or a crash in native code).\n{output}"
+        f"run {run} of {nodeid}: {detail}; {happened} (the process ended without raising: os._exit, a signal, "
+        f"or a crash in native code).\n{output}"
         "Fix the job (for a crash in native code, run it with python -X faulthandler to see where), then rerun: "
         f"{rerun_command(nodeid)}"
     )
