@@ -254,6 +254,8 @@ class Repro:
         spec = self._settings.tolerance
         records, manifest = self._run_all(ref, cfg, config_dir, self._seeds(spec.statistical), outcome)
         found = policy.check_results(records, spec, self._nodeid)
+        if found is None and self._settings.cross_env is not self._session.settings.cross_env:  # the marker's
+            found = policy.tolerance_keys(records, self._settings.cross_env, self._nodeid, "cross_env")
         if found is not None:
             raise _Stop(found)
         if spec.statistical is None:

@@ -110,13 +110,13 @@ def non_finite(
     )
 
 
-def tolerance_keys(nodeid: str, problems: Sequence[str]) -> str:
+def tolerance_keys(nodeid: str, problems: Sequence[str], argument: str = "tolerance") -> str:
     """Per-key tolerances that name nothing the job returned (a typo would silently leave the key bitwise)."""
     return (
-        f"{nodeid}: @pytest.mark.reproducible(tolerance=…) names keys the job did not return; nothing was "
+        f"{nodeid}: @pytest.mark.reproducible({argument}=…) names keys the job did not return; nothing was "
         "compared or written:\n"
         + "\n".join(f"  {p}" for p in problems)
-        + "\nFix: name keys the job returns in tolerance= (glob patterns such as 'layer.*' must match at least "
+        + f"\nFix: name keys the job returns in {argument}= (glob patterns such as 'layer.*' must match at least "
         "one; 'default' sets the tolerance of a whole section), then rerun: " + rerun_command(nodeid)
     )
 

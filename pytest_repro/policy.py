@@ -121,6 +121,17 @@ def _result_keys(records: Sequence[Record]) -> dict[str, set[str]]:
     return keys
 
 
+def tolerance_keys(
+    records: Sequence[Record], spec: ToleranceSpec, nodeid: str, argument: str = "tolerance"
+) -> Decision | None:
+    """Refuse per-key tolerances (the marker's ``argument``) that name nothing the job returned."""
+    unmatched = unmatched_keys(spec, _result_keys(records))
+    if not unmatched:
+        return None
+    problem = f"@pytest.mark.reproducible({argument}=…) {unmatched[0]}"
+    return Decision(Verdict.ERROR, problem, messages.tolerance_keys(nodeid, unmatched, argument))
+
+
 def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -> Decision | None:
     """Refuse empty results and NaN/inf anywhere (unless the key's tolerance sets equal_nan)."""
     for run, record in enumerate(records, start=1):
@@ -128,10 +139,9 @@ def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -
             if is_empty(part):
                 where = f"run {run}" + ("" if rank is None else f" (rank {rank})")
                 return Decision(Verdict.ERROR, f"{where} returned nothing to compare", messages.empty(nodeid, where))
-    unmatched = unmatched_keys(spec, _result_keys(records))
-    if unmatched:
-        problem = f"@pytest.mark.reproducible(tolerance=…) {unmatched[0]}"
-        return Decision(Verdict.ERROR, problem, messages.tolerance_keys(nodeid, unmatched))
+    unmatched = tolerance_keys(records, spec, nodeid)
+    if unmatched is not None:
+        return unmatched
     stat = spec.statistical
     if stat is not None and stat.metrics:
         missing = [m for m in stat.metrics if any(m not in r.metrics for r in records)]

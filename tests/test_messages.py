@@ -188,6 +188,15 @@ def test_a_tolerance_key_that_names_no_metric_is_an_error_with_a_suggestion(msgs
     assert not _written(msgs), "nothing was written"
 
 
+def test_the_markers_cross_env_keys_are_checked_too(msgs: pytest.Pytester) -> None:
+    _test(msgs, 'repro.check(job, config={"case": "ok"})', marker='(cross_env={"weights": {"wieght": "close"}})')
+    result = msgs.runpytest("--repro", "--repro-regen")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    out = _out(result)
+    assert "@pytest.mark.reproducible(cross_env=…) names keys the job did not return" in out
+    assert "weights: 'wieght' names no weight the job returned (did you mean 'weight'?)" in out
+
+
 @pytest.mark.parametrize(
     ("tolerance", "ok"),
     [
