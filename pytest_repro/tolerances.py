@@ -291,7 +291,7 @@ def unmatched_keys(spec: ToleranceSpec, keys: Mapping[str, set[str]]) -> list[st
                 continue
             close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.6)
             guess = f" (did you mean {close[0]!r}?)" if close else ""
-            returned = ", ".join(names) if names else "none"
+            returned = ", ".join(names[:12]) + (f" … and {len(names) - 12} more" if len(names) > 12 else "") or "none"
             problems.append(
                 f"{section}: {pattern!r} names no {_KEY_NOUNS[section]} the job returned{guess}; "
                 f"the job returned {section}: {returned}"

@@ -229,6 +229,12 @@ def test_a_tolerance_naming_a_returned_key_is_never_a_problem(keys: set[str], da
     assert len(unmatched_keys(spec, {"metrics": keys})) == 1
 
 
+def test_a_tolerance_problem_lists_at_most_twelve_returned_keys() -> None:
+    spec = parse_tolerance({"weights": {"layer.*": "close"}})
+    (problem,) = unmatched_keys(spec, {"weights": {f"block{i}.w" for i in range(40)}})
+    assert problem.endswith("… and 28 more") and problem.count("block") == 12
+
+
 # f. a schema-less job's KeyError points at the config's near-miss key
 
 
