@@ -58,8 +58,16 @@ def _main_dtype(weights: Mapping[str, Any], config: Mapping[str, Any]) -> str | 
     return max(counts, key=lambda k: counts[k]) if counts else None
 
 
-def _write_error(workdir: Path, stage: str, exc: BaseException) -> None:
-    error = {"stage": stage, "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+def _write_error(workdir: Path, stage: str, exc: BaseException, config: TrackedConfig | None) -> None:
+    error: dict[str, Any] = {
+        "stage": stage,
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": traceback.format_exc(),
+    }
+    if config is not None:  # what the job had read when it failed: names a misspelt key behind a KeyError
+        with contextlib.suppress(Exception):
+            error["config_audit"] = config.audit()
     (workdir / ERROR_FILE).write_text(json.dumps(error), encoding="utf-8")
 
 
@@ -80,6 +88,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     stage = "setup"
+    config: TrackedConfig | None = None
     try:
         os.chdir(spec.cwd)
         for entry in reversed(spec.sys_path):
@@ -164,7 +173,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
             (workdir / IMPORTS_FILE).write_text(json.dumps(_new_imports(modules_before)), encoding="utf-8")
         return 0
     except BaseException as exc:
-        _write_error(workdir, stage, exc)
+        _write_error(workdir, stage, exc, config)
         return 1
     finally:
         for stream in (sys.stdout, sys.stderr):

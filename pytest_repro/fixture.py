@@ -126,10 +126,10 @@ class Repro:
                 raise _stop(
                     Verdict.ERROR,
                     f"repro.check called twice with name={name!r}",
-                    messages.usage(
-                        self._nodeid, f"repro.check called twice with name={name!r}; give each its own name="
-                    ),
+                    messages.same_name(self._nodeid, name, "a second time"),
                 )
+            if len(self.outcomes) == 1:  # the test's first check: refuse now what its later checks would clash on
+                self._refuse_clashing_checks()
             record, decision = self._check(job, config, name, outcome)
         except _Stop as stop:
             record, decision = None, stop.decision
@@ -145,6 +145,22 @@ class Repro:
         if record is None or not decision.verdict.ok:
             pytest.fail(decision.message or outcome.detail, pytrace=False)
         return record
+
+    def _refuse_clashing_checks(self) -> None:
+        """Read the test's source: checks that can run with one name fail now, not after a regen round trip."""
+        from .callsites import clashing_checks
+
+        test = getattr(self._item, "obj", None)
+        found = clashing_checks(test) if callable(test) else None
+        if found is None:
+            return
+        name, lines = found
+        file = Path(self._item.path).name
+        if len(lines) == 1:
+            where = f"in a loop (line {lines[0]} of {file})"
+        else:
+            where = f"at lines {', '.join(map(str, lines[:-1]))} and {lines[-1]} of {file}"
+        raise _stop(Verdict.ERROR, f"repro.check {where} share one name", messages.same_name(self._nodeid, name, where))
 
     def check_resume(
         self,
@@ -238,6 +254,8 @@ class Repro:
         spec = self._settings.tolerance
         records, manifest = self._run_all(ref, cfg, config_dir, self._seeds(spec.statistical), outcome)
         found = policy.check_results(records, spec, self._nodeid)
+        if found is None and self._settings.cross_env is not self._session.settings.cross_env:  # the marker's
+            found = policy.tolerance_keys(records, self._settings.cross_env, self._nodeid, "cross_env")
         if found is not None:
             raise _Stop(found)
         if spec.statistical is None:
@@ -502,12 +520,20 @@ class Repro:
                     f"run {run}: {op} has no deterministic implementation",
                     messages.nondeterministic_op(nodeid, run, op, self.device, last),
                 )
-            crashed = result.status != "error" or "RankFailed" in result.detail
+            if result.status != "error":  # ended without writing a traceback
+                raise _stop(
+                    Verdict.ERROR,
+                    f"run {run} crashed: {result.detail}",
+                    messages.job_crashed(nodeid, run, result.detail, result.log_tail),
+                )
+            crashed = "RankFailed" in result.detail
             what = "crashed" if crashed else "raised an exception"
             raise _stop(
                 Verdict.ERROR,
                 f"run {run} {what}",
-                messages.job_failed(nodeid, run, what, result.detail, result.log_tail),
+                messages.job_failed(
+                    nodeid, run, what, result.detail, result.log_tail, policy.near_misses(result.config_audit)
+                ),
             )
         try:
             record = load_record(result.record_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from collections.abc import Sequence
 
@@ -43,11 +44,31 @@ def nondeterministic_op(nodeid: str, run: int, op: str, device: str, last_line: 
     )
 
 
-def job_failed(nodeid: str, run: int, what: str, detail: str, log_tail: str) -> str:
-    """A job that raised or crashed in its process."""
+def job_failed(nodeid: str, run: int, what: str, detail: str, log_tail: str, audit: Sequence[str] = ()) -> str:
+    """A job that raised or crashed in its process (``audit``: config near-misses that may explain it)."""
+    hint = "".join(f"Config audit: {a}\n" for a in audit)
+    fix = "Fix the config key (or the job)" if audit else "Fix the job"
     return (
-        f"run {run} of {nodeid}: the job {what} in its process:\n{detail}{_log(run, log_tail)}\n"
-        f"Fix the job (the traceback above is from the job's own process), then rerun: {rerun_command(nodeid)}"
+        f"run {run} of {nodeid}: the job {what} in its process:\n{detail}{_log(run, log_tail)}\n{hint}"
+        f"{fix} (the traceback above is from the job's own process), then rerun: {rerun_command(nodeid)}"
+    )
+
+
+def job_crashed(nodeid: str, run: int, detail: str, log_tail: str) -> str:
+    """A job process that ended without a Python traceback (os._exit, a signal such as SIGSEGV, a dead worker)."""
+    if log_tail.strip():
+        output = f"Its output (stdout and stderr, last lines):\n{log_tail.rstrip()}\n"
+    else:
+        output = "Nothing was captured on its stdout or stderr.\n"
+    if "Fatal Python error" in log_tail:  # faulthandler was on in the job: its stack is in the output
+        happened = "no Python exception was raised; faulthandler's stack of the crash is in the output below"
+    else:
+        happened = "no Python traceback was produced"
+    return (
+        f"run {run} of {nodeid}: {detail}; {happened} (the process ended without raising: os._exit, a signal, "
+        f"or a crash in native code).\n{output}"
+        "Fix the job (for a crash in native code, run it with python -X faulthandler to see where), then rerun: "
+        f"{rerun_command(nodeid)}"
     )
 
 
@@ -70,15 +91,33 @@ def orphans(run: int, count: int) -> str:
     )
 
 
-def non_finite(nodeid: str, problems: Sequence[tuple[int, int | None, str]]) -> str:
-    """Runs whose results hold NaN or inf: (run, seed, problem) each."""
+def non_finite(
+    nodeid: str, problems: Sequence[tuple[int, int | None, str]], section: str = "outputs", key: str | None = None
+) -> str:
+    """Runs whose results hold NaN or inf: (run, seed, problem) each; ``section``/``key``: where the first one is."""
     lines = "\n".join(f"  run {run} (seed {seed}): {problem}" for run, seed, problem in problems[:12])
+    allow = '{"atol": 0, "equal_nan": True}'
+    if key is None:  # losses: one tolerance for the whole trace
+        where, tolerance = f"the {section}", f'{{"{section}": {allow}}}'
+    else:
+        where, tolerance = f"{section}[{key!r}]", f'{{"{section}": {{{json.dumps(key)}: {allow}}}}}'
     return (
         f"{nodeid}: the job returned non-finite values; nothing was compared or written:\n{lines}\n"
         "Fix: lower the learning rate, check the data and loss for division by zero or log(0), or use a "
-        "higher-precision dtype. If NaN is expected in a tensor or metric, allow it for that key with "
-        '@pytest.mark.reproducible(tolerance={"outputs": {"KEY": {"atol": 0, "equal_nan": True}}}). '
+        f"higher-precision dtype. If NaN is expected in {where}, allow it there with "
+        f"@pytest.mark.reproducible(tolerance={tolerance}). "
         f"Then rerun: {rerun_command(nodeid)}"
+    )
+
+
+def tolerance_keys(nodeid: str, problems: Sequence[str], argument: str = "tolerance") -> str:
+    """Per-key tolerances that name nothing the job returned (a typo would silently leave the key bitwise)."""
+    return (
+        f"{nodeid}: @pytest.mark.reproducible({argument}=…) names keys the job did not return; nothing was "
+        "compared or written:\n"
+        + "\n".join(f"  {p}" for p in problems)
+        + f"\nFix: name keys the job returns in {argument}= (glob patterns such as 'layer.*' must match at least "
+        "one; 'default' sets the tolerance of a whole section), then rerun: " + rerun_command(nodeid)
     )
 
 
@@ -286,6 +325,18 @@ def no_check(nodeid: str) -> str:
 def usage(nodeid: str, problem: str) -> str:
     """A bad argument to repro.check or the marker."""
     return f"{nodeid}: {problem}"
+
+
+def same_name(nodeid: str, name: str | None, where: str) -> str:
+    """Two checks of one test that would share one name, and so one reference folder."""
+    given = "without name=" if name is None else f"with the same name={name!r}"
+    return (
+        f"{nodeid}: repro.check is called {where} {given}: the checks would share one reference folder. "
+        "Nothing was run or written for it.\n"
+        'Fix: give each check of the test its own name, e.g. repro.check(job, config=..., name="small") '
+        '(in a loop: name=f"steps{n}"), then rerun: '
+        f"{rerun_command(nodeid)}"
+    )
 
 
 def config_invalid(nodeid: str, problem: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 from . import messages
 from .compare import Comparison, compare_records, section_max_abs
 from .record import Record, find_non_finite, is_empty
-from .tolerances import SectionTolerance, Statistical, Tolerance, ToleranceSpec
+from .tolerances import SectionTolerance, Statistical, Tolerance, ToleranceSpec, unmatched_keys
 from .verdict import Verdict
 
 # Cross-environment limits for half-precision models: (rtol, atol) of tensors by the model's dtype,
@@ -111,6 +111,27 @@ def headline(cmp: Comparison, prefix: str = "") -> str:
     return f"{prefix} in {where}{rank}".strip()
 
 
+def _result_keys(records: Sequence[Record]) -> dict[str, set[str]]:
+    """Every run's and rank's keys, by section."""
+    keys: dict[str, set[str]] = {"weights": set(), "metrics": set(), "outputs": set()}
+    for record in records:
+        for part in (record, *record.ranks.values()):
+            for section, found in keys.items():
+                found.update(getattr(part, section))
+    return keys
+
+
+def tolerance_keys(
+    records: Sequence[Record], spec: ToleranceSpec, nodeid: str, argument: str = "tolerance"
+) -> Decision | None:
+    """Refuse per-key tolerances (the marker's ``argument``) that name nothing the job returned."""
+    unmatched = unmatched_keys(spec, _result_keys(records))
+    if not unmatched:
+        return None
+    problem = f"@pytest.mark.reproducible({argument}=…) {unmatched[0]}"
+    return Decision(Verdict.ERROR, problem, messages.tolerance_keys(nodeid, unmatched, argument))
+
+
 def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -> Decision | None:
     """Refuse empty results and NaN/inf anywhere (unless the key's tolerance sets equal_nan)."""
     for run, record in enumerate(records, start=1):
@@ -118,6 +139,9 @@ def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -
             if is_empty(part):
                 where = f"run {run}" + ("" if rank is None else f" (rank {rank})")
                 return Decision(Verdict.ERROR, f"{where} returned nothing to compare", messages.empty(nodeid, where))
+    unmatched = tolerance_keys(records, spec, nodeid)
+    if unmatched is not None:
+        return unmatched
     stat = spec.statistical
     if stat is not None and stat.metrics:
         missing = [m for m in stat.metrics if any(m not in r.metrics for r in records)]
@@ -133,15 +157,21 @@ def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -
             return False
         return spec.for_key(section, key).equal_nan
 
-    problems = [
-        (run, record.seed, bad.describe())
+    found = [
+        (run, record.seed, bad)
         for run, record in enumerate(records, start=1)
         for bad in find_non_finite(record, allowed)
     ]
-    if not problems:
+    if not found:
         return None
+    problems = [(run, seed, bad.describe()) for run, seed, bad in found]
     run, seed, first = problems[0]
-    return Decision(Verdict.NON_FINITE, f"run {run} (seed {seed}): {first}", messages.non_finite(nodeid, problems))
+    section = found[0][2].section.rpartition(": ")[2]  # "rank 1: weights" -> weights
+    return Decision(
+        Verdict.NON_FINITE,
+        f"run {run} (seed {seed}): {first}",
+        messages.non_finite(nodeid, problems, section, found[0][2].key),
+    )
 
 
 def run_to_run(
@@ -218,6 +248,26 @@ def same_seed_spread(records: Sequence[Record], stat: Statistical, nodeid: str) 
         f"runs with the same seed spread beyond the margin ({problems[0].split(':')[0]})",
         messages.spread(nodeid, len(records), int(first.seed or 0), str(first.device), problems),
     )
+
+
+def near_misses(audit: Mapping[str, Any] | None) -> list[str]:
+    """Config keys the job read but the config lacks, next to a key of the config the job never read."""
+    import difflib
+
+    if not audit:
+        return []
+    unused = [str(k) for k in audit.get("unused_keys") or []]
+    found = []
+    for path in sorted(str(k) for k in audit.get("undeclared_reads") or []):
+        parent, _, leaf = path.rpartition(".")
+        siblings = {u.rpartition(".")[2]: u for u in unused if u.rpartition(".")[0] == parent}
+        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+        if close:
+            found.append(
+                f"the job read config key {path!r}, which the config does not have; the config has "
+                f"{siblings[close[0]]!r}, which the job never read: did you mean {path!r}?"
+            )
+    return found
 
 
 def audit_findings(record: Record) -> list[str]:

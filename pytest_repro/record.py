@@ -428,6 +428,16 @@ def _as_tensor_map(value: Any, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _did_you_mean(unknown: list[str]) -> str:
+    """E.g. " (did you mean 'losses' for 'loss'?)" for the unknown result keys close to a known one."""
+    import difflib
+
+    known = (*JOB_KEYS, *OPTIONAL_JOB_KEYS)
+    guesses = [(k, difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)) for k in unknown]
+    shown = [f"{close[0]!r} for {k!r}" for k, close in guesses if close]
+    return f" (did you mean {', '.join(shown)}?)" if shown else ""
+
+
 def normalize_result(result: Any, meta: Mapping[str, Any]) -> Record:
     """Turn a job's returned dict into a Record, with a clear error for anything malformed."""
     if not isinstance(result, Mapping):
@@ -435,7 +445,7 @@ def normalize_result(result: Any, meta: Mapping[str, Any]) -> Record:
     unknown = sorted(set(result) - set(JOB_KEYS) - set(OPTIONAL_JOB_KEYS))
     if unknown:
         allowed = ", ".join((*JOB_KEYS, *OPTIONAL_JOB_KEYS))
-        raise RecordError(f"job result has unknown key(s) {unknown}; allowed: {allowed}")
+        raise RecordError(f"job result has unknown key(s) {unknown}{_did_you_mean(unknown)}; allowed: {allowed}")
     if not any(k in result for k in JOB_KEYS):
         raise RecordError(f"job result is empty; return at least one of {', '.join(JOB_KEYS)}")
     raw_losses = result.get("losses", [])

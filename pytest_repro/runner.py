@@ -82,6 +82,7 @@ class RunOutcome:
     log_tail: str = ""
     stage: str = ""  # where an error happened: setup, import, job, record
     orphans: int = 0  # processes the job left behind (killed when the run ended)
+    config_audit: dict[str, Any] | None = None  # a failed job's config reads when it failed (the child's audit)
 
     @property
     def record_dir(self) -> Path:
@@ -823,14 +824,15 @@ class Runner:
             )
         error_file = workdir / ERROR_FILE
         if error_file.exists():
-            stage = "job"
+            stage, audit = "job", None
             try:
                 err = json.loads(error_file.read_text(encoding="utf-8"))
                 detail = str(err["traceback"])
                 stage = str(err.get("stage", "job"))
-            except (OSError, ValueError, KeyError):
+                audit = err.get("config_audit") if isinstance(err.get("config_audit"), dict) else None
+            except (OSError, ValueError, KeyError, TypeError):
                 detail = "the job raised, and its error report is unreadable"
-            return RunOutcome("error", wall, workdir, detail, tail, stage=stage)
+            return RunOutcome("error", wall, workdir, detail, tail, stage=stage, config_audit=audit)
         if status == "signaled":
             name = signal.Signals(int(reply["signal"])).name
             return RunOutcome("crashed", wall, workdir, f"the job process was killed by {name}", tail)

@@ -268,3 +268,32 @@ def parse_tolerance(value: Any, where: str = "tolerance") -> ToleranceSpec:
         else:
             sections.append((key, _parse_section(sub, f"{where}.{key}")))
     return ToleranceSpec(default=default, sections=tuple(sections))
+
+
+_KEY_NOUNS = {"weights": "weight", "metrics": "metric", "outputs": "output"}
+
+
+def unmatched_keys(spec: ToleranceSpec, keys: Mapping[str, set[str]]) -> list[str]:
+    """Say which per-key entries of ``spec`` name no key the job returned (``keys``: section -> its keys)."""
+    import difflib
+
+    problems = []
+    for section, sec in spec.sections:
+        names = sorted(keys.get(section, set()))
+        for pattern, _ in sec.per_key:
+            if section == "losses":
+                problems.append(
+                    f"losses: {pattern!r} names nothing: the loss trace takes one tolerance, e.g. "
+                    '{"losses": {"atol": 1e-6}}, not a map of keys'
+                )
+                continue
+            if any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                continue
+            close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.6)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            returned = ", ".join(names[:12]) + (f" … and {len(names) - 12} more" if len(names) > 12 else "") or "none"
+            problems.append(
+                f"{section}: {pattern!r} names no {_KEY_NOUNS[section]} the job returned{guess}; "
+                f"the job returned {section}: {returned}"
+            )
+    return problems

@@ -83,8 +83,22 @@ def uri_problem(uri: str, where: str) -> str | None:
     return None
 
 
+def report_install() -> str:
+    """The command that installs the HTML report's matplotlib: ``[report]`` of this checkout when it is one."""
+    checkout = Path(__file__).resolve().parent.parent
+    try:
+        ours = 'name = "pytest-repro"' in (checkout / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        ours = False
+    if ours:
+        return (
+            f'install it with: pip install matplotlib (or pytest-repro\'s extra: pip install -e "{checkout}[report]")'
+        )
+    return "install it with: pip install matplotlib (or pytest-repro's extra: pip install 'pytest-repro[report]')"
+
+
 def option_problems(config: pytest.Config) -> list[str]:
-    """Check --repro-bundle-dir and --repro-mlflow / repro_mlflow at start-up; return the problems."""
+    """Check --repro-bundle-dir, --repro-html and --repro-mlflow / repro_mlflow at start-up; return the problems."""
     problems = []
     bundle_dir = config.getoption("repro_bundle_dir")
     if bundle_dir:
@@ -93,6 +107,12 @@ def option_problems(config: pytest.Config) -> list[str]:
         problem = bundle_dir_problem(bundle_dir)
         if problem:
             problems.append(problem)
+    html = config.getoption("repro_html")
+    if html and not installed("matplotlib"):
+        problems.append(
+            f"--repro-html={html} needs matplotlib (it draws the loss curves), which is not installed for this "
+            f"Python; {report_install()}"
+        )
     uri, where = tracking_uri(config.getoption("repro_mlflow"), config.getini("repro_mlflow"), config.rootpath)
     if uri is not None:
         problem = uri_problem(uri, where)

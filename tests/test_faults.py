@@ -581,7 +581,7 @@ CASES = [
         args=REGEN_ONLY,
         verdict="error",
         body="    repro.check(job, config={'case': 'ok'})\n    repro.check(job, config={'case': 'ok'})",
-        says=("called twice with name=None",),
+        says=("without name=: the checks would share one reference folder",),
     ),
     Case(
         "lambda-job",
