@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from .tolerances import Statistical
 
+MAX_SEEDS = 2**40  # beyond this many seeds a margin is, in practice, unreachable
+
 
 class TooFewSeedsError(ValueError):
     """Not enough per-seed values to estimate a spread at the requested confidence."""
@@ -31,7 +33,7 @@ class Equivalence:
     confidence: float
     equivalent: bool
     paired: bool = False  # the same seeds on both sides: the test is on the per-seed differences
-    seeds_needed: int | None = None  # seeds per side for this margin at this spread (None: no count suffices)
+    seeds_needed: int | None = None  # seeds per side for this margin at this spread (None: none up to MAX_SEEDS)
 
     @property
     def resolution(self) -> float:
@@ -60,11 +62,12 @@ class Equivalence:
         """Return why this margin cannot be established, and what would be needed."""
         level = 100 * (1 - 2 * (1 - self.confidence))
         half = (self.ci_high - self.ci_low) / 2
-        need = (
-            f"a margin of ±{self.margin:.3g} needs about {self.seeds_needed} seeds"
-            if self.seeds_needed is not None
-            else f"no number of seeds establishes ±{self.margin:.3g} while the difference is {self.diff:+.3g}"
-        )
+        if self.seeds_needed is not None:
+            need = f"a margin of ±{self.margin:.3g} needs about {self.seeds_needed} seeds"
+        elif abs(self.diff) < self.margin:
+            need = f"a margin of ±{self.margin:.3g} needs more than {MAX_SEEDS:.2g} seeds"
+        else:
+            need = f"no number of seeds establishes ±{self.margin:.3g} while the difference is {self.diff:+.3g}"
         return (
             f"{self.name}: the margin ±{self.margin:.3g} is below what {self.n_new} seeds can resolve: their spread "
             f"gives a {level:.0f}% CI half-width of {half:.3g}, so the smallest margin they can establish is "
@@ -87,6 +90,8 @@ def _seeds_needed(variance: float, diff: float, margin: float, alpha: float, pai
     high = 2
     while not enough(high):  # t·SE falls monotonically with n: double, then bisect
         high *= 2
+        if high > MAX_SEEDS:
+            return None
     low = high // 2
     while high - low > 1:
         mid = (low + high) // 2
