@@ -299,8 +299,12 @@ def user_files(path: Path) -> list[str]:
     )
 
 
-def commit_reference(staging: Path, path: Path) -> list[str]:
-    """Swap a staged reference into place atomically, keeping files the user added; return those kept."""
+def commit_reference(staging: Path, path: Path, warnings: list[str] | None = None) -> list[str]:
+    """Swap a staged reference into place atomically, keeping files the user added; return those kept.
+
+    What could not be cleaned up after the swap (the old reference, e.g. an immutable file in it) is added
+    to ``warnings``.
+    """
     if path.is_symlink():  # a symlink inside the reference tree (check_in_the_way refuses outward ones)
         path = path.resolve()
         staged = path.with_name(staging.name)
@@ -324,19 +328,27 @@ def commit_reference(staging: Path, path: Path) -> list[str]:
                     f"cannot replace {path}: permission denied ({what} read-only, so the old reference could "
                     f"not be removed; make it writable: chmod -R u+w {shlex.quote(str(path))})",
                 )
+            old = None
             if not path.exists():
                 os.replace(staging, path)
             elif _exchange(staging, path):
-                shutil.rmtree(staging, ignore_errors=True)  # now the old reference
+                old = staging  # now the old reference
             else:
                 os.replace(path, backup)
                 os.replace(staging, path)
-                shutil.rmtree(backup, ignore_errors=True)
+                old = backup
         except BaseException:
             if not path.exists() and backup.exists():
                 os.replace(backup, path)
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        problem = remove_tree(old) if old is not None else None
+        if problem is not None and warnings is not None:
+            shown = shlex.quote(str(old))
+            warnings.append(
+                f"the new reference is in place, but the old one, moved to {old}, could not be removed: {problem}; "
+                f"fix: make it writable and remove it: chmod -R u+w {shown} && rm -rf {shown}"
+            )
     return kept
 
 

@@ -108,3 +108,31 @@ def test_a_stale_staging_folder_that_cannot_be_removed_is_not_reported_removed(p
     stale.chmod(0o755)  # made writable as the note says: the next run removes it and says so
     out = _pytest(project)
     assert "removed the stale staging folder" in out and not stale.exists(), out
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    import subprocess
+
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def test_an_old_reference_that_cannot_be_removed_after_the_swap_is_said_to_be_left(userjobs: pytest.Pytester) -> None:
+    userjobs.makepyfile(test_x=TEST.format(lr=0.05))
+    assert userjobs.runpytest("--repro", "--repro-regen").ret == 0
+    env = _test_dir(userjobs) / env_key()
+    notes = env / "NOTES.md"  # a file of the user's that nobody, root included, may remove
+    notes.write_text("mine\n")
+    if not _chattr("+i", notes):
+        pytest.skip("chattr +i is not possible here (no CAP_LINUX_IMMUTABLE, or the filesystem lacks it)")
+    try:
+        userjobs.makepyfile(test_x=TEST.format(lr=0.1))
+        out = userjobs.runpytest("--repro", "--repro-regen", "-rA").stdout.str()
+        assert "reproducibility: 1 written" in out, out
+        assert (env / "NOTES.md").read_text() == "mine\n", "the user's file is carried over"
+        left = [x for x in _test_dir(userjobs).iterdir() if x.name.startswith(".")]
+        assert len(left) == 1 and (left[0] / "NOTES.md").exists(), left
+        assert f"the new reference is in place, but the old one, moved to {left[0]}, could not be removed" in out
+        assert "Operation not permitted" in out and f"rm -rf {left[0]}" in out, out
+    finally:
+        for folder in _test_dir(userjobs).iterdir():
+            _chattr("-i", folder / "NOTES.md")
