@@ -26,6 +26,7 @@ def test_y(repro):
 # root override them dropped from its bounding set (so from every process it starts): permission bits apply.
 NO_PRIVILEGES = """
 import ctypes
+import os
 import sys
 
 PR_CAPBSET_DROP = 24
@@ -55,9 +56,12 @@ def project(userjobs: pytest.Pytester) -> Iterator[pytest.Pytester]:
     probe = userjobs.path / "probe"
     probe.mkdir()
     probe.chmod(READ_ONLY)
-    denied = _unprivileged(userjobs, "-c", "open('probe/x', 'w')")
+    tried = _unprivileged(
+        userjobs, "-c", "try:\n    open('probe/x', 'w')\nexcept PermissionError:\n    print('denied')"
+    )
     probe.chmod(0o755)
-    if denied.ret == 0:
+    assert tried.ret == 0, tried.stderr.str()
+    if tried.stdout.lines != ["denied"]:
         pytest.skip("cannot run a process that read-only permission bits apply to (root without capability drop)")
     userjobs.makepyfile(test_x=TEST.format(lr=0.05))
     assert userjobs.runpytest("--repro", "--repro-regen").ret == 0
