@@ -343,7 +343,7 @@ class Repro:
                 continue
             assert o.path is not None
             try:
-                kept = commit_reference(staged, Path(o.path))
+                kept = commit_reference(staged, Path(o.path), o.warnings)
             except OSError as exc:
                 discard_staged(staged, self._settings.reference_dir)
                 shown = self._session.relative(Path(o.path))

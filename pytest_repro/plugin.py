@@ -197,6 +197,10 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"pytest-repro: {exc}") from None
     session = ReproSession(settings, Path(config.rootpath), ["pytest", *config.invocation_params.args])
     config.stash[session_key] = session
+    if not hasattr(config, "workerinput"):  # the xdist controller cleans for its workers: said once
+        from .scratch import clean_stale_scratch
+
+        session.notes += clean_stale_scratch()
     config.pluginmanager.register(_OutcomeCollector(session), "repro-outcomes")
 
 

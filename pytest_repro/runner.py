@@ -516,9 +516,9 @@ _LOG_DIR: Path | None = None
 def _log_dir() -> Path:
     global _LOG_DIR
     if _LOG_DIR is None:
-        import tempfile
+        from .scratch import make_scratch
 
-        _LOG_DIR = Path(tempfile.mkdtemp(prefix="pytest-repro-workers-"))
+        _LOG_DIR = make_scratch("pytest-repro-workers-")
         atexit.register(_at_exit)
     return _LOG_DIR
 
@@ -537,9 +537,9 @@ def shutdown_workers() -> None:
         worker.close()
     _WORKERS.clear()
     if _LOG_DIR is not None:
-        import shutil
+        from .scratch import release_scratch
 
-        shutil.rmtree(_LOG_DIR, ignore_errors=True)
+        release_scratch(_LOG_DIR)
         _LOG_DIR = None
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 from .context import JobRef
 from .preload import Preloads, load_cached, save_cached
 from .runner import Runner
+from .scratch import make_scratch, release_scratch
 from .settings import Settings
 
 
@@ -81,7 +80,7 @@ class ReproSession:
         self.settings = settings
         self.rootdir = rootdir
         self.invocation = invocation
-        self.scratch = Path(tempfile.mkdtemp(prefix="pytest-repro-"))
+        self.scratch = make_scratch()  # locked while this process lives: see scratch.py
         # What the warm worker imports besides the basics: found in job/test sources, learned from runs,
         # and kept in pytest's cache between sessions (see preload.py).
         self.preloads = Preloads([rootdir])
@@ -146,4 +145,4 @@ class ReproSession:
 
     def close(self) -> None:
         """Remove scratch files (warm workers stay for the rest of the process; see runner)."""
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        release_scratch(self.scratch)

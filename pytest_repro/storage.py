@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator
@@ -143,18 +145,74 @@ def clean_stale(test_dir: Path) -> list[str]:
             target = test_dir / name
             pid = entry.name.rsplit("-", 1)[1]
             if kind == "old" and not target.exists():
-                os.replace(entry, target)
+                try:
+                    os.replace(entry, target)
+                except OSError as exc:
+                    notes.append(
+                        f"could not restore {target.name} from the backup {entry.name} of a killed regeneration "
+                        f"(pid {pid} is gone): {_why(exc)}; fix: make {test_dir} writable, then rerun"
+                    )
+                    continue
                 notes.append(
                     f"restored {target.name} from the backup {entry.name} of a killed regeneration (pid {pid})"
                 )
                 continue
-            if entry.is_symlink():
-                entry.unlink()
-            else:
-                shutil.rmtree(entry, ignore_errors=True)
             what = "staging" if kind == "new" else "backup"
-            notes.append(f"removed the stale {what} folder {entry.name} of a killed regeneration (pid {pid} is gone)")
+            failed = remove_tree(entry)
+            if failed is None:
+                notes.append(
+                    f"removed the stale {what} folder {entry.name} of a killed regeneration (pid {pid} is gone)"
+                )
+            else:
+                notes.append(
+                    f"could not remove the stale {what} folder {entry} of a killed regeneration (pid {pid} is gone): "
+                    f"{failed}; fix: make it writable and remove it: chmod -R u+w {shlex.quote(str(entry))} && "
+                    f"rm -rf {shlex.quote(str(entry))}"
+                )
     return notes
+
+
+def _why(exc: OSError) -> str:
+    """An OS error in a few words: 'Permission denied (path)' rather than '[Errno 13] Permission denied: ...'."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def remove_tree(path: Path) -> str | None:
+    """Remove a file, symlink or folder tree; return what could not be removed (None: it is gone)."""
+    errors: list[str] = []
+
+    def record(func: Any, failed: str, info: Any) -> None:
+        exc = info[1]
+        errors.append(_why(exc) if isinstance(exc, OSError) else str(exc))
+
+    try:
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            path.unlink()
+        else:
+            shutil.rmtree(path, onerror=record)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        errors.append(_why(exc))
+    if not (path.exists() or path.is_symlink()):
+        return None
+    return errors[0] if errors else "it is still there"
+
+
+def not_removable(folder: Path) -> Path | None:
+    """Return the first folder of a tree whose entries we may not list or remove (read-only), else None."""
+    unlistable: list[Path] = []
+
+    def record(exc: OSError) -> None:
+        unlistable.append(Path(exc.filename) if exc.filename else folder)
+
+    for current, _dirs, _files in os.walk(folder, onerror=record):  # symlinks are removed, not entered
+        if unlistable:
+            break
+        if not os.access(current, os.R_OK | os.W_OK | os.X_OK):
+            return Path(current)
+    return unlistable[0] if unlistable else None
 
 
 def check_in_the_way(path: Path, root: Path | None = None) -> None:
@@ -241,8 +299,12 @@ def user_files(path: Path) -> list[str]:
     )
 
 
-def commit_reference(staging: Path, path: Path) -> list[str]:
-    """Swap a staged reference into place atomically, keeping files the user added; return those kept."""
+def commit_reference(staging: Path, path: Path, warnings: list[str] | None = None) -> list[str]:
+    """Swap a staged reference into place atomically, keeping files the user added; return those kept.
+
+    What could not be cleaned up after the swap (the old reference, e.g. an immutable file in it) is added
+    to ``warnings``.
+    """
     if path.is_symlink():  # a symlink inside the reference tree (check_in_the_way refuses outward ones)
         path = path.resolve()
         staged = path.with_name(staging.name)
@@ -258,19 +320,35 @@ def commit_reference(staging: Path, path: Path) -> list[str]:
                 shutil.copy2(src, staging / name, follow_symlinks=False)
         backup = path.with_name(f".{path.name}.old-{os.getpid()}")
         try:
+            blocked = not_removable(path) if path.is_dir() else None
+            if blocked is not None:  # swapping would strand the old reference in a hidden folder we cannot remove
+                what = "it is" if blocked == path else f"{blocked} is"
+                raise PermissionError(
+                    errno.EACCES,
+                    f"cannot replace {path}: permission denied ({what} read-only, so the old reference could "
+                    f"not be removed; make it writable: chmod -R u+w {shlex.quote(str(path))})",
+                )
+            old = None
             if not path.exists():
                 os.replace(staging, path)
             elif _exchange(staging, path):
-                shutil.rmtree(staging, ignore_errors=True)  # now the old reference
+                old = staging  # now the old reference
             else:
                 os.replace(path, backup)
                 os.replace(staging, path)
-                shutil.rmtree(backup, ignore_errors=True)
+                old = backup
         except BaseException:
             if not path.exists() and backup.exists():
                 os.replace(backup, path)
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        problem = remove_tree(old) if old is not None else None
+        if problem is not None and warnings is not None:
+            shown = shlex.quote(str(old))
+            warnings.append(
+                f"the new reference is in place, but the old one, moved to {old}, could not be removed: {problem}; "
+                f"fix: make it writable and remove it: chmod -R u+w {shown} && rm -rf {shown}"
+            )
     return kept
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import tempfile
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 
@@ -73,6 +75,20 @@ USER_JOBS = textwrap.dedent(
         return {"losses": losses, "metrics": {"score": float(score)}}
     """
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_in_basetemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Everything the suite and the sessions it starts put in the temp dir lands in pytest's basetemp.
+
+    Scratch of the sessions the suite kills on purpose (test_concurrency) is then bounded by pytest's
+    tmp_path retention instead of piling up in /tmp run after run.
+    """
+    folder = tmp_path_factory.mktemp("tmp", numbered=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(folder))
+        mp.setattr(tempfile, "tempdir", str(folder))
+        yield
 
 
 @pytest.fixture(autouse=True)
