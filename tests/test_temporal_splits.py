@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from datetime import date, timedelta
@@ -35,7 +36,7 @@ KINDS = {
 }
 times_of_one_kind = st.sampled_from(sorted(KINDS)).flatmap(lambda k: st.lists(KINDS[k], min_size=1, max_size=40))
 fractions = st.lists(st.integers(1, 5), min_size=1, max_size=4).map(
-    lambda ws: {name: w / sum(ws) for name, w in zip(["train", "validation", "test", "holdout"], ws)}
+    lambda ws: {name: w / sum(ws) for name, w in zip(["train", "validation", "test", "holdout"], ws, strict=False)}
 )
 
 
@@ -59,7 +60,7 @@ def test_a_temporal_split_partitions_and_orders_in_time(
     assert data["order"] == list(fracs) and data["method"] == "temporal:when"
     # ordering invariant: nothing in an earlier split is later than anything in a later one
     names = [n for n in fracs if splits[n]]
-    for a, b in zip(names, names[1:]):
+    for a, b in itertools.pairwise(names):
         assert max(when[i] for i in splits[a]) <= min(when[i] for i in splits[b])  # type: ignore[type-var]
     # ties broken by id: the cut is the sorted (time, id) sequence, independent of row order and seed
     ordered = [i for _, i in sorted((t, i) for i, t in when.items())]  # type: ignore[type-var]
