@@ -306,7 +306,6 @@ def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, node
 
 def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
     """Decide the reference part of a check: compare, cross-compare, or (on --repro-regen) write."""
-
     nodeid, regen, target = facts.nodeid, facts.regen, found.target
     if found.problem is not None:
         kind, problem = found.problem

@@ -116,7 +116,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 
 
 def read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
-    """Return a reference's manifest, or ({}, why) when it is missing, unreadable or not a manifest."""
+    """Return a reference's manifest, or ({}, why) when it is missing, invalid or not a manifest; OSError passes."""
     from .manifest import manifest_problem
 
     try:
@@ -133,8 +133,6 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
         return {}, f"not valid YAML: {exc.problem or exc.context}{where}"
     except yaml.YAMLError as exc:
         return {}, f"not valid YAML: {exc}"
-    except OSError as exc:
-        return {}, f"{type(exc).__name__}: {exc}"
     problem = manifest_problem(data)
     return (data, None) if problem is None else ({}, problem)
 
