@@ -6,15 +6,16 @@ import json
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from helpers import env_key, snapshot
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pytest_repro import cli
-from pytest_repro.manifest import collect_manifest
+from pytest_repro.manifest import collect_manifest, manifest_problem
 from pytest_repro.storage import parse_yaml, read_manifest
 
 UNREADABLE = "environment drift unknown: manifest.yaml of the reference is unreadable ("
@@ -82,14 +83,17 @@ def test_diff_refuses_an_alias_bomb(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "is not valid YAML or JSON" in capsys.readouterr().err
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=200))
-def test_any_text_is_a_manifest_or_a_reason(text: str) -> None:
-    try:
-        data = parse_yaml(text)
-    except yaml.YAMLError:
-        return
-    assert not isinstance(data, dict) or all(isinstance(k, (str, int, float, bool, type(None))) for k in data)
+YAMLISH = st.text(alphabet=st.sampled_from(list("ab:{}[]-&*!?,|>%#'\"\n 12")), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=YAMLISH | st.text(max_size=60))
+def test_any_text_is_a_manifest_or_a_reason(tmp_path: Path, text: str) -> None:
+    (tmp_path / "manifest.yaml").write_text(text, encoding="utf-8")
+    data, problem = read_manifest(tmp_path / "manifest.yaml")  # never raises: every failure is a reason
+    assert (problem is None and isinstance(data, dict) and "schema" in data) or (data == {} and problem)
+    if problem is not None and not problem.startswith("not valid YAML"):  # parsed, but not a manifest
+        assert manifest_problem(parse_yaml(text)) == problem
 
 
 TEST = """
@@ -163,3 +167,57 @@ def test_same_config_but_unknown_environment_is_said_in_one_line(userjobs: pytes
         "Same config, seed, device and determinism as the reference; environment drift unknown: manifest.yaml of "
         "the reference is unreadable (the file is missing)." in out
     )
+
+
+def _policy_case(problem: str | None) -> tuple[Any, Any, Any]:
+    import torch
+
+    from pytest_repro import policy
+    from pytest_repro.record import Record
+    from pytest_repro.storage import Reference
+    from pytest_repro.tolerances import ToleranceSpec
+
+    record = Record(losses=[1.0, 0.5], weights={"w": torch.ones(3)}, meta={"seed": 1})
+    stored = Reference(Path("x/cpu-a"), record, {}, {"config": {}}, manifest_problem=problem)
+    facts = policy.Facts("t.py::test", None, ToleranceSpec(), ToleranceSpec(), {}, {}, collect_manifest())
+    return stored, record, facts
+
+
+def test_a_reference_from_another_environment_with_a_bad_manifest_says_drift_unknown() -> None:
+    from pytest_repro import policy
+
+    stored, record, facts = _policy_case("no integer 'schema' field: not a pytest-repro manifest")
+    found = policy.Found("cpu-b", Path("x/cpu-b"), others=[("cpu-a", stored)])
+    decision = policy.against_reference(found, record, facts)
+    assert decision.verdict.value == "passed-cross-env"
+    assert decision.drift == [UNREADABLE + "no integer 'schema' field: not a pytest-repro manifest)"]
+
+
+def test_regen_all_rewrites_an_unreadable_manifest_and_only_then(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pytest_repro import policy
+
+    for problem, verdict in (("the file is missing", "written"), (None, "unchanged")):
+        stored, record, facts = _policy_case(problem)
+        found = policy.Found("cpu-a", Path("x/cpu-a"), here=stored)
+        decision = policy.against_reference(found, record, replace(facts, regen="all"))
+        assert decision.verdict.value == verdict and decision.write == (problem is not None), decision.detail
+
+
+def test_a_manifest_the_system_will_not_let_us_read_is_an_error_not_drift(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pytest_repro import storage
+
+    _, record, _ = _policy_case(None)
+    storage.write_reference(tmp_path / "cpu-a", record, collect_manifest(), {"config": {}})
+
+    def refuse(path: Path, limit: int = 0) -> str:
+        raise OSError(errno.EMFILE, "Too many open files", str(path))
+
+    monkeypatch.setattr(storage, "read_yaml_text", refuse)
+    with pytest.raises(OSError, match="Too many open files"):
+        storage.load_reference(tmp_path / "cpu-a")
