@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shlex
+import stat
 import tarfile
 import time
 import zipfile
@@ -29,7 +30,7 @@ from typing import IO, Any
 import yaml
 
 from .record import RECORD_FILE, sha256_file
-from .storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, safe_name
+from .storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, parse_yaml, read_yaml_text, safe_name
 
 INDEX_FILE = "bundle.json"
 README_FILE = "README.md"
@@ -75,8 +76,8 @@ class Bundle:
 def read_yaml(path: Path) -> dict[str, Any]:
     """Return a YAML mapping from ``path``, or {} when it is missing or not a readable mapping."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = parse_yaml(read_yaml_text(path))
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -696,6 +697,16 @@ def _keep(name: str) -> bool:
     return name.endswith((INDEX_FILE, RECORD_FILE, PROVENANCE_FILE))
 
 
+def _member_name(name: str) -> tuple[str, str | None]:
+    """Return a member's name without './' parts (``tar -C dir -czf x.tgz .``), and why extracting it is unsafe."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(parts[0]) == 2 and parts[0][1] == ":"):
+        return name, "an absolute path: extracting the archive would write outside its folder"
+    if ".." in parts:
+        return name, "a path with '..': extracting the archive would write outside its folder"
+    return "/".join(p for p in parts if p not in ("", ".")), None
+
+
 def _read_members(archive: Path, damaged: list[str]) -> dict[str, _Member]:
     """Hash every regular member; note damage naming the member; raise BundleError if it is no archive."""
     import gzip
@@ -720,13 +731,20 @@ def _read_members(archive: Path, damaged: list[str]) -> dict[str, _Member]:
             raise BundleError(f"{archive} is not a readable zip archive ({exc})", fix) from None
         with zf:
             for info in zf.infolist():
-                if info.is_dir():
+                name, unsafe = _member_name(info.filename)
+                if unsafe:
+                    damaged.append(f"{name}: {unsafe}")
+                    continue
+                if info.is_dir() or not name:
+                    continue
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    damaged.append(f"{name}: not a regular file (a link) in the archive")
                     continue
                 try:
                     with zf.open(info) as fh:
-                        members[info.filename] = _digest(fh, _keep(info.filename))
+                        members[name] = _digest(fh, _keep(name))
                 except errors as exc:
-                    damaged.append(f"{info.filename}: damaged in the archive ({type(exc).__name__}: {exc})")
+                    damaged.append(f"{name}: damaged in the archive ({type(exc).__name__}: {exc})")
         return members
     if not magic.startswith(b"\x1f\x8b") and not tarfile.is_tarfile(archive):
         raise BundleError(f"{archive} is neither a .tar.gz nor a .zip archive", fix)
@@ -734,15 +752,18 @@ def _read_members(archive: Path, damaged: list[str]) -> dict[str, _Member]:
     try:
         with tarfile.open(archive, "r:gz" if magic.startswith(b"\x1f\x8b") else "r:") as tar:
             for member in tar:
-                current = member.name
-                if member.isdir():
+                current, unsafe = _member_name(member.name)
+                if unsafe:
+                    damaged.append(f"{current}: {unsafe}")
+                    continue
+                if member.isdir() or not current:
                     continue
                 if not member.isfile():
-                    damaged.append(f"{member.name}: not a regular file (a link or device) in the archive")
+                    damaged.append(f"{current}: not a regular file (a link or device) in the archive")
                     continue
                 stream = tar.extractfile(member)
                 assert stream is not None
-                members[member.name] = _digest(stream, _keep(member.name))
+                members[current] = _digest(stream, _keep(current))
     except errors as exc:
         if not members and current == "(the archive header)":
             detail = " ".join(str(exc).split())

@@ -86,6 +86,8 @@ def _environment_folder_error(folder: Path, filename: str, command: str, generic
 
 def load_manifest(path: str) -> dict[str, Any]:
     """Load a manifest from a YAML/JSON file, or the manifest.yaml inside a reference folder."""
+    from .storage import parse_yaml
+
     fix = (
         "pass a file written by 'pytest-repro manifest' or a reference environment folder "
         "(reference_outputs/<test module>/<test>/<environment>, the one holding manifest.yaml)"
@@ -97,7 +99,7 @@ def load_manifest(path: str) -> dict[str, Any]:
         p = p / MANIFEST_FILE
     text = _read_text(p, "a manifest file", fix)
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)  # JSON is YAML too
+        data = json.loads(text) if p.suffix == ".json" else parse_yaml(text)  # JSON is YAML too; no aliases (bombs)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         kind = "JSON" if p.suffix == ".json" else "YAML or JSON"
         raise CliError(f"{p} is not valid {kind}{_where(exc)}", "fix the file, or write it again: " + fix) from None

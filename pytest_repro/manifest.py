@@ -344,6 +344,18 @@ def collect_manifest(
     return json.loads(json.dumps(manifest, default=str))  # type: ignore[no-any-return]
 
 
+def manifest_problem(data: Any) -> str | None:
+    """Say why ``data`` is not a pytest-repro manifest (a mapping with schema, python and torch); None if it is."""
+    if not isinstance(data, Mapping):
+        return f"a YAML {type(data).__name__}, not a mapping"
+    if not isinstance(data.get("schema"), int) or isinstance(data.get("schema"), bool):
+        return "no integer 'schema' field: not a pytest-repro manifest"
+    missing = [k for k in ("python", "torch") if not isinstance(data.get(k), Mapping)]
+    if missing:
+        return f"no {' or '.join(repr(k) for k in missing)} section: not a pytest-repro manifest"
+    return None
+
+
 @dataclass(frozen=True)
 class Drift:
     """One changed manifest field and what kind of change it is."""

@@ -211,10 +211,20 @@ def missing(nodeid: str, env_key: str, expected: str, unusable: Sequence[str]) -
     )
 
 
+DRIFT_UNKNOWN = "environment drift unknown"
+
+
+def drift_unknown(problem: str) -> str:
+    """The drift line of a reference whose manifest.yaml could not be read: its environment was not compared."""
+    return f"{DRIFT_UNKNOWN}: manifest.yaml of the reference is unreadable ({problem})"
+
+
 def context_block(lines: Sequence[str]) -> str:
     """The "Changed since the reference was recorded" block."""
     if not lines:
         return "Same config, seed, device, determinism and environment as the reference: the code or data changed.\n"
+    if all(line.startswith(DRIFT_UNKNOWN) for line in lines):
+        return "Same config, seed, device and determinism as the reference; " + "; ".join(lines) + ".\n"
     return "Changed since the reference was recorded:\n" + "\n".join(f"  {line}" for line in lines) + "\n"
 
 

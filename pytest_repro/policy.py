@@ -301,12 +301,23 @@ def changes(
         if old != new:
             shown = [repr(meta[key]) if key in meta else "(absent)" for meta in (stored.record.meta, record.meta)]
             lines.append(f"{key}: reference {shown[0]}, this run {shown[1]}")
-    if stored.manifest and manifest:
+    if getattr(stored, "manifest_problem", None):
+        lines.append(messages.drift_unknown(stored.manifest_problem))
+    elif stored.manifest and manifest:
         drift = [d for d in diff_manifests(stored.manifest, manifest) if d.category != "cosmetic"]
         lines += [d.describe() for d in drift[:12]]
         if len(drift) > 12:
             lines.append(f"… and {len(drift) - 12} more environment changes")
     return lines
+
+
+def env_drift(stored: Any, manifest: Mapping[str, Any]) -> list[str]:
+    """Numeric environment drift since a stored reference; one 'drift unknown' line when its manifest is unreadable."""
+    from .manifest import numeric_drift
+
+    if getattr(stored, "manifest_problem", None):
+        return [messages.drift_unknown(stored.manifest_problem)]
+    return [d.describe() for d in numeric_drift(stored.manifest, manifest)] if stored.manifest else []
 
 
 @dataclass
@@ -351,8 +362,6 @@ def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, node
 
 def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
     """Decide the reference part of a check: compare, cross-compare, or (on --repro-regen) write."""
-    from .manifest import numeric_drift
-
     nodeid, regen, target = facts.nodeid, facts.regen, found.target
     if found.problem is not None:
         kind, problem = found.problem
@@ -382,10 +391,13 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
     }
     if regen == "all" and not m.ok:
         return Decision(Verdict.WRITTEN, f"reference updated ({m.where})", write=True, **common)
+    if regen == "all" and stored.manifest_problem:
+        why = f"same values; manifest.yaml rewritten (it was unreadable: {stored.manifest_problem})"
+        return Decision(Verdict.WRITTEN, why, write=True, **common)
     if regen == "all" and stored.provenance.get("config") != facts.config:
         return Decision(Verdict.WRITTEN, "same values; provenance updated for the changed config", write=True, **common)
+    drift = env_drift(stored, facts.manifest)
     if m.ok:
-        drift = [d.describe() for d in numeric_drift(stored.manifest, facts.manifest)] if stored.manifest else []
         verdict = Verdict.UNCHANGED if regen == "all" else Verdict.PASSED
         return Decision(verdict, "", details=m.lines, drift=drift, **common)
     context = changes(stored, record, facts.effective, facts.manifest)
@@ -395,6 +407,7 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
         messages.differs(nodeid, facts.shown(target), context, "\n".join(m.lines), facts.audit),
         details=m.lines,
         context=context,
+        drift=[line for line in drift if line.startswith(messages.DRIFT_UNKNOWN)],
         **common,
     )
 
@@ -423,7 +436,7 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     if isinstance(m, Decision):
         m.compared_with, m.reference = other_key, stored.path
         return m
-    drift = [d.describe() for d in numeric_drift(stored.manifest, facts.manifest)] if stored.manifest else []
+    drift = env_drift(stored, facts.manifest)
     note = (
         f"no reference for environment {found.env_key!r}; compared with the one recorded in {other_key!r} "
         f"under the cross-environment tolerance ({described}), not bitwise"

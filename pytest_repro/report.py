@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .messages import DRIFT_UNKNOWN, regen_command
 from .verdict import PASSING, Verdict, parse_verdict
 
 if TYPE_CHECKING:
@@ -89,15 +90,29 @@ def write_summary(tr: Writer, session: ReproSession) -> None:
         for o in written:
             tr.write_line(f"  {relative(o['path'], rootdir)}")
     good = {v.value for v in PASSING}
-    drifted = [o for o in outcomes if o["drift"] and o["verdict"] in good]
+    known = [(o, [x for x in o["drift"] if not x.startswith(DRIFT_UNKNOWN)]) for o in outcomes if o["verdict"] in good]
+    drifted = [(o, lines) for o, lines in known if lines]
     if drifted:
         tr.write_line(
             "environment drift: these passed, but numerics-relevant parts of the environment changed "
             "since their reference was recorded:",
             yellow=True,
         )
-        for line in _drift_lines(drifted):
+        for line in _drift_lines([{**o, "drift": lines} for o, lines in drifted]):
             tr.write_line(line, yellow=True)
+    unknown = [(o, x) for o in outcomes if o["verdict"] in good for x in o["drift"] if x.startswith(DRIFT_UNKNOWN)]
+    if unknown:
+        tr.write_line(
+            "environment not compared: these passed, but their reference's manifest could not be read:", yellow=True
+        )
+        for o, line in unknown:
+            tr.write_line(f"  {o['nodeid']}: {line}", yellow=True)
+            where = relative(str(Path(o["path"]) / "manifest.yaml"), rootdir) if o["path"] else "manifest.yaml"
+            tr.write_line(
+                f"    fix: restore {where} from version control, or rewrite it from this run: "
+                f"{regen_command(o['nodeid'])}",
+                yellow=True,
+            )
     warned = [o for o in outcomes if o["warnings"]]
     if warned:
         tr.write_line("warnings:", yellow=True)

@@ -69,18 +69,74 @@ class Reference:
     record: Record
     manifest: dict[str, Any]
     provenance: dict[str, Any]
+    manifest_problem: str | None = None  # why manifest.yaml could not be used (then ``manifest`` is {})
+
+
+# A manifest or provenance file is a few KiB; the limit keeps a hostile one from filling memory.
+YAML_MAX_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """A safe loader that refuses *aliases: pytest-repro writes none, and they are how a YAML bomb explodes."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, f"found the alias *{event.anchor}, which pytest-repro never writes", event.start_mark
+            )
+        return super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML safely: no Python tags, no aliases, no nesting deep enough to exhaust the stack."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
+def read_yaml_text(path: Path, limit: int = YAML_MAX_BYTES) -> str:
+    """Read a small text file; ValueError when it is larger than ``limit`` bytes (it is never read whole)."""
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit >> 10} KiB, which no file pytest-repro writes is")
+    return data.decode("utf-8")
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(read_yaml_text(path))
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         raise CorruptRecordError(path, f"not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise CorruptRecordError(path, "expected a YAML mapping")
     return data
+
+
+def read_manifest(path: Path) -> tuple[dict[str, Any], str | None]:
+    """Return a reference's manifest, or ({}, why) when it is missing, invalid or not a manifest; OSError passes."""
+    from .manifest import manifest_problem
+
+    try:
+        data = parse_yaml(read_yaml_text(path))
+    except FileNotFoundError:
+        return {}, "the file is missing"
+    except UnicodeDecodeError as exc:
+        return {}, f"not UTF-8 text: {exc}"
+    except ValueError as exc:
+        return {}, str(exc)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return {}, f"not valid YAML: {exc.problem or exc.context}{where}"
+    except yaml.YAMLError as exc:
+        return {}, f"not valid YAML: {exc}"
+    problem = manifest_problem(data)
+    return (data, None) if problem is None else ({}, problem)
 
 
 class ReferenceBlockedError(OSError):
@@ -244,7 +300,8 @@ def load_reference(path: Path, root: Path | None = None) -> Reference:
                 raise CorruptRecordError(path / RECORD_FILE, "is missing while other reference files exist")
             raise MissingReferenceError(str(path))
         record = load_record(path)
-        return Reference(path, record, _load_yaml(path / MANIFEST_FILE), _load_yaml(path / PROVENANCE_FILE))
+        manifest, problem = read_manifest(path / MANIFEST_FILE)
+        return Reference(path, record, manifest, _load_yaml(path / PROVENANCE_FILE), problem)
 
 
 class _PlainDumper(yaml.SafeDumper):
