@@ -233,6 +233,29 @@ def _input_name(path: Path, rootdir: Path) -> str:
         return f"inputs/_outside_rootdir/{safe_name(path.name)}"
 
 
+def _packaged_inputs(provenance: Mapping[str, Any], data: dict[str, Any]) -> dict[str, str]:
+    """List the shipped data files (``package:NAME``) the effective config names; return them by sha256."""
+    from . import __version__
+    from .jobs import PACKAGED, packaged_file
+
+    effective = provenance.get("effective_config")
+    values = effective.values() if isinstance(effective, dict) else ()
+    by_hash: dict[str, str] = {}
+    for text in sorted(
+        {str(e.get("value")) for e in values if isinstance(e, dict) and isinstance(e.get("value"), str)}
+    ):
+        if not text.startswith(PACKAGED) or text in data:
+            continue
+        try:
+            digest = sha256_file(packaged_file(text))
+        except OSError:
+            data[text] = {"packaged": f"pytest-repro {__version__}", "found": False}
+            continue
+        data[text] = {"packaged": f"pytest-repro {__version__}", "sha256": digest}
+        by_hash[digest] = text
+    return by_hash
+
+
 def _add_inputs(bundle: Bundle, provenance: Mapping[str, Any], meta: Mapping[str, Any], rootdir: Path) -> None:
     """Bundle the config file the job used and the data files its config names; find the split file."""
     source = str(provenance.get("config_source") or "")
@@ -278,11 +301,14 @@ def _add_inputs(bundle: Bundle, provenance: Mapping[str, Any], meta: Mapping[str
         role = "split" if split_sha and digest == split_sha else "data"
         bundle.add(name, path, role)
         data[text] = {"bundled_as": name, "sha256": digest}
+    packaged = _packaged_inputs(provenance, data)
     bundle.index["data_files"] = data
     if split_sha:
-        split_file = next((n for n, e in bundle.index["files"].items() if e["role"] == "split"), None)
+        split_file = next((n for n, e in bundle.index.get("files", {}).items() if e["role"] == "split"), None)
         bundle.index["split"] = {"record_sha256": split_sha, "file": split_file}
-        if split_file is None:
+        if split_file is None and split_sha in packaged:
+            bundle.index["split"]["packaged"] = packaged[split_sha]
+        elif split_file is None:
             bundle.notes.append(
                 f"the record names a split file with sha256 {split_sha[:12]}…, but no file the config names "
                 "has that hash now: the split file changed since the reference was recorded, or it lives elsewhere"
@@ -459,7 +485,10 @@ def render_readme(
     )
     split = index.get("split")
     if split:
-        lines.append(f"- split file: `{split.get('file') or 'not found'}`, sha256 `{split['record_sha256']}`")
+        where = split.get("file") or (
+            f"{split['packaged']} (shipped with pytest-repro)" if split.get("packaged") else None
+        )
+        lines.append(f"- split file: `{where or 'not found'}`, sha256 `{split['record_sha256']}`")
     losses = record.get("losses") or []
     if losses:
         lines.append(f"- {len(losses)} loss steps, first {_fmt(losses[0])}, final {_fmt(losses[-1])}")

@@ -38,6 +38,29 @@ def test_a_missing_packaged_data_file_names_what_ships() -> None:
         data_path(ctx, "package:nope.txt")
 
 
+def test_a_bundle_of_the_built_in_job_names_its_shipped_split_instead_of_a_missing_one(tmp_path: Path) -> None:
+    import hashlib
+
+    from pytest_repro.bundle import Bundle, _add_inputs
+    from pytest_repro.jobs import packaged_file
+
+    split_sha = hashlib.sha256(packaged_file("package:splits_v1.json").read_bytes()).hexdigest()
+    effective = {
+        "data.splits": {"value": "package:splits_v1.json", "source": "default"},
+        "data.corpus": {"value": "package:corpus.jsonl", "source": "default"},
+        "train.lr": {"value": 0.002, "source": "default"},
+    }
+    bundle = Bundle(index={"files": {}})
+    provenance = {"config_source": "dict", "config": {}, "effective_config": effective}
+    _add_inputs(bundle, provenance, {"job_meta": {"split_sha256": split_sha}}, tmp_path)
+    assert bundle.index["split"] == {"record_sha256": split_sha, "file": None, "packaged": "package:splits_v1.json"}
+    assert bundle.index["data_files"]["package:corpus.jsonl"]["packaged"].startswith("pytest-repro ")
+    assert not bundle.notes  # no claim that the split file changed
+    other = Bundle()  # nothing bundled before the inputs
+    _add_inputs(other, {**provenance, "effective_config": {}}, {"job_meta": {"split_sha256": split_sha}}, tmp_path)
+    assert any("the split file changed" in note for note in other.notes)
+
+
 def test_the_readme_tags_its_runnable_examples() -> None:
     assert set(readme_examples()) >= {"first-example", "statistical-example"}
 

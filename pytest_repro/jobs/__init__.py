@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..context import JobContext
+
+PACKAGED = "package:"  # a data path naming a file shipped with pytest-repro (pytest_repro/jobs/data/)
+
+
+def packaged_file(value: str) -> Path:
+    """Return the shipped data file a ``package:NAME`` config value names; FileNotFoundError if none."""
+    name = value[len(PACKAGED) :] if value.startswith(PACKAGED) else value
+    folder = Path(__file__).parent / "data"
+    path = folder / name
+    if not name or "/" in name or "\\" in name or not path.is_file():
+        shipped = ", ".join(sorted(f"{PACKAGED}{p.name}" for p in folder.glob("*") if p.is_file()))
+        raise FileNotFoundError(f"{value!r}: pytest-repro ships no such data file (it ships: {shipped})")
+    return path
+
 
 __all__ = ["lora_finetune", "lora_finetune_trainer", "record_from_trainer"]
 

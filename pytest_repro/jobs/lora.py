@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from .. import checkpoint
 from ..schema import field, validate
 from ..splits import load_split
+from . import PACKAGED, packaged_file
 
 if TYPE_CHECKING:
     import torch
@@ -53,9 +54,6 @@ class TrainConfig:
     batch_size: int = field(8, gt=0)
     seq_len: int = field(16, gt=2)
     weight_decay: float = field(0.0, ge=0)
-
-
-PACKAGED = "package:"  # a data path naming a file shipped with pytest-repro (pytest_repro/jobs/data/)
 
 
 @dataclass(frozen=True)
@@ -128,14 +126,7 @@ def _encode(texts: list[str], tokenizer: Any, seq_len: int) -> dict[str, torch.T
 
 def data_path(ctx: JobContext, value: str) -> Path:
     """Resolve a data path of the config: ``package:NAME`` is the tiny data shipped with pytest-repro."""
-    if not value.startswith(PACKAGED):
-        return ctx.path(value)
-    name = value[len(PACKAGED) :]
-    path = Path(__file__).parent / "data" / name
-    if "/" in name or "\\" in name or not path.is_file():
-        shipped = ", ".join(sorted(f"{PACKAGED}{p.name}" for p in path.parent.glob("*") if p.is_file()))
-        raise FileNotFoundError(f"{value!r}: pytest-repro ships no such data file (it ships: {shipped})")
-    return path
+    return packaged_file(value) if value.startswith(PACKAGED) else ctx.path(value)
 
 
 def prepare(ctx: JobContext) -> Prepared:
