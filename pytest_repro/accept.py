@@ -77,7 +77,7 @@ class Candidate:
     env_key: str = ""
     target: Path | None = None
     staging: Path | None = None
-    action: str = "refused"  # "add", "replace", "unchanged" or "refused"
+    action: str = "pending"  # then "add", "replace", "unchanged" or "refused"
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -96,6 +96,7 @@ class Project:
     env_key_fields: tuple[str, ...]
     nodeids: set[str]
     failed_files: dict[str, str]  # test file -> why collecting it failed
+    root_existed: bool = True  # whether the reference folder existed before staging (else discard removes it)
 
 
 def find_bundles(paths: Iterable[str]) -> list[Path]:
@@ -332,7 +333,7 @@ def _compare(c: Candidate, staged: Any, stored: Any) -> None:
     changed = policy.changes(stored, staged.record, effective, manifest)
     if changed:
         c.lines.append("recorded differently from the current reference:")
-        c.lines += [f"  {line}" for line in changed]
+        c.lines += [f"  {line.replace(', this run ', ', bundle ')}" for line in changed]
 
 
 def _stage(c: Candidate, project: Project) -> None:
@@ -440,20 +441,24 @@ def plan(bundles: list[Path], rootdir: Path, reference_dir: Path | None = None) 
                 "--collect-only); a renamed test needs its reference recorded again under the new name"
             )
     _refuse_clashes(candidates)
+    project.root_existed = project.reference_dir.exists()
     for c in candidates:
         if c.action != "refused":
             _stage(c, project)
     return candidates, project
 
 
-def discard(candidates: Iterable[Candidate], root: Path) -> None:
-    """Remove every staging folder (and the empty folders staging created)."""
+def discard(candidates: Iterable[Candidate], project: Project) -> None:
+    """Remove every staging folder left (and the empty folders staging created)."""
     from .storage import discard_staged
 
+    root = project.reference_dir
     for c in candidates:
         if c.staging is not None:
             discard_staged(c.staging, root)
             c.staging = None
+    if not project.root_existed and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def _shown(path: Path | None, rootdir: Path) -> str:
@@ -536,4 +541,4 @@ def accept(
         )
         return EXIT_OK
     finally:
-        discard(candidates, root)
+        discard(candidates, project)

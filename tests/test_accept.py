@@ -1,0 +1,228 @@
+"""``pytest-repro accept``: bundles of references recorded by a real ``--repro-bundle-dir`` run, installed here."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import snapshot
+
+from pytest_repro import cli
+from pytest_repro.accept import accept
+from pytest_repro.bundle import export
+
+TESTS = """
+import pytest
+from userjobs import train
+
+@pytest.mark.reproducible
+def test_good(repro):
+    repro.check(train, config={"steps": 3})
+
+@pytest.mark.reproducible
+def test_other(repro):
+    repro.check(train, config={"steps": 4})
+"""
+
+
+def _record(
+    p: pytest.Pytester, out: str = "bundles", written: tuple[str, ...] = ("test_good", "test_other")
+) -> dict[str, Path]:
+    """Regenerate the references with --repro-bundle-dir, as the GPU workflow does; return the bundles by test."""
+    result = p.runpytest("--repro", "--repro-regen", f"--repro-bundle-dir={out}")
+    result.assert_outcomes(passed=2)
+    n = len(written)
+    result.stdout.fnmatch_lines([f"*{n} bundle(s) of the references this run wrote (install them elsewhere with*"])
+    found = {b.name.split(".py_")[1].split("-")[0]: b for b in (p.path / out).iterdir()}
+    assert sorted(found) == list(written)  # one per reference written, none for an unchanged one
+    return found
+
+
+def _accept(p: pytest.Pytester, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(["accept", *args, "--rootdir", str(p.path)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def _rewrite(src: Path, dst: Path, change: dict[str, bytes | None], index: bool = False) -> None:
+    """Copy a .tar.gz bundle, replacing (or adding) members by name below the top folder; optionally fix the index."""
+    with tarfile.open(src) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+    top = next(iter(members)).split("/")[0]
+    for name, data in change.items():
+        if data is None:
+            members.pop(f"{top}/{name}")
+        else:
+            members[f"{top}/{name}"] = data
+    if index:
+        import hashlib
+
+        body = json.loads(members[f"{top}/bundle.json"])
+        for name, data in change.items():
+            if data is not None:
+                body["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "role": "x"}
+        members[f"{top}/bundle.json"] = json.dumps(body).encode()
+    with tarfile.open(dst, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.slow
+def test_added_only_with_yes_then_the_gate_passes(
+    userjobs: pytest.Pytester, capsys: pytest.CaptureFixture[str]
+) -> None:
+    userjobs.makepyfile(test_acc=TESTS)
+    _record(userjobs)
+    refs = userjobs.path / "reference_outputs"
+    recorded = snapshot(refs)
+    shutil.rmtree(refs)  # this checkout lacks them: the runner recorded them
+
+    code, out = _accept(userjobs, capsys, "bundles")
+    assert code == 3, out
+    assert out.count("ADD ") == 2 and "new reference: 3 losses" in out
+    assert "nothing changed (2 to add, 0 to replace); to install them: pytest-repro accept bundles --yes" in out
+    assert not refs.exists()  # nothing written, no staging folder left behind
+    asked: list[str] = []
+
+    def decline(question: str) -> bool:
+        asked.append(question)
+        return False
+
+    assert accept(["bundles"], userjobs.path, confirm=decline) == 3
+    assert asked == [f"Install these references (2 to add, 0 to replace) under {refs}? [y/N] "]
+    assert not refs.exists()
+    capsys.readouterr()
+
+    code = accept(["bundles"], userjobs.path, confirm=lambda q: True)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "added reference_outputs/test_acc/test_good/" in out and "git diff -- reference_outputs" in out
+    assert snapshot(refs) == recorded  # the runner's files, byte for byte
+    userjobs.runpytest("--repro").assert_outcomes(passed=2)
+
+
+@pytest.mark.slow
+def test_replaced_shows_the_difference(userjobs: pytest.Pytester, capsys: pytest.CaptureFixture[str]) -> None:
+    userjobs.makepyfile(test_acc=TESTS)
+    _record(userjobs)
+    refs = userjobs.path / "reference_outputs"
+    shutil.copytree(refs, userjobs.path / "before")
+    before = snapshot(refs)
+    userjobs.makepyfile(test_acc=TESTS.replace('"steps": 3}', '"steps": 3, "lr": 0.07}'))
+    bundles = _record(userjobs, "new", ("test_good",))  # the runner, after an intended change
+    after = snapshot(refs)
+    shutil.rmtree(refs)
+    shutil.copytree(userjobs.path / "before", refs)
+
+    code, out = _accept(userjobs, capsys, str(bundles["test_good"]))
+    assert code == 3, out
+    assert "REPLACE  reference_outputs/test_acc/test_good/" in out
+    assert "differs from the current reference at step 1 (bitwise comparison):" in out
+    assert "losses: first divergent step 1: current reference" in out and ", bundle " in out
+    assert "largest absolute difference: losses " in out
+    assert "config lr: reference (absent), bundle 0.07 (user:dict)" in out  # what was recorded differently
+    assert snapshot(refs) == before
+
+    good = [k for k in after if k.startswith("test_acc/test_good/")]
+    code, out = cli.main(["accept", str(bundles["test_good"]), "--yes", "--rootdir", str(userjobs.path)]), ""
+    assert code == 0
+    assert {k: v for k, v in snapshot(refs).items() if k in good} == {k: after[k] for k in good}
+    assert all(snapshot(refs)[k] == before[k] for k in before if k.startswith("test_acc/test_other/"))
+    userjobs.runpytest("--repro").assert_outcomes(passed=2)
+    capsys.readouterr()
+    code, out = _accept(userjobs, capsys, str(bundles["test_good"]))
+    assert code == 0 and "nothing to change: the 1 bundle(s) match the current references" in out
+    assert "SAME     reference_outputs/test_acc/test_good/" in out
+
+
+@pytest.mark.slow
+def test_refused_bundles_change_nothing(userjobs: pytest.Pytester, capsys: pytest.CaptureFixture[str]) -> None:
+    userjobs.makepyfile(test_acc=TESTS)
+    bundles = _record(userjobs)
+    good = bundles["test_good"]
+    refs = userjobs.path / "reference_outputs"
+    shutil.rmtree(refs / "test_acc" / "test_good")
+    before = snapshot(refs)
+    bad = userjobs.path / "bad"
+    bad.mkdir()
+
+    # a tampered byte in the weights
+    with tarfile.open(good) as tar:
+        top = tar.getnames()[0].split("/")[0]
+        weights = bytearray(tar.extractfile(f"{top}/reference/weights.safetensors").read())  # type: ignore[union-attr]
+    weights[-1] ^= 1
+    _rewrite(good, bad / "tampered.tar.gz", {"reference/weights.safetensors": bytes(weights)})
+    code, out = _accept(userjobs, capsys, str(bad / "tampered.tar.gz"), str(good))
+    assert code == 1, out
+    assert "REFUSED  " in out and "its hashes do not match (tampered or damaged): reference/weights.safetensors" in out
+    assert f"to accept only the others: pytest-repro accept {good}" in out
+    assert snapshot(refs) == before
+
+    # a member outside the reference files, with consistent hashes (path traversal)
+    _rewrite(good, bad / "escape.tar.gz", {"reference/../../escape.txt": b"x"}, index=True)
+    code, out = _accept(userjobs, capsys, str(bad / "escape.tar.gz"))
+    assert code == 1 and "reference/../../escape.txt under reference/, which is not a reference file" in out, out
+    assert not (userjobs.path / "escape.txt").exists()
+
+    # a bundle whose environment key clashes with its own manifest
+    folder = refs / "test_acc" / "test_other"
+    env = next(folder.iterdir())
+    fake = folder / "cuda-sm90"
+    shutil.copytree(env, fake)
+    provenance = yaml.safe_load((fake / "provenance.yaml").read_text())
+    provenance.update(environment_key="cuda-sm90", device="cuda")
+    (fake / "provenance.yaml").write_text(yaml.safe_dump(provenance))
+    export(fake, userjobs.path, bad / "clash.tar.gz")
+    shutil.rmtree(fake)
+    code, out = _accept(userjobs, capsys, str(bad / "clash.tar.gz"))
+    assert code == 1, out
+    assert "it says environment 'cuda-sm90' but its manifest.yaml (device cuda) gives 'cuda'" in out
+
+    # two bundles for the same test and environment
+    shutil.copy(good, bad / "copy.tar.gz")
+    code, out = _accept(userjobs, capsys, str(good), str(bad / "copy.tar.gz"))
+    assert code == 1 and out.count("2 bundles (") == 2 and "pass only the one you mean" in out, out
+
+    # a test that no longer exists in this checkout
+    userjobs.makepyfile(test_acc=TESTS.split("@pytest.mark.reproducible\ndef test_other")[0])
+    code, out = _accept(userjobs, capsys, str(bundles["test_other"]))
+    assert code == 1, out
+    assert "the test test_acc.py::test_other no longer exists in this checkout (test_acc.py has no such test" in out
+
+    # the bundle of a failing check holds the reference it was compared with, not a recorded one
+    userjobs.makepyfile(test_acc=TESTS.replace('"steps": 3}', '"steps": 3, "lr": 0.07}'))
+    (refs / "test_acc" / "test_good").mkdir()
+    code = cli.main(["accept", str(good), "--yes", "--rootdir", str(userjobs.path)])
+    assert code == 0
+    userjobs.runpytest("--repro", "--repro-bundle-dir=failing", "-k", "test_good").assert_outcomes(failed=1)
+    capsys.readouterr()
+    code, out = _accept(userjobs, capsys, "failing")
+    assert code == 1 and "it is the bundle of a failing check" in out, out
+    assert not any(p.name.startswith(".") for p in refs.rglob("*"))  # no staging folder left
+
+
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["accept", str(tmp_path / "nope.tar.gz")]) == 2
+    assert "does not exist; pass bundle files" in capsys.readouterr().err
+    assert cli.main(["accept", str(tmp_path)]) == 2
+    assert "holds no bundle (*.tar.gz, *.tgz, *.zip)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["accept", "--help"])
+    assert "Exit codes: 0 installed" in capsys.readouterr().out
+
+
+def test_gpu_workflow_bundles_missing_and_failing_references() -> None:
+    workflow = yaml.safe_load((Path(__file__).parents[1] / ".github" / "workflows" / "repro.yml").read_text())
+    steps = workflow["jobs"]["gpu"]["steps"]
+    regen = next(s for s in steps if "--repro-regen" in str(s.get("run", "")))
+    assert "--lf" in regen["run"] and "--repro-regen-force" in regen["run"] and "--repro-bundle-dir=" in regen["run"]
+    folder = regen["run"].split("--repro-bundle-dir=")[1].split()[0]
+    upload = next(s for s in steps if folder in str(s.get("with", {}).get("path", "")))
+    assert upload["if"] == "always()"
