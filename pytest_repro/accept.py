@@ -174,14 +174,25 @@ def collect(rootdir: Path, files: list[str], timeout: float = 600.0) -> Project:
     )
 
 
-def _check_name(index: Mapping[str, Any], nodeid: str, env_key: str) -> tuple[bool, str | None]:
-    """The check name= the bundle's reference folder encodes: (whether its layout fits the test, the name)."""
+def _check_name(
+    index: Mapping[str, Any], nodeid: str, env_key: str, prefix: tuple[str, ...] = ()
+) -> tuple[bool, str | None]:
+    """The check name= the bundle's reference folder encodes: (whether its layout fits the test, the name).
+
+    ``prefix``: this project's reference folder relative to the rootdir; a folder under it is read exactly,
+    any other (exported from elsewhere) by its last components.
+    """
     from .storage import reference_path
 
     parts = Path(str(index.get("reference") or "")).parts
     test = reference_path(Path(""), nodeid).parts
     if not parts or parts[-1] != env_key or not test:
         return False, None
+    if prefix and parts[: len(prefix)] == prefix:
+        rest = parts[len(prefix) : -1]
+        if rest == test:
+            return True, None
+        return (True, rest[-1]) if len(rest) == len(test) + 1 and rest[:-1] == test else (False, None)
     if parts[-1 - len(test) : -1] == test:
         return True, None
     if len(parts) > len(test) + 1 and parts[-2 - len(test) : -2] == test:
@@ -229,13 +240,21 @@ def _inspect(bundle: Path) -> Candidate:
     if not c.env_key or safe_name(c.env_key) != c.env_key or c.env_key.startswith("."):
         c.refuse(f"its environment key {c.env_key!r} is not a plain folder name; export it again")
         return c
-    fits, c.name = _check_name(c.index, c.nodeid, c.env_key)
+    return c
+
+
+def _place(c: Candidate, project: Project) -> None:
+    """Read the check name from the bundle's reference folder; refuse a folder that does not fit the test."""
+    try:
+        prefix = project.reference_dir.relative_to(project.rootdir).parts
+    except ValueError:
+        prefix = ()
+    fits, c.name = _check_name(c.index, c.nodeid, c.env_key, prefix)
     if not fits or (c.name is not None and safe_name(c.name) != c.name):
         c.refuse(
             f"its reference folder {c.index.get('reference')!r} does not fit the test {c.nodeid} and environment "
             f"{c.env_key} (<reference dir>/<test module>/<test>[/<check name>]/<environment>); export it again"
         )
-    return c
 
 
 def _members(archive: Path) -> Iterable[tuple[str, Callable[[], IO[bytes]]]]:
@@ -440,6 +459,8 @@ def plan(bundles: list[Path], rootdir: Path, reference_dir: Path | None = None) 
                 f"the test {c.nodeid} no longer exists in this checkout ({where}; collected with pytest "
                 "--collect-only); a renamed test needs its reference recorded again under the new name"
             )
+        else:
+            _place(c, project)
     _refuse_clashes(candidates)
     project.root_existed = project.reference_dir.exists()
     for c in candidates:

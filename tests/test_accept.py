@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import snapshot
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pytest_repro import cli
-from pytest_repro.accept import accept
+from pytest_repro.accept import _check_name, accept
 from pytest_repro.bundle import export
+from pytest_repro.storage import reference_path, safe_name
 
 TESTS = """
 import pytest
@@ -226,3 +229,26 @@ def test_gpu_workflow_bundles_missing_and_failing_references() -> None:
     folder = regen["run"].split("--repro-bundle-dir=")[1].split()[0]
     upload = next(s for s in steps if folder in str(s.get("with", {}).get("path", "")))
     assert upload["if"] == "always()"
+
+
+_PART = st.text(st.characters(codec="ascii", exclude_characters=":/\\\0"), min_size=1, max_size=12)
+
+
+@given(
+    folders=st.lists(_PART, max_size=2),
+    test=_PART,
+    name=st.none() | _PART.filter(lambda n: not n.lower().startswith(("cpu", "cuda", "rank"))),
+    env=st.sampled_from(["cpu-amd-avx512", "cuda-sm90", "cuda_dtype-bf16"]),
+)
+def test_the_check_name_is_read_back_from_the_reference_folder(
+    folders: list[str], test: str, name: str | None, env: str
+) -> None:
+    nodeid = "/".join([*folders, "test_x.py"]) + f"::{test}"
+    folder = reference_path(Path("reference_outputs"), nodeid, name) / env
+    fits, found = _check_name({"reference": str(folder)}, nodeid, env, ("reference_outputs",))
+    assert fits and found == (None if name is None else safe_name(name))
+    parts = reference_path(Path(""), nodeid).parts
+    if name is None or len({*parts, safe_name(name)}) > 1:  # all equal: only the exact prefix can tell them apart
+        assert _check_name({"reference": str(folder)}, nodeid, env) == (fits, found)
+    assert _check_name({"reference": str(folder)}, nodeid.replace("test_x.py", "test_y.py"), env)[0] is False
+    assert _check_name({"reference": str(folder.parent / "other-env")}, nodeid, env)[0] is False
