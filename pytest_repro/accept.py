@@ -556,7 +556,8 @@ def accept(
             done.append(c)
             echo(f"{'added' if c.action == 'add' else 'replaced'} {_shown(c.target, project.rootdir)}")
         echo(
-            f"installed {len(done)} reference(s) ({counts}). Review them with "
+            f"installed {len(done)} reference(s): {sum(c.action == 'add' for c in done)} added, "
+            f"{sum(c.action == 'replace' for c in done)} replaced. Review them with "
             f"git diff -- {_shown(root, project.rootdir)} (git status for new ones), run pytest --repro, "
             "then commit them"
         )

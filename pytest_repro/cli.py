@@ -398,7 +398,12 @@ def _cmd_accept(args: argparse.Namespace) -> int:
     from .accept import AcceptError, accept
 
     def confirm(question: str) -> bool:
-        return sys.stdin.isatty() and input(question).strip().lower() in ("y", "yes")
+        if not sys.stdin.isatty():
+            return False
+        try:
+            return input(question).strip().lower() in ("y", "yes")
+        except EOFError:
+            return False
 
     try:
         return accept(

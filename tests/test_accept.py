@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_repro import cli
-from pytest_repro.accept import _check_name, accept
+from pytest_repro.accept import _check_name
 from pytest_repro.bundle import export
 from pytest_repro.storage import reference_path, safe_name
 
@@ -77,9 +78,16 @@ def _rewrite(src: Path, dst: Path, change: dict[str, bytes | None], index: bool 
             tar.addfile(info, io.BytesIO(data))
 
 
+class _Terminal(io.StringIO):
+    """A stdin that says it is a terminal and answers the prompt."""
+
+    def isatty(self) -> bool:
+        return True
+
+
 @pytest.mark.slow
-def test_added_only_with_yes_then_the_gate_passes(
-    userjobs: pytest.Pytester, capsys: pytest.CaptureFixture[str]
+def test_added_only_when_confirmed_then_the_gate_passes(
+    userjobs: pytest.Pytester, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     userjobs.makepyfile(test_acc=TESTS)
     _record(userjobs)
@@ -92,21 +100,16 @@ def test_added_only_with_yes_then_the_gate_passes(
     assert out.count("ADD ") == 2 and "new reference: 3 losses" in out
     assert "nothing changed (2 to add, 0 to replace); to install them: pytest-repro accept bundles --yes" in out
     assert not refs.exists()  # nothing written, no staging folder left behind
-    asked: list[str] = []
-
-    def decline(question: str) -> bool:
-        asked.append(question)
-        return False
-
-    assert accept(["bundles"], userjobs.path, confirm=decline) == 3
-    assert asked == [f"Install these references (2 to add, 0 to replace) under {refs}? [y/N] "]
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))  # on a terminal it asks; anything but y declines
+    code, out = _accept(userjobs, capsys, "bundles")
+    assert code == 3 and f"Install these references (2 to add, 0 to replace) under {refs}? [y/N] " in out, out
     assert not refs.exists()
-    capsys.readouterr()
 
-    code = accept(["bundles"], userjobs.path, confirm=lambda q: True)
-    out = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    code, out = _accept(userjobs, capsys, "bundles")
     assert code == 0, out
     assert "added reference_outputs/test_acc/test_good/" in out and "git diff -- reference_outputs" in out
+    assert "installed 2 reference(s): 2 added, 0 replaced." in out
     assert snapshot(refs) == recorded  # the runner's files, byte for byte
     userjobs.runpytest("--repro").assert_outcomes(passed=2)
 
