@@ -221,8 +221,8 @@ def _inspect(bundle: Path) -> Candidate:
     c.nodeid, c.env_key = str(c.index.get("test") or ""), str(c.index.get("environment_key") or "")
     if OUTCOME_FILE in files or f"{_REFERENCE}{RECORD_FILE}" not in files:
         c.refuse(
-            "it is the bundle of a failing check (the reference it was compared with and that run's outcome), "
-            "not a recorded reference; record the references on that runner with "
+            "it is the bundle of a failing check (that run's outcome, with the reference it was compared with if "
+            "there was one), not a recorded reference; record the references on that runner with "
             "pytest --repro --repro-regen --repro-bundle-dir=DIR (add --repro-regen-force where CI is set)"
         )
         return c
@@ -294,7 +294,9 @@ def _extract(c: Candidate, staging: Path) -> None:
     listed: dict[str, Any] = c.index.get("files") or {}
     wanted = {n: e for n, e in listed.items() if n.startswith(_REFERENCE)}
     names = [n for n, _ in _members(c.bundle)]
-    top = next((n[: -len(INDEX_FILE)] for n in names if n == INDEX_FILE or n.endswith("/" + INDEX_FILE)), "")
+    # the index's folder, found as verify finds it: bundle.json at the top or one folder down
+    indexes = [n for n in names if n == INDEX_FILE or (n.count("/") == 1 and n.endswith("/" + INDEX_FILE))]
+    top = indexes[0][: -len(INDEX_FILE)] if indexes else ""
     staging.mkdir(parents=True)
     seen = set()
     for name, opener in _members(c.bundle):

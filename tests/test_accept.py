@@ -143,9 +143,14 @@ def test_replaced_shows_the_difference(userjobs: pytest.Pytester, capsys: pytest
     assert all(snapshot(refs)[k] == before[k] for k in before if k.startswith("test_acc/test_other/"))
     userjobs.runpytest("--repro").assert_outcomes(passed=2)
     capsys.readouterr()
-    code, out = _accept(userjobs, capsys, str(bundles["test_good"]))
-    assert code == 0 and "nothing to change: the 1 bundle(s) match the current references" in out
-    assert "SAME     reference_outputs/test_acc/test_good/" in out
+    other = next((refs / "test_acc" / "test_other").iterdir())
+    export(other, userjobs.path, userjobs.path / "other.zip")  # pytest-repro export's bundles are accepted too
+    code, out = _accept(userjobs, capsys, str(bundles["test_good"]), "other.zip")
+    assert code == 0 and "nothing to change: the 2 bundle(s) match the current references" in out, out
+    assert (
+        "SAME     reference_outputs/test_acc/test_good/" in out
+        and "SAME     reference_outputs/test_acc/test_other/" in out
+    )
 
 
 @pytest.mark.slow
