@@ -30,7 +30,7 @@ def test_good(repro):
 
 @pytest.mark.reproducible
 def test_other(repro):
-    repro.check(train, config={"steps": 4})
+    repro.check(train, config={"steps": 4}, name="first")
 """
 
 
@@ -42,7 +42,7 @@ def _record(
     result.assert_outcomes(passed=2)
     n = len(written)
     result.stdout.fnmatch_lines([f"*{n} bundle(s) of the references this run wrote (install them elsewhere with*"])
-    found = {b.name.split(".py_")[1].split("-")[0]: b for b in (p.path / out).iterdir()}
+    found = {b.name.split(".py_")[1].split("_first")[0].split("-")[0]: b for b in (p.path / out).iterdir()}
     assert sorted(found) == list(written)  # one per reference written, none for an unchanged one
     return found
 
@@ -110,6 +110,7 @@ def test_added_only_when_confirmed_then_the_gate_passes(
     assert code == 0, out
     assert "added reference_outputs/test_acc/test_good/" in out and "git diff -- reference_outputs" in out
     assert "installed 2 reference(s): 2 added, 0 replaced." in out
+    assert "added reference_outputs/test_acc/test_other/first/" in out  # a named check's folder
     assert snapshot(refs) == recorded  # the runner's files, byte for byte
     userjobs.runpytest("--repro").assert_outcomes(passed=2)
 
@@ -140,16 +141,16 @@ def test_replaced_shows_the_difference(userjobs: pytest.Pytester, capsys: pytest
     code, out = cli.main(["accept", str(bundles["test_good"]), "--yes", "--rootdir", str(userjobs.path)]), ""
     assert code == 0
     assert {k: v for k, v in snapshot(refs).items() if k in good} == {k: after[k] for k in good}
-    assert all(snapshot(refs)[k] == before[k] for k in before if k.startswith("test_acc/test_other/"))
+    assert all(snapshot(refs)[k] == before[k] for k in before if k.startswith("test_acc/test_other/first/"))
     userjobs.runpytest("--repro").assert_outcomes(passed=2)
     capsys.readouterr()
-    other = next((refs / "test_acc" / "test_other").iterdir())
+    other = next((refs / "test_acc" / "test_other" / "first").iterdir())
     export(other, userjobs.path, userjobs.path / "other.zip")  # pytest-repro export's bundles are accepted too
     code, out = _accept(userjobs, capsys, str(bundles["test_good"]), "other.zip")
     assert code == 0 and "nothing to change: the 2 bundle(s) match the current references" in out, out
     assert (
         "SAME     reference_outputs/test_acc/test_good/" in out
-        and "SAME     reference_outputs/test_acc/test_other/" in out
+        and "SAME     reference_outputs/test_acc/test_other/first/" in out
     )
 
 
@@ -183,7 +184,7 @@ def test_refused_bundles_change_nothing(userjobs: pytest.Pytester, capsys: pytes
     assert not (userjobs.path / "escape.txt").exists()
 
     # a bundle whose environment key clashes with its own manifest
-    folder = refs / "test_acc" / "test_other"
+    folder = refs / "test_acc" / "test_other" / "first"
     env = next(folder.iterdir())
     fake = folder / "cuda-sm90"
     shutil.copytree(env, fake)
@@ -194,6 +195,7 @@ def test_refused_bundles_change_nothing(userjobs: pytest.Pytester, capsys: pytes
     shutil.rmtree(fake)
     code, out = _accept(userjobs, capsys, str(bad / "clash.tar.gz"))
     assert code == 1, out
+    assert "test_acc.py::test_other [first] (cuda-sm90)" in out  # a named check's folder is read back
     assert "it says environment 'cuda-sm90' but its manifest.yaml (device cuda) gives 'cuda'" in out
 
     # two bundles for the same test and environment
