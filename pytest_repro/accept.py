@@ -57,7 +57,10 @@ def bundle_written(
         try:
             export(Path(str(o["path"])), rootdir, out)
         except (BundleError, OSError) as exc:
-            problems.append(f"could not write the bundle {out} of the reference written for {nodeid}: {exc}")
+            problems.append(
+                f"could not write the bundle {out} of the reference written for {nodeid}: {exc}; "
+                "give a writable --repro-bundle-dir"
+            )
             continue
         written[(nodeid, name)] = out
     return written, problems

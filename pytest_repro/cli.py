@@ -1,4 +1,4 @@
-"""The ``pytest-repro`` command: print this machine's manifest, diff two manifests, render reports, migrate, accept."""
+"""The ``pytest-repro`` command: print this machine's manifest, diff two manifests, render reports, migrate."""
 
 from __future__ import annotations
 
