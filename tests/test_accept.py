@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_repro import cli
-from pytest_repro.accept import _check_name
+from pytest_repro.accept import AcceptError, _check_name, collect
 from pytest_repro.bundle import export
 from pytest_repro.storage import reference_path, safe_name
 
@@ -229,6 +229,18 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         cli.main(["accept", "--help"])
     assert "Exit codes: 0 installed" in capsys.readouterr().out
+
+
+def test_collection_that_cannot_run_is_an_error_not_unknown_tests(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\naddopts = --no-such-option\n")
+    (tmp_path / "test_a.py").write_text("def test_a():\n    pass\n")
+    with pytest.raises(AcceptError, match=r"pytest could not collect the bundles' tests \(exit 4: .*no-such-option"):
+        collect(tmp_path, ["test_a.py"])
+    (tmp_path / "pytest.ini").write_text("[pytest]\nrepro_reference_dir = refs\n")
+    (tmp_path / "test_b.py").write_text("import nope\n")
+    project = collect(tmp_path, ["test_a.py", "test_b.py"])
+    assert project.nodeids == {"test_a.py::test_a"} and project.reference_dir == tmp_path / "refs"
+    assert "test_b.py" in project.failed_files and "nope" in project.failed_files["test_b.py"]
 
 
 def test_gpu_workflow_bundles_missing_and_failing_references() -> None:
