@@ -415,6 +415,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_accept(args: argparse.Namespace) -> int:
+    from .accept import AcceptError, accept
+
+    def confirm(question: str) -> bool:
+        if not sys.stdin.isatty():
+            return False
+        try:
+            return input(question).strip().lower() in ("y", "yes")
+        except EOFError:
+            return False
+
+    try:
+        return accept(
+            args.bundles, Path(args.rootdir), args.reference_dir and Path(args.reference_dir), args.yes, confirm
+        )
+    except AcceptError as exc:
+        raise CliError(exc.problem, exc.fix) from None
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -506,6 +525,19 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every hash in a bundle; exit 1 when anything is inconsistent")
     v.add_argument("bundle")
     v.set_defaults(func=_cmd_verify)
+    a = sub.add_parser(
+        "accept",
+        help="install references from bundles recorded on another runner, after showing what they change",
+        description="Verify every hash, refuse bundles of unknown tests, clashing environment keys or paths outside "
+        "the reference folder, show what each adds or replaces (and how much it differs), then install them "
+        "atomically. Exit codes: 0 installed (or nothing to change), 1 refused (nothing changed), 2 usage error, "
+        "3 not confirmed (nothing changed; add --yes).",
+    )
+    a.add_argument("bundles", nargs="+", metavar="BUNDLE|DIR", help="bundle files, or folders of them (artifacts)")
+    a.add_argument("--yes", action="store_true", help="install without asking (otherwise: asks on a TTY, else exit 3)")
+    a.add_argument("--rootdir", default=".", help="the project's rootdir (default: .)")
+    a.add_argument("--reference-dir", help="default: the ini's repro_reference_dir (reference_outputs)")
+    a.set_defaults(func=_cmd_accept)
     y = sub.add_parser("history", help="a check's verdicts, environments and final losses across logged runs")
     y.add_argument("nodeid", help="the test's node id, as pytest prints it")
     y.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else the local store in <rootdir>/mlruns")

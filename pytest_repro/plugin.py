@@ -117,7 +117,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--repro-bundle-dir",
         default=None,
         metavar="DIR",
-        help="write a self-describing bundle (.tar.gz) of every failing check into DIR, e.g. for CI artifacts",
+        help="write a self-describing bundle (.tar.gz) of every failing check, and of every reference --repro-regen "
+        "wrote (for pytest-repro accept), into DIR, e.g. for CI artifacts",
     )
     group.addoption(
         "--repro-mlflow",

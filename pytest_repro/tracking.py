@@ -387,7 +387,7 @@ def log_session(
 
 
 def publish(session: ReproSession, config: pytest.Config) -> bool:
-    """Before the reports: write bundles of failing checks and log every check to MLflow; False on failure."""
+    """Before the reports: bundle failing checks and written references, log checks to MLflow; False on failure."""
     bundle_dir = config.getoption("repro_bundle_dir")
     uri, _ = tracking_uri(config.getoption("repro_mlflow"), config.getini("repro_mlflow"), config.rootpath)
     if not bundle_dir and uri is None:
@@ -395,15 +395,23 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
     ok = True
     bundles: dict[tuple[str, str | None], Path] = {}
     if bundle_dir:
+        from .accept import bundle_written
         from .bundle import bundle_failing
 
         bundles, problems = bundle_failing(session.outcomes, Path(bundle_dir), session.rootdir)
-        session.notes += problems
-        ok = not problems
+        written, more = bundle_written(session.outcomes, Path(bundle_dir), session.rootdir)
+        session.notes += problems + more
+        ok = not (problems or more)
         if bundles:
             session.notes.append(f"{len(bundles)} bundle(s) of failing checks written to {bundle_dir}:")
             session.notes += [f"  {path}" for path in bundles.values()]
-        else:
+        if written:
+            session.notes.append(
+                f"{len(written)} bundle(s) of the references this run wrote (install them elsewhere with "
+                f"pytest-repro accept) written to {bundle_dir}:"
+            )
+            session.notes += [f"  {path}" for path in written.values()]
+        if not bundles and not written:
             session.notes.append(f"no failing checks: no bundles written to {bundle_dir}")
     if uri is None or not session.outcomes:
         return ok
