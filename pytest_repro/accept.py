@@ -216,7 +216,7 @@ def _inspect(bundle: Path) -> Candidate:
     c.index = checked.index
     if checked.problems:
         c.refuse(
-            "its hashes do not match (tampered or damaged): "
+            "pytest-repro verify finds it inconsistent (tampered, damaged or unsafe): "
             + "; ".join(checked.problems[:4])
             + ("; …" if len(checked.problems) > 4 else "")
             + f"; check it with: pytest-repro verify {shlex.quote(str(bundle))}, and download the artifact again"

@@ -173,15 +173,21 @@ def test_refused_bundles_change_nothing(userjobs: pytest.Pytester, capsys: pytes
     _rewrite(good, bad / "tampered.tar.gz", {"reference/weights.safetensors": bytes(weights)})
     code, out = _accept(userjobs, capsys, str(bad / "tampered.tar.gz"), str(good))
     assert code == 1, out
-    assert "REFUSED  " in out and "its hashes do not match (tampered or damaged): reference/weights.safetensors" in out
+    assert "REFUSED  " in out and "verify finds it inconsistent (tampered, damaged or unsafe): reference/weights.safetensors" in out
     assert f"to accept only the others: pytest-repro accept {good}" in out
     assert snapshot(refs) == before
 
     # a member outside the reference files, with consistent hashes (path traversal)
     _rewrite(good, bad / "escape.tar.gz", {"reference/../../escape.txt": b"x"}, index=True)
     code, out = _accept(userjobs, capsys, str(bad / "escape.tar.gz"))
-    assert code == 1 and "reference/../../escape.txt under reference/, which is not a reference file" in out, out
+    # (bundle verify refuses the '..' member itself; accept's own check of reference paths is the second line)
+    assert code == 1 and "reference/../../escape.txt: a path with '..'" in out, out
     assert not (userjobs.path / "escape.txt").exists()
+    # a file under reference/ that is not one of pytest-repro's, with consistent hashes: accept's own check
+    _rewrite(good, bad / "extra.tar.gz", {"reference/run.sh": b"rm -rf ~"}, index=True)
+    code, out = _accept(userjobs, capsys, str(bad / "extra.tar.gz"))
+    assert code == 1 and "reference/run.sh under reference/, which is not a reference file" in out, out
+    assert snapshot(refs) == before
 
     # a bundle whose environment key clashes with its own manifest
     folder = refs / "test_acc" / "test_other" / "first"
