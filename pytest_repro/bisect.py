@@ -165,7 +165,8 @@ def difference_lines(test: dict[str, Any], limit: int = 5) -> list[str]:
     for d in diffs[:limit]:
         where = str(d.get("section", "?")) + (f" {d['key']}" if d.get("key") else "")
         where += f" at step {d['step']}" if d.get("step") is not None else ""
-        size = f": {d['n_diff']} of {d['numel']} element(s) differ" if "n_diff" in d and "numel" in d else ""
+        unit = "step(s)" if d.get("section") == "losses" else "element(s)"
+        size = f": {d['n_diff']} of {d['numel']} {unit} differ" if "n_diff" in d and "numel" in d else ""
         largest = f", max abs diff {d['max_abs']:.3g}" if isinstance(d.get("max_abs"), (int, float)) else ""
         lines.append(f"{where}{size}{largest}" + (f" ({d['detail']})" if d.get("detail") else ""))
     if len(diffs) > limit:
@@ -201,9 +202,12 @@ def _inside(path: Path, folder: Path) -> bool:
 def _git(args: Sequence[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in _GIT_ENV_DROP}
     env.update(LC_ALL="C", LANGUAGE="C", GIT_TERMINAL_PROMPT="0")
-    result = subprocess.run(
-        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
-    )
+    try:
+        result = subprocess.run(
+            ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False
+        )
+    except OSError as exc:  # git missing, or the folder is gone
+        result = subprocess.CompletedProcess(["git", *args], 127, "", f"{exc}")
     if check and result.returncode != 0:
         message = " ".join((result.stderr or result.stdout).split())[:300]
         raise BisectError(f"'git {' '.join(args)}' failed: {message}", "check the repository and the revisions")
@@ -271,6 +275,7 @@ class Bisect:
         if top.returncode != 0:
             raise BisectError(f"{self.cwd} is not inside a git repository", "run pytest-repro bisect in your checkout")
         self.toplevel = Path(top.stdout.strip())
+        self._clean_stale()
         self.prefix = _git(["rev-parse", "--show-prefix"], self.cwd).stdout.strip()
         shas = []
         for flag, rev in (("--good", self.good_rev), ("--bad", self.bad_rev)):
@@ -305,7 +310,10 @@ class Bisect:
                 continue  # another bisect is running in this repository
             _git(["worktree", "remove", "--force", str(path)], self.toplevel, check=False)
             shutil.rmtree(path.parent, ignore_errors=True)
-            self.echo(f"removed {path}, the worktree of an earlier bisect that was killed")
+            if path.parent.exists():
+                self.echo(f"could not remove {path}, left by an earlier bisect; remove it with: rm -rf {path.parent}")
+            else:
+                self.echo(f"removed {path}, the worktree of an earlier bisect that was killed")
         _git(["worktree", "prune"], self.toplevel, check=False)
 
     def _subject(self, sha: str) -> str:
@@ -423,7 +431,6 @@ class Bisect:
     def run(self) -> int:
         """Bisect; print the first changed commit and return the exit code (FOUND, NOT_FOUND)."""
         self._resolve()
-        self._clean_stale()
         self.temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)).resolve()
         (self.temp / OWNER_FILE).write_text(str(os.getpid()))
         self.worktree = self.temp / "worktree"
@@ -515,7 +522,8 @@ class Bisect:
 
     def _tally(self) -> None:
         states = [s.outcome.state for s in self.steps.values()]
-        counts = ", ".join(f"{states.count(s)} {s}" for s in (GOOD, BAD, SKIP) if states.count(s))
+        words = {GOOD: "good", BAD: "bad", SKIP: "skipped"}
+        counts = ", ".join(f"{states.count(s)} {w}" for s, w in words.items() if states.count(s))
         self.echo(f"tested {len(states)} commit(s) (preflight included): {counts}; {self.runs} pytest run(s)")
 
     def close(self) -> Path | None:

@@ -452,7 +452,8 @@ index and any bisect of your own are never touched.
   pytest-repro bisect --good v1.2 -- tests/test_eval.py::test_eval_loss
 
 exit codes: 0 found; 1 only untestable commits left next to it (candidates listed);
-2 usage error or failed preflight (--good does not pass, --bad does not differ); 130 interrupted.
+2 usage error or failed preflight (--good does not pass, --bad does not differ);
+130 interrupted (Ctrl-C), 143 stopped (SIGTERM); the temporary worktree is removed either way.
 """
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import USER_JOBS
 
-from pytest_repro.bisect import BAD, DIVERGED, GOOD, SKIP, Outcome, classify, decide, step_env
+from pytest_repro.bisect import BAD, DIVERGED, GOOD, SKIP, TEMP_PREFIX, Outcome, classify, decide, step_env
 
 TEST = """
 import pytest
@@ -27,8 +27,7 @@ CONFIG = '"steps": 3, "lr": 0.05'
 
 
 def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_DATE": "2024-05-01T12:00:00+00:00", "GIT_COMMITTER_DATE": "2024-05-01T12:00:00"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
 
 def commit(repo: Path, subject: str, files: dict[str, str] | None = None, regen: bool = False) -> str:
@@ -43,7 +42,15 @@ def commit(repo: Path, subject: str, files: dict[str, str] | None = None, regen:
         )
         assert done.returncode == 0, done.stdout + done.stderr
     git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", subject)
+    count = subprocess.run(["git", "rev-list", "--count", "--all"], cwd=repo, capture_output=True, text=True)
+    day = int(count.stdout.strip() or 0) + 1
+    date = f"2024-05-{day:02d}T12:00:00+00:00"  # one day apart: git bisect's order does not hang on timing
+    subprocess.run(
+        ["git", "commit", "-q", "-m", subject],
+        cwd=repo,
+        env={**os.environ, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date},
+        check=True,
+    )
     return git(repo, "rev-parse", "HEAD").strip()
 
 
@@ -81,24 +88,28 @@ def state(repo: Path) -> dict[str, object]:
     files = {str(p.relative_to(repo)): p.read_bytes() for p in sorted(repo.rglob("*")) if p.is_file()}
     git_dir = repo / ".git"
     return {
+        "status": git(repo, "status", "--porcelain", "--untracked-files=all"),  # first: it refreshes the index
         "head": git(repo, "rev-parse", "HEAD"),
-        "branch": git(repo, "symbolic-ref", "-q", "HEAD"),
-        "index": (git_dir / "index").read_bytes(),
-        "status": git(repo, "status", "--porcelain", "--untracked-files=all"),
+        "branch": git(repo, "rev-parse", "--symbolic-full-name", "HEAD"),
+        "index": git(repo, "ls-files", "--stage"),
         "worktrees": git(repo, "worktree", "list", "--porcelain"),
         "refs": git(repo, "for-each-ref"),
         "bisect_log": (git_dir / "BISECT_LOG").read_text() if (git_dir / "BISECT_LOG").exists() else None,
         "files": {k: v for k, v in files.items() if not k.startswith(".git/") or k.endswith("BISECT_LOG")},
-        "temp_left": sorted(p.name for p in (repo.parent / "tmp").glob("*")) if (repo.parent / "tmp").exists() else [],
+        "temp_left": sorted(p.name for p in (repo.parent / "tmp").glob(f"{TEMP_PREFIX}*")),
     }
 
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """v1.2, a docs commit, a commit that fails to import, a flaky one, a harmless one, the culprit, a regeneration."""
+    """v1.2, two docs commits, one that fails to import, a flaky one, a harmless one, the culprit, a regeneration.
+
+    In this order git bisect tests the broken commit first, then the flaky one, whatever the commit hashes.
+    """
     repo = new_repo(tmp_path_factory.mktemp("history") / "repo")
     shas = {"good": git(repo, "rev-parse", "HEAD").strip()}
     shas["docs"] = commit(repo, "docs: readme", {"README.md": "a model\n"})
+    shas["changelog"] = commit(repo, "docs: changelog", {"CHANGES.md": "v1.3: coming\n"})
     shas["broken"] = commit(repo, "wip: broken import", {"userjobs.py": "import no_such_module_here\n" + USER_JOBS})
     flaky = TEST.replace("CONFIG", CONFIG + ', "unseeded_at": 1')
     shas["flaky"] = commit(repo, "fix import; try unseeded noise", {"userjobs.py": USER_JOBS, "test_model.py": flaky})
@@ -120,17 +131,18 @@ def test_bisect_names_the_culprit_past_a_regenerated_reference_a_broken_and_a_fl
     shas = history[1]
     git(repo, "bisect", "start", shas["regen"], shas["docs"])  # the user's own bisect, in progress
     before = state(repo)
-    result = bisect(repo, "--good", "v1.2")
+    result = bisect(repo, "--good", "v1.2", "--bad", "master")  # HEAD is where the user's own bisect stands
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert f"first changed commit: {shas['culprit']}" in out
-    assert "subject:     tune: lr 0.06" in out and "2024-05-01T12:00:00+00:00" in out
+    assert "subject:     tune: lr 0.06" in out and "author:      Dev, 2024-05-07T12:00:00+00:00" in out
     assert "DIFFERS test_model.py::test_model: differs from the reference at step 1" in out
-    assert "losses at step 1: 2 of 3 element(s) differ, max abs diff" in out
+    assert "losses at step 1: 2 of 3 step(s) differ, max abs diff" in out
     assert "changed since the reference: config lr: reference 0.05, this run 0.06" in out
     assert f"{shas['broken'][:10]} 'wip: broken import': skip (pytest was interrupted" in out
     assert f"{shas['flaky'][:10]} 'fix import; try unseeded noise': skip (no majority of 3 attempts" in out
     assert f"{shas['harmless'][:10]} 'drop the noise': good" in out
+    assert ", 2 bad, 2 skipped;" in out
     assert state(repo) == before
 
 
@@ -164,6 +176,26 @@ def test_bisect_says_when_the_preflight_fails_and_leaves_everything_as_it_was(
     assert result.returncode == 2 and "--good no-such-tag is not a commit of this repository" in result.stderr
     result = bisect(repo, "--good", shas["regen"], "--bad", "v1.2")
     assert result.returncode == 2 and "is not an ancestor of --bad v1.2" in result.stderr
+    assert state(repo) == before
+
+
+def test_a_broken_commit_next_to_the_change_is_never_blamed(
+    history: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(history[0], repo)
+    shas = history[1]
+    git(repo, "checkout", "-q", "-b", "hotfix", shas["broken"])
+    changed = TEST.replace("CONFIG", CONFIG.replace("0.05", "0.06"))
+    fix = commit(repo, "fix the import, lr 0.06", {"userjobs.py": USER_JOBS, "test_model.py": changed})
+    before = state(repo)
+    result = bisect(repo, "--good", "v1.2")
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "no single first changed commit: commits that could not be tested lie next to it; it is one of:" in out
+    assert f"  {shas['broken'][:10]} 'wip: broken import' (skip: pytest was interrupted" in out
+    assert f"  {fix[:10]} 'fix the import, lr 0.06' (bad: DIFFERS" in out
+    assert "first changed commit: " not in out
     assert state(repo) == before
 
 
@@ -278,3 +310,24 @@ def test_step_env_puts_the_commit_first_and_drops_the_checkout(tmp_path: Path) -
     env = step_env(worktree, checkout, base)
     assert env["PYTHONPATH"].split(os.pathsep) == [str(worktree / "src"), str(worktree), str(other)]
     assert "GIT_DIR" not in env
+
+
+def test_help_shows_bisect_its_example_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_repro.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "bisect" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bisect", "--help"])
+    out = capsys.readouterr().out
+    assert "pytest-repro bisect --good v1.2 -- tests/test_eval.py::test_eval_loss" in out
+    assert "exit codes: 0 found;" in out and "130 interrupted" in out
+
+
+def test_regenerating_while_bisecting_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_repro.cli import main
+
+    assert main(["bisect", "--good", "HEAD~1", "--", "--repro-regen"]) == 2
+    err = capsys.readouterr().err
+    assert "pytest-repro bisect: --repro-regen would overwrite references; drop it: bisect only compares" in err
