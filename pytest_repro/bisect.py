@@ -267,6 +267,7 @@ class Bisect:
         self.temp: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
+        self.last_log: Path | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------------
 
@@ -390,6 +391,7 @@ class Bisect:
         report = self.temp / f"report-{self.runs}.json"
         log = self.temp / f"step-{self.runs}.log"
         where = self.worktree / self.prefix
+        self.last_log = None
         if not where.is_dir():
             return Outcome(SKIP, f"the folder {self.prefix} does not exist at this commit")
         extra = ["--repro", f"--repro-report={report}", "-o", f"repro_reference_dir={self.reference}"]
@@ -556,7 +558,9 @@ def _first_bad(out: str) -> str | None:
     return None
 
 
-def _tail(log: Path, lines: int = 15) -> list[str]:
+def _tail(log: Path | None, lines: int = 15) -> list[str]:
+    if log is None:
+        return []
     try:
         text = log.read_text(encoding="utf-8", errors="replace")
     except OSError:

@@ -120,9 +120,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     return repo, shas
 
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 def test_bisect_names_the_culprit_past_a_regenerated_reference_a_broken_and_a_flaky_commit(
     history: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -146,6 +144,7 @@ def test_bisect_names_the_culprit_past_a_regenerated_reference_a_broken_and_a_fl
     assert state(repo) == before
 
 
+@pytest.mark.slow
 def test_bisect_says_when_the_preflight_fails_and_leaves_everything_as_it_was(
     history: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -179,6 +178,7 @@ def test_bisect_says_when_the_preflight_fails_and_leaves_everything_as_it_was(
     assert state(repo) == before
 
 
+@pytest.mark.slow
 def test_a_broken_commit_next_to_the_change_is_never_blamed(
     history: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -199,6 +199,7 @@ def test_a_broken_commit_next_to_the_change_is_never_blamed(
     assert state(repo) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_bisect_leaves_the_repository_as_it_was(
     history: tuple[Path, dict[str, str]], tmp_path: Path, how: signal.Signals
