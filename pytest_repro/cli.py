@@ -1,4 +1,4 @@
-"""The ``pytest-repro`` command: print this machine's manifest, diff two manifests, render reports, migrate."""
+"""The ``pytest-repro`` command: manifests and their drift, reports, migrate, bundles (export, verify, accept), bisect, demo."""
 
 from __future__ import annotations
 
@@ -481,6 +481,34 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
+_BISECT_HELP = """\
+Find the first commit between --good and --bad whose reproducibility results differ from the
+reference committed at --good (later commits may have regenerated theirs). Each step runs
+'python -m pytest --repro ARGS -o repro_reference_dir=<copy of --good's reference>' in a temporary
+worktree, with that commit's code first on PYTHONPATH. Commits that do not collect or import are
+skipped; a commit whose runs diverge is run 3 times and the majority decides. Your checkout, HEAD,
+index and any bisect of your own are never touched.
+
+  pytest-repro bisect --good v1.2 -- tests/test_eval.py::test_eval_loss
+
+exit codes: 0 found; 1 only untestable commits left next to it (candidates listed);
+2 usage error or failed preflight (--good does not pass, --bad does not differ);
+130 interrupted (Ctrl-C), 143 stopped (SIGTERM); the temporary worktree is removed either way.
+"""
+
+
+def _cmd_bisect(args: argparse.Namespace) -> int:
+    from .bisect import BisectError, run
+
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    try:
+        return run(args.good, args.bad, pytest_args, Path.cwd(), args.repro_timeout, args.step_timeout)
+    except BisectError as exc:
+        for line in exc.output:
+            print(f"  | {line}", file=sys.stderr)
+        raise CliError(exc.problem, exc.fix) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pytest-repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -547,6 +575,18 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--limit", type=int, default=50, help="the latest N runs (default: 50)")
     y.add_argument("--json", action="store_true", help="print JSON instead of a table")
     y.set_defaults(func=_cmd_history)
+    b = sub.add_parser(
+        "bisect",
+        help="the first commit whose results differ from --good's reference (exit 0 found, 1 not narrowed to one)",
+        description=_BISECT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("--good", required=True, metavar="REV", help="a commit whose results are right (e.g. v1.2)")
+    b.add_argument("--bad", default="HEAD", metavar="REV", help="a commit whose results differ (default: HEAD)")
+    b.add_argument("--repro-timeout", metavar="SECONDS", help="per-run time limit, passed to each step's pytest")
+    b.add_argument("--step-timeout", type=float, metavar="SECONDS", help="kill a step's pytest after this (skip)")
+    b.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest arguments or node ids (after --)")
+    b.set_defaults(func=_cmd_bisect)
     return parser
 
 

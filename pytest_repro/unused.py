@@ -76,6 +76,8 @@ def check(session: ReproSession, config: pytest.Config, mode: str) -> None:
         config.option.keyword,
         bool(config.getoption("lf", False)),
         len(set(session.deselected_reproducible)),
+        Path(config.invocation_params.dir),
+        Path(config.rootpath),
     )
     if reason and not config.getoption("repro_unused_force"):
         session.unused_note = (
@@ -126,7 +128,13 @@ def check(session: ReproSession, config: pytest.Config, mode: str) -> None:
 
 
 def filter_reason(
-    args: list[str], default_args: list[str], keyword: str, lastfailed: bool, deselected_reproducible: int
+    args: list[str],
+    default_args: list[str],
+    keyword: str,
+    lastfailed: bool,
+    deselected_reproducible: int,
+    invocation_dir: Path,
+    rootdir: Path,
 ) -> str | None:
     """Say why this run cannot see every reproducible test (None when it can)."""
     if keyword:
@@ -136,10 +144,16 @@ def filter_reason(
     if deselected_reproducible:
         return f"{deselected_reproducible} reproducible test(s) deselected (-m/--deselect)"
     explicit = [a for a in args if not a.startswith("-")]
-    if explicit and sorted(_norm(a) for a in explicit) != sorted(_norm(a) for a in default_args):
+    if explicit and not _covers(explicit, default_args, invocation_dir, rootdir):
         return f"test paths given on the command line ({' '.join(explicit)})"
     return None
 
 
-def _norm(arg: str) -> str:
-    return re.sub(r"/+$", "", arg) or "."
+def _covers(explicit: list[str], default_args: list[str], invocation_dir: Path, rootdir: Path) -> bool:
+    """Whether the paths given cover every default test path (testpaths, else the rootdir): a whole-suite run."""
+    given = [(invocation_dir / a).resolve() for a in explicit if "::" not in a]  # a node id narrows the run
+    defaults: list[Path] = []
+    for arg in default_args:
+        expanded = sorted(rootdir.glob(arg)) if any(c in arg for c in "*?[") else [rootdir / arg]
+        defaults += [p.resolve() for p in expanded]
+    return bool(defaults) and all(any(d.is_relative_to(g) for g in given) for d in defaults)
