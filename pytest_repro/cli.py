@@ -1,4 +1,4 @@
-"""The ``pytest-repro`` command: manifests and their drift, reports, migrate, bundles (export, verify, accept), bisect, demo."""
+"""The ``pytest-repro`` command: manifests and drift, reports, migrate, bundles (export/verify/accept), bisect, demo."""
 
 from __future__ import annotations
 
