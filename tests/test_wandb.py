@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 from helpers import env_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wandb_records import OfflineRun, read_runs
 
 from pytest_repro import wandb_tracking
@@ -92,7 +94,7 @@ def test_every_check_is_an_offline_run_with_config_summary_losses_and_artifact(
     )
     # test_b's config changes, and the thread count: a failure with environment drift.
     project.makepyfile(test_many=TESTS.replace('"steps": 5}', '"steps": 5, "lr": 0.07}'))
-    result = project.runpytest("--repro", "--repro-wandb", "--repro-threads=2")
+    result = project.runpytest("--repro", "--repro-wandb", "--repro-threads=2", "--repro-bundle-dir=bundles")
     result.assert_outcomes(passed=1, failed=1)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     assert no_network == []
@@ -141,6 +143,9 @@ def test_every_check_is_an_offline_run_with_config_summary_losses_and_artifact(
     assert b.run.notes == drift
     stored = next((project.path / "reference_outputs").rglob("test_b/*/record.json"))
     assert entries["reference/record.json"].read_bytes() == stored.read_bytes()
+    (bundle,) = (project.path / "bundles").iterdir()  # the failing check's bundle travels with its run
+    assert entries[bundle.name].read_bytes() == bundle.read_bytes()
+    assert not any(e.path.endswith(".tar.gz") for e in a.artifacts[0].manifest.contents)
 
 
 @pytest.mark.slow
@@ -280,6 +285,28 @@ def test_project_and_mode_resolution(tmp_path: Path) -> None:
     assert wandb_tracking.run_dir(tmp_path, {"WANDB_DIR": str(tmp_path / "x")}) == tmp_path.resolve() / "x" / "wandb"
     assert wandb_tracking.project_problem("my-models", "--repro-wandb=my-models", [], {}) is None
     assert wandb_tracking.project_problem("tests", "--repro-wandb=tests", ["--repro-wandb=tests"], {}) is None
+
+
+@settings(deadline=None)
+@given(st.text(st.characters() | st.sampled_from("/\\#?%:\r\n ."), min_size=1, max_size=140))
+def test_a_project_name_is_refused_exactly_when_wandb_refuses_it(wandb_loaded: Any, name: str) -> None:
+    try:
+        wandb_loaded.Settings(project=name)
+    except Exception:
+        refused = True
+    else:
+        refused = False
+    assert (wandb_tracking.project_problem(name, "--repro-wandb", [], {}) is not None) == refused
+
+
+@settings(deadline=None)
+@given(st.text(min_size=1, max_size=300), st.none() | st.text(max_size=300))
+def test_every_check_gets_an_artifact_name_wandb_accepts(wandb_loaded: Any, nodeid: str, name: str | None) -> None:
+    from wandb.sdk.artifacts._validators import validate_artifact_name
+
+    got = wandb_tracking._artifact_name({"nodeid": nodeid, "name": name})
+    assert validate_artifact_name(got) == got and len(got) <= 128
+    assert got != wandb_tracking._artifact_name({"nodeid": nodeid + "x", "name": name})
 
 
 def test_plugin_import_does_not_import_wandb() -> None:
