@@ -101,6 +101,11 @@ def test_every_check_is_an_offline_run_with_config_summary_losses_and_artifact(
 
     runs = read_runs(wandb_dir)
     assert len(runs) == 4  # one per check per session
+    # The command the summary gives: wandb's own CLI finds the 4 runs to upload (a dry run uploads nothing).
+    env = {**os.environ, "WANDB_ERROR_REPORTING": "false"}
+    cmd = [sys.executable, "-m", "wandb", "sync", "--dry-run", str(wandb_dir)]
+    sync = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert "Would sync 4 run(s)" in sync.stdout + sync.stderr, sync.stdout + sync.stderr
     latest = _latest(runs)
     a, b = latest["test_many.py::test_a"], latest["test_many.py::test_b"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project.path, capture_output=True, text=True).stdout
