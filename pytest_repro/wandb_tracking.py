@@ -97,7 +97,8 @@ def project_problem(
     if not tracking.installed("wandb"):
         return f"{where} needs wandb, which is not installed for this Python; {INSTALL}"
     if run_mode(environ) == "disabled":
-        set_by = "WANDB_MODE=disabled" if environ.get("WANDB_MODE") else f"WANDB_DISABLED={environ['WANDB_DISABLED']}"
+        disabled = environ.get("WANDB_MODE", "").strip().lower() == "disabled"
+        set_by = "WANDB_MODE=disabled" if disabled else f"WANDB_DISABLED={environ.get('WANDB_DISABLED')}"
         return (
             f"{where}: {set_by} turns W&B off, so no check would be logged; unset it (runs are then logged offline "
             "into <rootdir>/wandb) or drop the option"

@@ -289,6 +289,8 @@ def test_project_and_mode_resolution(tmp_path: Path) -> None:
     assert wandb_tracking.run_dir(tmp_path, {}) == tmp_path.resolve() / "wandb"
     assert wandb_tracking.run_dir(tmp_path, {"WANDB_DIR": str(tmp_path / "x")}) == tmp_path.resolve() / "x" / "wandb"
     assert wandb_tracking.project_problem("my-models", "--repro-wandb=my-models", [], {}) is None
+    problem = wandb_tracking.project_problem("p", "--repro-wandb", [], {"WANDB_MODE": "offline", "WANDB_DISABLED": "1"})
+    assert problem is not None and "WANDB_DISABLED=1 turns W&B off" in problem
     assert wandb_tracking.project_problem("tests", "--repro-wandb=tests", ["--repro-wandb=tests"], {}) is None
 
 
