@@ -413,7 +413,7 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
             session.notes += [f"  {path}" for path in bundles.values()]
         else:
             session.notes.append(f"no failing checks: no bundles written to {bundle_dir}")
-    if not session.outcomes:
+    if (uri is None and project is None) or not session.outcomes:
         return ok
     from . import __version__
 
