@@ -129,6 +129,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="log every check as an MLflow run (ini repro_mlflow); without a URI: MLFLOW_TRACKING_URI, "
         "else a local SQLite store in <rootdir>/mlruns. Needs pip install 'pytest-repro[mlflow]'",
     )
+    group.addoption(
+        "--repro-wandb",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PROJECT",
+        help="log every check as a W&B run (ini repro_wandb), offline into <rootdir>/wandb unless WANDB_MODE=online; "
+        "without a project: WANDB_PROJECT, else the project's name. Needs pip install 'pytest-repro[wandb]'",
+    )
     for name, (help_text, default) in INI_OPTIONS.items():
         parser.addini(name, help_text, default=default)
     for name, (help_text, default_list) in INI_LISTS.items():
@@ -177,7 +186,7 @@ def pytest_configure(config: pytest.Config) -> None:
             )
     from .tracking import option_problems
 
-    problems = option_problems(config)  # --repro-bundle-dir usable; --repro-mlflow: a URI, mlflow importable
+    problems = option_problems(config)  # --repro-bundle-dir usable; --repro-mlflow/-wandb: usable, importable
     if problems:
         raise pytest.UsageError(f"pytest-repro: {problems[0]}")
 
@@ -404,7 +413,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
     from .tracking import publish
 
-    if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow
+    if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
         session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
     from .report import write_reports  # last: the JSON report states the run's final exit status
 

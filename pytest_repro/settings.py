@@ -35,6 +35,7 @@ INI_OPTIONS: dict[str, tuple[str, str]] = {
     "repro_config_audit": ("warn, fail or off: config keys the job read but did not declare, or never read", "warn"),
     "repro_manifest_identity": ("hash, omit or plain: how hostname and user name appear in manifests", "hash"),
     "repro_mlflow": ("log every check to MLflow: true (local store in the rootdir) or a tracking URI; empty: off", ""),
+    "repro_wandb": ("log every check to W&B (offline into <rootdir>/wandb): true or a project name; empty: off", ""),
 }
 # name -> (help, default) for list-valued ini options (one value per line)
 INI_LISTS: dict[str, tuple[str, list[str]]] = {

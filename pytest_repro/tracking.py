@@ -98,7 +98,7 @@ def report_install() -> str:
 
 
 def option_problems(config: pytest.Config) -> list[str]:
-    """Check --repro-bundle-dir, --repro-html and --repro-mlflow / repro_mlflow at start-up; return the problems."""
+    """Check --repro-bundle-dir, --repro-html, --repro-mlflow and --repro-wandb at start-up; return the problems."""
     problems = []
     bundle_dir = config.getoption("repro_bundle_dir")
     if bundle_dir:
@@ -118,6 +118,11 @@ def option_problems(config: pytest.Config) -> list[str]:
         problem = uri_problem(uri, where)
         if problem:
             problems.append(problem)
+    from .wandb_tracking import option_problem
+
+    problem = option_problem(config)
+    if problem:
+        problems.append(problem)
     return problems
 
 
@@ -387,10 +392,13 @@ def log_session(
 
 
 def publish(session: ReproSession, config: pytest.Config) -> bool:
-    """Before the reports: bundle failing checks and written references, log checks to MLflow; False on failure."""
+    """Before the reports: bundle failing checks and written references, log to MLflow and W&B; False on failure."""
+    from .wandb_tracking import wandb_project
+
     bundle_dir = config.getoption("repro_bundle_dir")
     uri, _ = tracking_uri(config.getoption("repro_mlflow"), config.getini("repro_mlflow"), config.rootpath)
-    if not bundle_dir and uri is None:
+    project, _ = wandb_project(config.getoption("repro_wandb"), config.getini("repro_wandb"), config.rootpath)
+    if not bundle_dir and uri is None and project is None:
         return True
     ok = True
     bundles: dict[tuple[str, str | None], Path] = {}
@@ -413,7 +421,7 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
             session.notes += [f"  {path}" for path in written.values()]
         if not bundles and not written:
             session.notes.append(f"no failing checks: no bundles written to {bundle_dir}")
-    if uri is None or not session.outcomes:
+    if (uri is None and project is None) or not session.outcomes:
         return ok
     from . import __version__
 
@@ -423,8 +431,21 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
         "repro.git_commit": commit,
         "repro.runner": runner_name(session.settings.identity),
         "repro.command": _clip(" ".join(session.invocation), _TAG_LIMIT),
-        "mlflow.source.name": "pytest-repro",
     }
+    if uri is not None:
+        ok = _publish_mlflow(session, uri, {**common, "mlflow.source.name": "pytest-repro"}, bundles) and ok
+    if project is not None:
+        from .wandb_tracking import publish_wandb
+
+        ok = publish_wandb(session, project, bundles, common) and ok
+    return ok
+
+
+def _publish_mlflow(
+    session: ReproSession, uri: str, common: dict[str, str], bundles: Mapping[tuple[str, str | None], Path]
+) -> bool:
+    """Log every check to MLflow and say so in the summary; False when that failed."""
+    commit = common["repro.git_commit"]
     if commit:
         common["mlflow.source.git.commit"] = commit
     try:
@@ -440,7 +461,7 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
         f"MLflow: {len(ids)} run(s) logged to experiment {experiment!r} at {uri} "
         f"({per:.0f} ms/check, plus {setup:.2f} s to import MLflow and open the store)"
     )
-    return ok
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- history
