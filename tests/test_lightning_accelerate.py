@@ -41,7 +41,7 @@ import lightning.pytorch as pl
 import pytest
 
 import pytest_repro.jobs.lightning as repro_lightning
-from pytest_repro.jobs import lightning_ckpt_path, record_from_lightning
+from pytest_repro.jobs import lightning_callback, lightning_ckpt_path, record_from_lightning
 from test_lightning_example import CONFIG, Regressor, loader, train_lightning
 
 
@@ -55,6 +55,27 @@ def without_callback(ctx):
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(module, loader(ctx, 64, train=True), ckpt_path=lightning_ckpt_path(ctx))
+    return record_from_lightning(trainer, module)
+
+
+def with_workers(ctx):
+    import torch
+    from torch.utils.data import DataLoader
+
+    rows = loader(ctx, 64, train=True).dataset
+
+    class Noisy(torch.utils.data.Dataset):  # noise drawn inside the DataLoader's worker processes
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            x, y = rows[i]
+            return x + 0.01 * torch.randn(4), y
+
+    module = Regressor(8, 0.05, 0.1)
+    trainer = pl.Trainer(max_steps=6, accelerator="cpu", deterministic=True, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False, callbacks=[lightning_callback(ctx)])
+    trainer.fit(module, DataLoader(Noisy(), batch_size=16, shuffle=True, num_workers=2))
     return record_from_lightning(trainer, module)
 
 
@@ -76,6 +97,11 @@ def test_mid_epoch(repro):
 @pytest.mark.reproducible
 def test_no_callback(repro):
     repro.check(without_callback, config=CONFIG)
+
+
+@pytest.mark.reproducible
+def test_workers(repro):
+    repro.check(with_workers, config=CONFIG)
 
 
 @pytest.mark.reproducible(seed=4242)
@@ -117,7 +143,7 @@ def test_lightning_resume_faults_are_caught_and_the_harness_seed_reaches_lightni
         test_lightning_example=readme_example("lightning-example"), test_lightning_faults=LIGHTNING_FAULTS
     )
     result = project.runpytest("--repro", "--repro-regen", "test_lightning_faults.py")
-    result.assert_outcomes(passed=1, failed=3)
+    result.assert_outcomes(passed=2, failed=3)
     out = result.stdout.str()
     # no RNG states restored: the dropout masks of the first resumed step (0-based step 8) already differ
     assert "test_lightning_faults.py::test_rng: resume mismatch: stopping after step 8" in out
@@ -128,6 +154,8 @@ def test_lightning_resume_faults_are_caught_and_the_harness_seed_reaches_lightni
     assert "Fix: stop at an epoch boundary (at= a multiple of the steps per epoch)" in out
     assert "checkpoint.save was not given" not in out and "written by pytest_repro.checkpoint.save" not in out
     assert "pass callbacks=[lightning_callback(ctx)] to Trainer(...)" in out
+    # DataLoader workers seeded by torch from the harness-seeded generator: bitwise run to run
+    result.stdout.fnmatch_lines(["WRITTEN*test_lightning_faults.py::test_workers (*"])
     result.stdout.fnmatch_lines(["WRITTEN*test_lightning_faults.py::test_seed (*"])
 
 
