@@ -23,6 +23,7 @@ def readme_example(name: str) -> str:
 def integration_modules(heavy_modules: None) -> None:
     """Import Lightning and Accelerate before pytester snapshots sys.modules (the example test files import them)."""
     pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("pytorch_lightning")
     pytest.importorskip("accelerate")
 
 
@@ -79,6 +80,28 @@ def with_workers(ctx):
     return record_from_lightning(trainer, module)
 
 
+def with_pytorch_lightning(ctx):  # the older package name: its own LightningModule and Trainer classes
+    import pytorch_lightning
+    import torch
+
+    class Tiny(pytorch_lightning.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pytorch_lightning.Trainer(max_steps=4, accelerator="cpu", deterministic=True, logger=False,
+                                        enable_progress_bar=False, enable_checkpointing=False,
+                                        enable_model_summary=False, callbacks=[lightning_callback(ctx)])
+    trainer.fit(Tiny(), loader(ctx, 64, train=True))
+    return record_from_lightning(trainer)
+
+
 def lightning_seed(ctx):
     seed = pl.seed_everything(None, verbose=False)  # what Lightning reads: PL_GLOBAL_SEED
     return {"losses": [0.0], "metrics": {"pl_seed": float(seed), "env": float(os.environ["PL_GLOBAL_SEED"])}}
@@ -102,6 +125,11 @@ def test_no_callback(repro):
 @pytest.mark.reproducible
 def test_workers(repro):
     repro.check(with_workers, config=CONFIG)
+
+
+@pytest.mark.reproducible
+def test_pytorch_lightning(repro):
+    assert len(repro.check(with_pytorch_lightning, config=CONFIG).losses) == 4
 
 
 @pytest.mark.reproducible(seed=4242)
@@ -143,7 +171,7 @@ def test_lightning_resume_faults_are_caught_and_the_harness_seed_reaches_lightni
         test_lightning_example=readme_example("lightning-example"), test_lightning_faults=LIGHTNING_FAULTS
     )
     result = project.runpytest("--repro", "--repro-regen", "test_lightning_faults.py")
-    result.assert_outcomes(passed=2, failed=3)
+    result.assert_outcomes(passed=3, failed=3)
     out = result.stdout.str()
     # no RNG states restored: the dropout masks of the first resumed step (0-based step 8) already differ
     assert "test_lightning_faults.py::test_rng: resume mismatch: stopping after step 8" in out
@@ -156,6 +184,7 @@ def test_lightning_resume_faults_are_caught_and_the_harness_seed_reaches_lightni
     assert "pass callbacks=[lightning_callback(ctx)] to Trainer(...)" in out
     # DataLoader workers seeded by torch from the harness-seeded generator: bitwise run to run
     result.stdout.fnmatch_lines(["WRITTEN*test_lightning_faults.py::test_workers (*"])
+    result.stdout.fnmatch_lines(["WRITTEN*test_lightning_faults.py::test_pytorch_lightning (*"])
     result.stdout.fnmatch_lines(["WRITTEN*test_lightning_faults.py::test_seed (*"])
 
 
