@@ -102,6 +102,27 @@ def with_pytorch_lightning(ctx):  # the older package name: its own LightningMod
     return record_from_lightning(trainer)
 
 
+def accumulating(ctx):
+    import torch
+
+    seen = []
+
+    class Watched(Regressor):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            seen.append(loss.item())
+            return loss
+
+    trainer = pl.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         callbacks=[lightning_callback(ctx)])
+    trainer.fit(Watched(8, 0.05, 0.0), loader(ctx, 64, train=True))
+    result = record_from_lightning(trainer)
+    means = [sum(seen[i:i + 2]) / 2 for i in range(0, 6, 2)]
+    result["metrics"] = {f"mean_{i}": m for i, m in enumerate(means)}
+    return result
+
+
 def lightning_seed(ctx):
     seed = pl.seed_everything(None, verbose=False)  # what Lightning reads: PL_GLOBAL_SEED
     return {"losses": [0.0], "metrics": {"pl_seed": float(seed), "env": float(os.environ["PL_GLOBAL_SEED"])}}
@@ -130,6 +151,12 @@ def test_workers(repro):
 @pytest.mark.reproducible
 def test_pytorch_lightning(repro):
     assert len(repro.check(with_pytorch_lightning, config=CONFIG).losses) == 4
+
+
+@pytest.mark.reproducible
+def test_accumulation(repro):
+    result = repro.check(accumulating, config=CONFIG)
+    assert result.losses == pytest.approx([result.metrics[f"mean_{i}"] for i in range(3)], rel=1e-6)
 
 
 @pytest.mark.reproducible(seed=4242)
@@ -171,7 +198,7 @@ def test_lightning_resume_faults_are_caught_and_the_harness_seed_reaches_lightni
         test_lightning_example=readme_example("lightning-example"), test_lightning_faults=LIGHTNING_FAULTS
     )
     result = project.runpytest("--repro", "--repro-regen", "test_lightning_faults.py")
-    result.assert_outcomes(passed=3, failed=3)
+    result.assert_outcomes(passed=4, failed=3)
     out = result.stdout.str()
     # no RNG states restored: the dropout masks of the first resumed step (0-based step 8) already differ
     assert "test_lightning_faults.py::test_rng: resume mismatch: stopping after step 8" in out

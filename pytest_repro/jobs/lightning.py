@@ -98,7 +98,8 @@ def make_callback(ctx: JobContext) -> Any:
             if trainer.global_step == self._step:  # accumulating gradients: no optimizer step yet
                 return
             self._step = trainer.global_step
-            self.losses.append(sum(self._pending) / len(self._pending))  # the mean over the step's batches
+            # Lightning hands each batch's loss divided by accumulate_grad_batches: their sum is the step's loss.
+            self.losses.append(sum(self._pending))
             self._pending = []
             if stop_at is not None and trainer.global_step == stop_at:
                 # Saved here, as ModelCheckpoint does: a save after fit() returns makes Lightning resume one batch late.
