@@ -71,7 +71,7 @@ def _restore_rng(states: dict[str, Any]) -> None:
 def make_callback(ctx: JobContext) -> Any:
     """Return a Lightning callback that records per-step losses and checkpoints at ``ctx.stop_at`` (RNG included)."""
     pl = lightning_package()
-    stop_at, folder = ctx.stop_at, ctx.checkpoint_dir
+    stop_at, folder, resuming = ctx.stop_at, ctx.checkpoint_dir, ctx.resume_from is not None
 
     class ReproCallback(pl.Callback):  # type: ignore[misc, name-defined]
         """Per-step losses for record_from_lightning; the checkpoint a resume check needs."""
@@ -109,6 +109,8 @@ def make_callback(ctx: JobContext) -> Any:
             checkpoint[STATE_KEY] = {"rng": _rng_states()}
 
         def on_load_checkpoint(self, trainer: Any, module: Any, checkpoint: dict[str, Any]) -> None:
+            if not resuming:  # a checkpoint the job loads for its own reasons (e.g. pretrained weights)
+                return
             if STATE_KEY not in checkpoint:
                 raise ValueError(
                     "the Lightning checkpoint holds no RNG states from pytest-repro: the stopped run must train with "
