@@ -215,6 +215,50 @@ def test_lightning_resume_faults_are_caught_and_the_harness_seed_reaches_lightni
     result.stdout.fnmatch_lines(["WRITTEN*test_lightning_faults.py::test_seed (*"])
 
 
+LIGHTNING_DDP = """
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pytest_repro.jobs import lightning_callback, record_from_lightning
+from test_lightning_example import CONFIG, Regressor
+
+
+def train_ddp(ctx):
+    data = torch.Generator().manual_seed(1234)
+    x = torch.randn(64, 4, generator=data)
+    rows = TensorDataset(x, x.sum(dim=1, keepdim=True))
+    trainer = pl.Trainer(max_steps=4, strategy="ddp", devices=ctx.world_size, accelerator="cpu", deterministic=True,
+                         enable_progress_bar=False, enable_model_summary=False, logger=False,
+                         enable_checkpointing=False, callbacks=[lightning_callback(ctx)])
+    module = Regressor(CONFIG["hidden"], CONFIG["lr"], CONFIG["dropout"])
+    trainer.fit(module, DataLoader(rows, batch_size=16, shuffle=True))  # Lightning injects a DistributedSampler
+    result = record_from_lightning(trainer, module)
+    result["metrics"] = {"world_size": float(trainer.world_size), "rank": float(trainer.global_rank),
+                         "sampler_seed": float(trainer.train_dataloader.sampler.seed)}
+    return result
+
+
+@pytest.mark.reproducible(seed=99)
+def test_ddp(repro):
+    result = repro.check(train_ddp, nproc=2)
+    assert result.metrics == {"world_size": 2.0, "rank": 0.0, "sampler_seed": 99.0}
+    assert result.ranks[1].metrics == {"world_size": 2.0, "rank": 1.0, "sampler_seed": 99.0}
+"""
+
+
+@pytest.mark.slow
+def test_lightning_ddp_joins_the_harness_process_group_and_its_sampler_follows_the_test_seed(
+    project: pytest.Pytester,
+) -> None:
+    project.makepyfile(test_lightning_example=readme_example("lightning-example"), test_lightning_ddp=LIGHTNING_DDP)
+    result = project.runpytest("--repro", "--repro-regen", "test_lightning_ddp.py")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["WRITTEN*test_lightning_ddp.py::test_ddp (*", "reproducibility: 1 written*"])
+    assert "final weights differ" not in result.stdout.str()
+
+
 ACCELERATE_EQUIVALENCE = """
 import pytest
 from test_accelerate_example import CONFIG, train_accelerate
