@@ -200,6 +200,7 @@ class Repro:
         from dataclasses import replace
 
         from .checkpoint import STATE_FILE, given
+        from .jobs.lightning import CHECKPOINT_NAME as LIGHTNING_CHECKPOINT
 
         steps = len(full.losses)
         if isinstance(at, bool) or not isinstance(at, int) or not 1 <= at < steps:
@@ -230,6 +231,7 @@ class Repro:
             self._settings.tolerance,
             self._nodeid,
             given(ckpt) if (ckpt / STATE_FILE).is_file() else None,
+            lightning=(ckpt / LIGHTNING_CHECKPOINT).is_file(),
         )
 
     def _check(

@@ -360,8 +360,24 @@ RESUME_STATE = (
 )
 
 
-def resume_mismatch(nodeid: str, at: int, headline: str, described: str, given: Sequence[str] | None) -> str:
+def resume_mismatch(
+    nodeid: str, at: int, headline: str, described: str, given: Sequence[str] | None, lightning: bool = False
+) -> str:
     """Stop + resume that does not give the uninterrupted run (``given``: None for a checkpoint of another kind)."""
+    if lightning:  # written by pytest_repro.jobs.lightning_callback: Lightning's own checkpoint plus RNG states
+        return (
+            f"{nodeid}: resume mismatch: stopping after step {at} and resuming in a fresh process does not give the "
+            f"uninterrupted run: {headline}\n{described}\n"
+            "The Lightning checkpoint written by lightning_callback(ctx) holds the model, optimizers, LR schedulers, "
+            "the loop state and the RNG states of Python/NumPy/torch/CUDA. What else must match after the resume: "
+            "the data order (Lightning restarts a mid-epoch checkpoint at the start of that epoch's data unless the "
+            "DataLoader has state_dict/load_state_dict; an order drawn from a generator the checkpoint does not hold, "
+            "as shuffle=True does, changes), and state kept outside the module and the Trainer.\n"
+            "Fix: stop at an epoch boundary (at= a multiple of the steps per epoch) with an order that depends on the "
+            "seed and epoch only (DistributedSampler(..., seed=ctx.seed)), train with "
+            "callbacks=[lightning_callback(ctx)] and resume with trainer.fit(..., ckpt_path=lightning_ckpt_path(ctx)), "
+            f"then rerun: {rerun_command(nodeid)}"
+        )
     missing = [c for c in ("model", "optimizer", "scheduler", "scaler") if given is not None and c not in given]
     if given is None:
         not_given = "The checkpoint was not written by pytest_repro.checkpoint.save: check what it saves.\n"

@@ -470,6 +470,7 @@ def resume(
     spec: ToleranceSpec,
     nodeid: str,
     given: list[str] | None,
+    lightning: bool = False,
 ) -> Decision:
     """Stop after ``at`` steps + resume in a fresh process must give the uninterrupted run, under the tolerance."""
     if len(stopped.losses) != at:
@@ -505,7 +506,8 @@ def resume(
     else:
         where = headline(cmp)
         headline_text = f"the losses agree, but the final results differ {where}"
-    text = messages.resume_mismatch(nodeid, at, headline_text, cmp.describe("uninterrupted", "stop+resume"), given)
+    described = cmp.describe("uninterrupted", "stop+resume")
+    text = messages.resume_mismatch(nodeid, at, headline_text, described, given, lightning=lightning)
     return Decision(Verdict.DIFFERS, f"resume mismatch {where}", text, differences=[asdict(d) for d in cmp.differences])
 
 

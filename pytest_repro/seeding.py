@@ -52,7 +52,7 @@ class SeedState:
 
     def __init__(self) -> None:
         self._python = random.getstate()
-        self._env = {k: os.environ.get(k) for k in ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")}
+        self._env = {k: os.environ.get(k) for k in ("PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "PL_GLOBAL_SEED")}
         self._numpy: Any = None
         self._torch: dict[str, Any] | None = None
         np = _optional("numpy")
@@ -110,19 +110,22 @@ def _optional(name: str) -> Any:
 
 
 def seed_everything(seed: int, deterministic: bool = True, transformers: bool | None = None) -> SeedState:
-    """Seed Python, NumPy, torch (CPU and all CUDA devices) and transformers; set determinism flags.
+    """Seed Python, NumPy, torch (CPU and all CUDA devices), transformers and Lightning; set determinism flags.
 
     Use it plainly to seed for the rest of the process, or as ``with seed_everything(0): ...`` to
     restore the previous RNG states and flags afterwards. ``transformers.set_seed`` is called when
     transformers is installed (``transformers=None``), always (``True``) or never (``False``).
     ``CUBLAS_WORKSPACE_CONFIG`` and ``PYTHONHASHSEED`` only take full effect in a process started with
-    them (the harness does that).
+    them (the harness does that). ``PL_GLOBAL_SEED`` is set to the seed, as Lightning's own
+    ``seed_everything`` does.
     """
     seed = int(seed) % _SEED_MODULUS
     state = SeedState()
     random.seed(seed)
     # A running interpreter's hash seed cannot change; this only reaches processes the job starts.
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    # What lightning.seed_everything(seed) would set: Lightning's DDP setup and its DistributedSampler read it.
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
     np = _optional("numpy")
     if np is not None:
         np.random.seed(seed)

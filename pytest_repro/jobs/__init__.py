@@ -22,7 +22,14 @@ def packaged_file(value: str) -> Path:
     return path
 
 
-__all__ = ["lora_finetune", "lora_finetune_trainer", "record_from_trainer"]
+__all__ = [
+    "lightning_callback",
+    "lightning_ckpt_path",
+    "lora_finetune",
+    "lora_finetune_trainer",
+    "record_from_lightning",
+    "record_from_trainer",
+]
 
 
 def lora_finetune(ctx: JobContext) -> dict[str, Any]:
@@ -44,6 +51,27 @@ def record_from_trainer(trainer: Any, adapter_only: bool = True) -> dict[str, An
     from .trainer import record_from_trainer as build
 
     return build(trainer, adapter_only=adapter_only)
+
+
+def record_from_lightning(trainer: Any, module: Any = None, trainable_only: bool = False) -> dict[str, Any]:
+    """Return losses (per optimizer step), weights and logged metrics of a finished Lightning Trainer."""
+    from .lightning import record_from_lightning as build
+
+    return build(trainer, module, trainable_only=trainable_only)
+
+
+def lightning_callback(ctx: JobContext) -> Any:
+    """Return the Lightning callback a job trains with: per-step losses, and the checkpoint of a resume check."""
+    from .lightning import make_callback
+
+    return make_callback(ctx)
+
+
+def lightning_ckpt_path(ctx: JobContext) -> str | None:
+    """Return ``Trainer.fit``'s ``ckpt_path=``: the stopped run's checkpoint in a resumed run, else None."""
+    from .lightning import checkpoint_path
+
+    return checkpoint_path(ctx)
 
 
 def _validate_lora(config: dict[str, Any]) -> None:
