@@ -61,6 +61,13 @@ def test_a_bundle_of_the_built_in_job_names_its_shipped_split_instead_of_a_missi
     assert any("the split file changed" in note for note in other.notes)
 
 
+def test_the_readme_contents_list_every_section_in_order() -> None:
+    text = README.read_text(encoding="utf-8")
+    sections = [line[3:].replace("`", "") for line in text.splitlines() if line.startswith("## ")]
+    listed = re.findall(r"^- \[(.+?)\]\(#[\w-]+\)$", text.split("## Contents", 1)[1].split("\n## ", 1)[0], re.M)
+    assert listed == [s for s in sections if s != "Contents"]
+
+
 def test_the_readme_tags_its_runnable_examples() -> None:
     assert set(readme_examples()) >= {"first-example", "statistical-example"}
 
