@@ -285,7 +285,7 @@ def unresolvable_margin(nodeid: str, reasons: list[str], lines: list[str]) -> st
         + "\n"
         + "\n".join(lines)
         + "\nFix: widen the margin or run the seeds it needs (pytest_repro.statistical(margin=..., seeds=...)); "
-        "the reference itself is fine, no regeneration is needed."
+        "regenerating the reference would not change this."
     )
 
 

@@ -33,17 +33,18 @@ class Equivalence:
     confidence: float
     equivalent: bool
     paired: bool = False  # the same seeds on both sides: the test is on the per-seed differences
-    seeds_needed: int | None = None  # seeds per side for this margin at this spread (None: none up to MAX_SEEDS)
+    seeds_needed: int | None = None  # seeds per side to establish a 0 difference within the margin (None: > MAX_SEEDS)
 
     @property
-    def resolution(self) -> float:
-        """Return the smallest margin these values can establish: |diff| + the CI's half-width."""
-        return abs(self.diff) + (self.ci_high - self.ci_low) / 2
+    def half_width(self) -> float:
+        """Return the CI's half-width: no margin below it can be established, even for an unchanged result."""
+        return (self.ci_high - self.ci_low) / 2
 
     @property
     def unresolved(self) -> bool:
-        """True when not even an unchanged result could be shown equivalent within this margin."""
-        return not self.equivalent and self.margin <= (self.ci_high - self.ci_low) / 2
+        """True when the margin is below the resolution and the CI does not lie wholly outside ±margin."""
+        outside = self.ci_low > self.margin or self.ci_high < -self.margin  # non-equivalence is established
+        return not self.equivalent and not outside and self.margin <= self.half_width
 
     def describe(self) -> str:
         """Return the verdict in one line: both means, the difference with its CI, the margin."""
@@ -61,25 +62,24 @@ class Equivalence:
     def explain_resolution(self) -> str:
         """Return why this margin cannot be established, and what would be needed."""
         level = 100 * (1 - 2 * (1 - self.confidence))
-        half = (self.ci_high - self.ci_low) / 2
         if self.seeds_needed is not None:
-            need = f"a margin of ±{self.margin:.3g} needs about {self.seeds_needed} seeds"
-        elif abs(self.diff) < self.margin:
-            need = f"a margin of ±{self.margin:.3g} needs more than {MAX_SEEDS:.2g} seeds"
+            need = f"at this spread a margin of ±{self.margin:.3g} needs about {self.seeds_needed} seeds"
         else:
-            need = f"no number of seeds establishes ±{self.margin:.3g} while the difference is {self.diff:+.3g}"
+            need = f"at this spread a margin of ±{self.margin:.3g} needs more than {MAX_SEEDS:.2g} seeds"
         return (
             f"{self.name}: the margin ±{self.margin:.3g} is below what {self.n_new} seeds can resolve: their spread "
-            f"gives a {level:.0f}% CI half-width of {half:.3g}, so the smallest margin they can establish is "
-            f"±{self.resolution:.3g}; {need}. This says nothing about a change of the code or data."
+            f"gives a {level:.0f}% CI half-width of {self.half_width:.3g}, so no margin below ±{self.half_width:.3g} "
+            f"can be established, even for an unchanged result; {need} (for a difference of 0). The difference "
+            f"{self.diff:+.3g} cannot be told apart from ±{self.margin:.3g} here: this says neither that the code "
+            "or data changed nor that they did not."
         )
 
 
-def _seeds_needed(variance: float, diff: float, margin: float, alpha: float, paired: bool) -> int | None:
-    """Seeds per side for which |diff| + t·SE < margin at the given per-seed variance."""
+def _seeds_needed(variance: float, margin: float, alpha: float, paired: bool) -> int | None:
+    """Seeds per side for which t·SE < margin at the given per-seed variance (a difference of 0 established)."""
     from scipy import stats
 
-    room = margin - abs(diff)
+    room = margin
     if room <= 0:
         return None
 
@@ -149,7 +149,7 @@ def tost(
         p_upper = float(stats.t.cdf((diff - margin) / se, df))  # H0: diff >= +margin
         p_value = max(p_lower, p_upper)
         equivalent = margin > 0 and p_value < alpha
-    needed = None if equivalent or se == 0.0 else _seeds_needed(variance, diff, margin, alpha, paired)
+    needed = None if equivalent or se == 0.0 else _seeds_needed(variance, margin, alpha, paired)
     return Equivalence(
         name,
         m_ref,
@@ -205,6 +205,18 @@ def loss_band_exit(
     return None
 
 
+def _common_seeds(ref_seeds: object, new_seeds: object) -> tuple[list[int], list[int]] | None:
+    """Positions of the seeds both sides ran (at least 2, each once), for a test paired by seed; else None."""
+    if not isinstance(ref_seeds, list) or not isinstance(new_seeds, list):
+        return None
+    if len(set(ref_seeds)) != len(ref_seeds) or len(set(new_seeds)) != len(new_seeds):
+        return None
+    common = [seed for seed in new_seeds if seed in ref_seeds]
+    if len(common) < 2:
+        return None
+    return [ref_seeds.index(seed) for seed in common], [new_seeds.index(seed) for seed in common]
+
+
 def compare_statistical(
     reference: Mapping[str, object], new: Mapping[str, object], spec: Statistical
 ) -> tuple[list[Equivalence], BandExit | None]:
@@ -212,23 +224,18 @@ def compare_statistical(
     ref_metrics: Mapping[str, Sequence[float]] = reference.get("metrics", {})  # type: ignore[assignment]
     new_metrics: Mapping[str, Sequence[float]] = new.get("metrics", {})  # type: ignore[assignment]
     names = spec.metrics or tuple(sorted(ref_metrics))
-    ref_seeds, new_seeds = reference.get("seeds"), new.get("seeds")
-    paired = isinstance(ref_seeds, list) and ref_seeds == new_seeds
+    pairs = _common_seeds(reference.get("seeds"), new.get("seeds"))
     results = []
     for name in names:
         if name not in ref_metrics or name not in new_metrics:
             raise KeyError(f"metric {name!r} is missing from the {'reference' if name not in ref_metrics else 'runs'}")
         ref_values, new_values = ref_metrics[name], new_metrics[name]
-        results.append(
-            tost(
-                name,
-                ref_values,
-                new_values,
-                spec.margin_for(statistics.fmean(ref_values)),
-                spec.confidence,
-                paired=paired and len(ref_values) == len(new_values),
-            )
-        )
+        margin = spec.margin_for(statistics.fmean(ref_values))
+        if pairs is not None and max(pairs[0]) < len(ref_values) and max(pairs[1]) < len(new_values):
+            ref_pairs, new_pairs = [ref_values[i] for i in pairs[0]], [new_values[j] for j in pairs[1]]
+            results.append(tost(name, ref_pairs, new_pairs, margin, spec.confidence, paired=True))
+        else:
+            results.append(tost(name, ref_values, new_values, margin, spec.confidence))
     band = None
     ref_losses: Sequence[Sequence[float]] = reference.get("losses", [])  # type: ignore[assignment]
     new_losses: Sequence[Sequence[float]] = new.get("losses", [])  # type: ignore[assignment]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("scipy")
 
-from pytest_repro.stats import TooFewSeedsError, loss_band_exit, tost
+from pytest_repro.stats import TooFewSeedsError, compare_statistical, loss_band_exit, tost
 from pytest_repro.tolerances import Statistical, ToleranceError, parse_tolerance, statistical
 
 samples = st.lists(st.floats(-100, 100, allow_nan=False), min_size=2, max_size=12)
@@ -63,11 +63,32 @@ def test_unresolvable_margin_says_what_would_resolve_it() -> None:
     assert e.unresolved and not e.equivalent
     text = e.explain_resolution()
     assert "is below what 5 seeds can resolve" in text and f"needs about {e.seeds_needed} seeds" in text
-    assert "says nothing about a change" in text
-    assert e.resolution > e.margin
-    # A margin above the resolution is decided (equivalent here), not unresolved.
-    wide = tost("score", ref, new, e.resolution * 1.01, 0.95)
+    assert "says neither that the code or data changed nor that they did not" in text
+    assert e.half_width > e.margin
+    # A margin above |diff| + the half-width is decided (equivalent here), not unresolved.
+    wide = tost("score", ref, new, (abs(e.diff) + e.half_width) * 1.01, 0.95)
     assert wide.equivalent and not wide.unresolved
+
+
+def test_a_difference_whose_ci_lies_outside_the_margin_is_not_equivalent_however_narrow_the_margin() -> None:
+    # A real regression (+0.5) with a little per-seed noise: the CI is far outside ±0.001, so this is
+    # established non-equivalence (DIFFERS), not an unresolvable margin.
+    ref = [1.03, 0.96, 1.01, 0.99, 1.05]
+    new = [x + 0.5 + n for x, n in zip(ref, [0.01, -0.02, 0.015, -0.005, 0.02], strict=True)]
+    e = tost("score", ref, new, 0.001, 0.95, paired=True)
+    assert e.ci_low > e.margin and e.half_width > e.margin
+    assert not e.equivalent and not e.unresolved and "NOT equivalent" in e.describe()
+
+
+def test_a_run_with_fewer_seeds_is_paired_on_the_seeds_both_ran() -> None:
+    spec = Statistical(("score",), seeds=3, margin=0.01)
+    reference = {"seeds": [7, 8, 9, 10, 11], "metrics": {"score": [1.0, 1.1, 0.9, 1.05, 0.95]}, "losses": []}
+    new = {"seeds": [7, 8, 9], "metrics": {"score": [1.0, 1.1, 0.9]}, "losses": []}
+    (result,), _ = compare_statistical(reference, new, spec)
+    assert result.paired and result.n_ref == result.n_new == 3 and result.diff == 0 and result.equivalent
+    other = {"seeds": [1, 2, 3], "metrics": {"score": [1.0, 1.1, 0.9]}, "losses": []}
+    (welch,), _ = compare_statistical(reference, other, spec)
+    assert not welch.paired and welch.n_ref == 5
 
 
 @settings(deadline=None)
@@ -152,12 +173,12 @@ def test_statistical_margin_below_the_resolution_is_inconclusive_not_a_change(us
     result.stdout.fnmatch_lines(
         [
             "*the statistical check is inconclusive, not failed*",
-            "*score: the margin ±0.001 is below what 3 seeds can resolve*smallest margin they can establish is*",
+            "*score: the margin ±0.001 is below what 3 seeds can resolve*so no margin below ±* can be established*",
             "*Fix: widen the margin or run the seeds it needs*",
             "ERROR *test_stat.py::test_noisy (*): the margin of metrics*score* is below what these seeds can resolve",
         ]
     )
-    assert "DIFFERS" not in result.stdout.str() and "the code or data changed" not in result.stdout.str()
+    assert "DIFFERS" not in result.stdout.str() and "regenerate the reference with" not in result.stdout.str()
 
 
 @pytest.mark.slow
