@@ -38,6 +38,20 @@ def test_a_missing_packaged_data_file_names_what_ships() -> None:
         data_path(ctx, "package:nope.txt")
 
 
+def test_a_data_path_that_is_not_a_file_names_its_key_and_the_shipped_data(tmp_path: Path) -> None:
+    from pytest_repro.context import JobContext
+    from pytest_repro.jobs.lora import data_path
+
+    ctx = JobContext.__new__(JobContext)
+    object.__setattr__(ctx, "config_dir", tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"data.splits: 'splits_v1.json' is not a file .*'package:splits_v1.json'"
+    ):
+        data_path(ctx, "splits_v1.json", "data.splits")
+    (tmp_path / "mine.json").write_text("{}")
+    assert data_path(ctx, "mine.json", "data.splits") == tmp_path / "mine.json"
+
+
 def test_a_bundle_of_the_built_in_job_names_its_shipped_split_instead_of_a_missing_one(tmp_path: Path) -> None:
     import hashlib
 

@@ -124,9 +124,21 @@ def _encode(texts: list[str], tokenizer: Any, seq_len: int) -> dict[str, torch.T
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def data_path(ctx: JobContext, value: str) -> Path:
+def data_path(ctx: JobContext, value: str, key: str = "data") -> Path:
     """Resolve a data path of the config: ``package:NAME`` is the tiny data shipped with pytest-repro."""
-    return packaged_file(value) if value.startswith(PACKAGED) else ctx.path(value)
+    if value.startswith(PACKAGED):
+        return packaged_file(value)
+    path = ctx.path(value)
+    if not path.is_file():
+        where = (
+            f"the config file's folder {ctx.config_dir}" if ctx.config_dir is not None else f"the rootdir {Path.cwd()}"
+        )
+        shipped = PACKAGED + Path(value).name
+        raise FileNotFoundError(
+            f"{key}: {value!r} is not a file (relative paths are taken from {where}); give the path to your data "
+            f"file, or {shipped!r} for the tiny data shipped with pytest-repro"
+        )
+    return path
 
 
 def prepare(ctx: JobContext) -> Prepared:
@@ -137,8 +149,8 @@ def prepare(ctx: JobContext) -> Prepared:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = parse_config(ctx.config)
-    split = load_split(data_path(ctx, cfg.data.splits), data_path(ctx, cfg.data.corpus))
-    tokenizer = Tokenizer.from_file(str(data_path(ctx, cfg.data.tokenizer)))
+    split = load_split(data_path(ctx, cfg.data.splits, "data.splits"), data_path(ctx, cfg.data.corpus, "data.corpus"))
+    tokenizer = Tokenizer.from_file(str(data_path(ctx, cfg.data.tokenizer, "data.tokenizer")))
     data = {
         name: _encode([r["text"] for r in rows], tokenizer, cfg.train.seq_len) for name, rows in split.splits.items()
     }
