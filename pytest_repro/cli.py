@@ -141,7 +141,9 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def _missing_matplotlib(exc: ModuleNotFoundError) -> CliError:
     if (exc.name or "").split(".")[0] != "matplotlib":
         raise exc
-    return CliError("matplotlib is not installed (it draws the loss plots)", "pip install 'pytest-repro[report]'")
+    from .tracking import extra_install
+
+    return CliError("matplotlib is not installed (it draws the loss plots)", extra_install("report"))
 
 
 def _cmd_html(args: argparse.Namespace) -> int:
@@ -441,7 +443,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from .tracking import INSTALL, LOCAL_DB, LOCAL_STORE, experiment_name, format_history, local_uri, read_history
+    from .tracking import LOCAL_DB, LOCAL_STORE, experiment_name, extra_install, format_history, local_uri, read_history
 
     rootdir = Path(args.rootdir)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(rootdir)
@@ -456,7 +458,9 @@ def _cmd_history(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in ("mlflow", "sqlalchemy", "alembic"):
             raise
-        raise CliError(f"{exc.name} is not installed (history reads the MLflow store)", INSTALL) from None
+        raise CliError(
+            f"{exc.name} is not installed (history reads the MLflow store)", extra_install("mlflow")
+        ) from None
     except LookupError:
         raise CliError(
             f"the MLflow store at {uri} has no experiment {experiment!r}",

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import subprocess
 import tempfile
 import time
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 LOCAL_STORE = "mlruns"  # folder in the rootdir holding the embedded store
 LOCAL_DB = "mlflow.db"
-INSTALL = "pip install 'pytest-repro[mlflow]'"
 _ON = ("", "1", "true", "yes", "on", "local")
 _OFF = ("0", "false", "no", "off")
 _PASSING = ("passed", "passed-cross-env", "unchanged", "written")
@@ -75,26 +75,59 @@ def uri_problem(uri: str, where: str) -> str | None:
             "URI), or a bare --repro-mlflow for the local store in the rootdir"
         )
     if not installed("mlflow"):
-        return f"{where} needs MLflow, which is not installed for this Python; {INSTALL}"
+        return f"{where} needs MLflow, which is not installed for this Python; {extra_install('mlflow')}"
     if uri.startswith("sqlite:"):
         missing = [m for m in ("sqlalchemy", "alembic") if not installed(m)]
         if missing:
-            return f"{where}: the SQLite store needs {' and '.join(missing)}, which are not installed; {INSTALL}"
+            needs = " and ".join(missing)
+            return f"{where}: the SQLite store needs {needs}, which are not installed; {extra_install('mlflow')}"
+    return None
+
+
+def extra_install(extra: str) -> str:
+    """The pip command that adds pytest-repro's ``extra`` the way pytest-repro is installed here."""
+    direct_url = _own_direct_url()
+    checkout = Path(__file__).resolve().parent.parent
+    if direct_url is None and (checkout / "pyproject.toml").is_file():
+        # Running from a source tree whose metadata pip did not record (e.g. a stray .egg-info shadows it).
+        direct_url = {"url": checkout.as_uri(), "dir_info": {"editable": True}}
+    return extra_install_for(extra, direct_url)
+
+
+def extra_install_for(extra: str, direct_url: Mapping[str, Any] | None) -> str:
+    """The pip command that adds pytest-repro's ``extra`` to an install described by PEP 610 ``direct_url``."""
+    url = str((direct_url or {}).get("url") or "")
+    vcs = (direct_url or {}).get("vcs_info")
+    if isinstance(vcs, Mapping) and vcs.get("vcs") == "git":
+        at = f"@{vcs['commit_id']}" if vcs.get("commit_id") else ""
+        return f"pip install {shlex.quote(f'pytest-repro[{extra}] @ git+{url}{at}')}"
+    if url.startswith("file://") and "dir_info" in (direct_url or {}):
+        from urllib.parse import unquote, urlparse
+
+        folder = unquote(urlparse(url).path)
+        dir_info = (direct_url or {}).get("dir_info")
+        editable = "-e " if isinstance(dir_info, Mapping) and dir_info.get("editable") else ""
+        return f"pip install {editable}{shlex.quote(f'{folder}[{extra}]')}"
+    return f"pip install {shlex.quote(f'pytest-repro[{extra}]')}"
+
+
+def _own_direct_url() -> Mapping[str, Any] | None:
+    """pytest-repro's PEP 610 ``direct_url.json`` (None when installed from an index, or not installed)."""
+    import importlib.metadata
+
+    for dist in importlib.metadata.distributions(name="pytest-repro"):  # an .egg-info in the cwd may come first
+        try:
+            data = json.loads(dist.read_text("direct_url.json") or "null")
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
     return None
 
 
 def report_install() -> str:
-    """The command that installs the HTML report's matplotlib: ``[report]`` of this checkout when it is one."""
-    checkout = Path(__file__).resolve().parent.parent
-    try:
-        ours = 'name = "pytest-repro"' in (checkout / "pyproject.toml").read_text(encoding="utf-8")
-    except OSError:
-        ours = False
-    if ours:
-        return (
-            f'install it with: pip install matplotlib (or pytest-repro\'s extra: pip install -e "{checkout}[report]")'
-        )
-    return "install it with: pip install matplotlib (or pytest-repro's extra: pip install 'pytest-repro[report]')"
+    """The command that installs the HTML report's matplotlib, or pytest-repro's ``[report]`` extra."""
+    return f"install it with: pip install matplotlib (or pytest-repro's extra: {extra_install('report')})"
 
 
 def option_problems(config: pytest.Config) -> list[str]:
@@ -341,7 +374,7 @@ def _write_check_html(path: Path, o: Mapping[str, Any], rootdir: Path) -> str:
 
         write_html(path, build_report([o], rootdir, 0 if o.get("verdict") in _PASSING else 1))
     except ModuleNotFoundError as exc:
-        return f"no report.html: {exc.name} is not installed (pip install 'pytest-repro[report]')"
+        return f"no report.html: {exc.name} is not installed ({extra_install('report')})"
     return ""
 
 

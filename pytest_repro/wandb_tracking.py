@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
     from .session import ReproSession
 
-INSTALL = "pip install 'pytest-repro[wandb]'"
 RUN_FOLDER = "wandb"  # what wandb itself creates in its dir: <rootdir>/wandb/offline-run-*/
 ARTIFACT_FOLDER = "repro-artifact"  # in each run's folder: the files its artifact points at
 ARTIFACT_TYPE = "repro-check"
@@ -95,7 +94,7 @@ def project_problem(
             "test paths"
         )
     if not tracking.installed("wandb"):
-        return f"{where} needs wandb, which is not installed for this Python; {INSTALL}"
+        return f"{where} needs wandb, which is not installed for this Python; {tracking.extra_install('wandb')}"
     if run_mode(environ) == "disabled":
         disabled = environ.get("WANDB_MODE", "").strip().lower() == "disabled"
         set_by = "WANDB_MODE=disabled" if disabled else f"WANDB_DISABLED={environ.get('WANDB_DISABLED')}"

@@ -100,12 +100,31 @@ def test_html_without_matplotlib_is_a_usage_error_before_any_test_runs(
     assert not (msgs.path / "report.html").exists()
 
 
+@pytest.mark.parametrize(
+    ("direct_url", "command"),
+    [
+        (
+            {"url": "file:///src/pytest-repro", "dir_info": {"editable": True}},
+            "pip install -e '/src/pytest-repro[report]'",
+        ),
+        ({"url": "file:///src/my%20copy", "dir_info": {}}, "pip install '/src/my copy[report]'"),
+        (
+            {"url": "https://github.com/o/r.git", "vcs_info": {"vcs": "git", "commit_id": "abc123"}},
+            "pip install 'pytest-repro[report] @ git+https://github.com/o/r.git@abc123'",
+        ),
+        (None, "pip install 'pytest-repro[report]'"),
+    ],
+)
+def test_the_extra_install_follows_how_pytest_repro_was_installed(direct_url: dict | None, command: str) -> None:
+    assert tracking.extra_install_for("report", direct_url) == command
+
+
 def test_report_install_names_this_checkout_when_pytest_repro_is_one() -> None:
     checkout = Path(tracking.__file__).resolve().parent.parent
     command = tracking.report_install()
     assert command.startswith("install it with: pip install matplotlib")
     if (checkout / "pyproject.toml").is_file():
-        assert f'pip install -e "{checkout}[report]"' in command
+        assert f"pip install -e '{checkout}[report]'" in command
 
 
 # b. a job process that ends without a traceback
