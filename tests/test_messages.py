@@ -270,6 +270,21 @@ def test_a_keyerror_for_a_misspelt_config_key_says_did_you_mean(msgs: pytest.Pyt
     assert "Fix the config key (or the job)" in out
 
 
+def test_a_typo_read_with_a_default_is_one_did_you_mean_warning() -> None:
+    from types import SimpleNamespace
+
+    from pytest_repro.policy import audit_findings
+
+    audit = {"undeclared_reads": ["steps", "lr"], "unused_keys": ["stpes", "unused_knob"]}
+    record = SimpleNamespace(meta={"config_audit": audit})
+    assert audit_findings(record) == [  # type: ignore[arg-type]
+        "the job read config key 'steps', which the config does not have; the config has 'stpes', which the job "
+        "never read: did you mean 'steps'?",
+        "the job read config key 'lr', which the config does not declare (it used a default)",
+        "config key 'unused_knob' was never read by the job",
+    ]
+
+
 def test_near_misses_compare_keys_of_one_section_only() -> None:
     audit = {"undeclared_reads": ["optim.lr", "steps", "seed"], "unused_keys": ["optim.lrr", "stpes", "model.seeds"]}
     assert near_misses(audit) == [
