@@ -497,7 +497,9 @@ def diff_manifests(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Drift
                 if path not in lists:
                     lists.add(path)
                     old_list, new_list = _get(a, parts[:inside]), _get(b, parts[:inside])
-                    drifts.append(Drift(path, old_list, new_list, category(path)))
+                    # The manifest's plain lists are sets (ISA flags, ...): only another order is no drift.
+                    reordered = sorted(map(repr, old_list)) == sorted(map(repr, new_list))
+                    drifts.append(Drift(path, old_list, new_list, "cosmetic" if reordered else category(path)))
                 continue
             path = ".".join(str(p) for p in parts)
             added, removed = change_type.endswith("_added"), change_type.endswith("_removed")

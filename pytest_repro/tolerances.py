@@ -253,8 +253,16 @@ def parse_tolerance(value: Any, where: str = "tolerance") -> ToleranceSpec:
         return ToleranceSpec(default=single)
     unknown = [k for k in value if k not in (*SECTIONS, "default")]
     if unknown:
+        import difflib
+
+        hints = [
+            f"did you mean {close[0]!r} for {k!r}?"
+            for k in unknown
+            if (close := difflib.get_close_matches(str(k), [*SECTIONS, "default"], n=1, cutoff=0.6))
+        ]
+        hint = f" ({'; '.join(hints)})" if hints else ""
         raise ToleranceError(
-            f"{where}: unknown section(s) {', '.join(map(repr, unknown))}; "
+            f"{where}: unknown section(s) {', '.join(map(repr, unknown))}{hint}; "
             f"expected one of {', '.join(SECTIONS)} or 'default'; accepted: {ACCEPTED_FORMS}"
         )
     default = BITWISE

@@ -270,6 +270,15 @@ def test_a_keyerror_for_a_misspelt_config_key_says_did_you_mean(msgs: pytest.Pyt
     assert "Fix the config key (or the job)" in out
 
 
+def test_a_tolerance_section_typo_says_did_you_mean() -> None:
+    from pytest_repro.tolerances import ToleranceError, parse_tolerance
+
+    with pytest.raises(
+        ToleranceError, match=r"unknown section\(s\) 'metric' \(did you mean 'metrics' for 'metric'\?\)"
+    ):
+        parse_tolerance({"metric": {"acc": {"atol": 0.01}}})
+
+
 def test_a_typo_read_with_a_default_is_one_did_you_mean_warning() -> None:
     from types import SimpleNamespace
 
