@@ -191,6 +191,15 @@ def _stale(folder: Path) -> list[tuple[Path, str, str]]:
     return out
 
 
+def removal_fix(path: Path) -> str:
+    """The commands that remove a folder we could not: permissions first, immutable files second."""
+    shown = shlex.quote(str(path))
+    return (
+        f"make it writable and remove it: chmod -R u+w {shown} && rm -rf {shown} (a file that stays "
+        f"'Operation not permitted' is immutable: lsattr -R {shown} shows it, chattr -R -i {shown} clears it)"
+    )
+
+
 def clean_stale(test_dir: Path) -> list[str]:
     """Finish what a killed writer left: restore an interrupted swap, remove dead staging folders; say what."""
     if not _stale(test_dir):
@@ -220,10 +229,10 @@ def clean_stale(test_dir: Path) -> list[str]:
                     f"removed the stale {what} folder {entry.name} of a killed regeneration (pid {pid} is gone)"
                 )
             else:
+                # Not necessarily a killed one: a regeneration whose old reference could not be removed leaves it too.
                 notes.append(
-                    f"could not remove the stale {what} folder {entry} of a killed regeneration (pid {pid} is gone): "
-                    f"{failed}; fix: make it writable and remove it: chmod -R u+w {shlex.quote(str(entry))} && "
-                    f"rm -rf {shlex.quote(str(entry))}"
+                    f"could not remove the leftover {what} folder {entry} of an earlier regeneration (pid {pid} is "
+                    f"gone): {failed}; fix: {removal_fix(entry)}"
                 )
     return notes
 
@@ -400,11 +409,10 @@ def commit_reference(staging: Path, path: Path, warnings: list[str] | None = Non
             shutil.rmtree(staging, ignore_errors=True)
             raise
         problem = remove_tree(old) if old is not None else None
-        if problem is not None and warnings is not None:
-            shown = shlex.quote(str(old))
+        if old is not None and problem is not None and warnings is not None:
             warnings.append(
                 f"the new reference is in place, but the old one, moved to {old}, could not be removed: {problem}; "
-                f"fix: make it writable and remove it: chmod -R u+w {shown} && rm -rf {shown}"
+                f"fix: {removal_fix(old)}"
             )
     return kept
 

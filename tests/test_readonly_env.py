@@ -105,7 +105,7 @@ def test_a_stale_staging_folder_that_cannot_be_removed_is_not_reported_removed(p
     out = _pytest(project)
     assert "reproducibility: 1 passed" in out, out
     assert "removed the stale" not in out, "a removal that did not happen is never reported"
-    assert f"could not remove the stale staging folder {stale} of a killed regeneration" in out, out
+    assert f"could not remove the leftover staging folder {stale} of an earlier regeneration" in out, out
     assert "Permission denied" in out and f"chmod -R u+w {stale} && rm -rf {stale}" in out, "the cause and the fix"
     assert (stale / "weights.safetensors").read_bytes() == b"partial"
 
