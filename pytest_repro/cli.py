@@ -516,7 +516,7 @@ def _cmd_bisect(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pytest-repro", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    o = sub.add_parser("demo", help="the gate in ~30 s: record a reference, pass, change the job, fail (temp project)")
+    o = sub.add_parser("demo", help="the gate in ~20 s: record a reference, pass, change the job, fail (temp project)")
     o.add_argument("--keep", metavar="DIR", help="build the demo project in DIR and keep it (default: a temp folder)")
     o.set_defaults(func=_cmd_demo)
     m = sub.add_parser("manifest", help="print this machine's environment manifest (YAML)")
