@@ -24,6 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .storage import pid_alive
+
 GOOD, BAD, SKIP, DIVERGED = "good", "bad", "skip", "diverged"
 FOUND, NOT_FOUND, USAGE, INTERRUPTED = 0, 1, 2, 130  # exit codes
 ATTEMPTS = 3  # a commit whose runs diverge runs this many times; the majority decides
@@ -227,16 +229,6 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _snapshot(folder: Path) -> list[tuple[str, int, int]]:
     """Path, size and mtime of every file: enough to notice a step that wrote into the reference copy."""
     return sorted(
@@ -307,7 +299,7 @@ class Bisect:
                 owner = int((path.parent / OWNER_FILE).read_text())
             except (OSError, ValueError):
                 owner = 0
-            if owner and _alive(owner):
+            if owner and pid_alive(owner):
                 continue  # another bisect is running in this repository
             _git(["worktree", "remove", "--force", str(path)], self.toplevel, check=False)
             shutil.rmtree(path.parent, ignore_errors=True)

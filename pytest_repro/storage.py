@@ -169,7 +169,8 @@ def locked(folder: Path, exclusive: bool) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (this process counts; another user's does too)."""
     if pid == os.getpid():
         return True
     try:
@@ -186,7 +187,7 @@ def _stale(folder: Path) -> list[tuple[Path, str, str]]:
     out = []
     for entry in folder.iterdir() if folder.is_dir() else []:
         m = _STAGING.match(entry.name)
-        if m and not _alive(int(m["pid"])):
+        if m and not pid_alive(int(m["pid"])):
             out.append((entry, m["name"], m["kind"]))
     return out
 
