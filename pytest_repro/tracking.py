@@ -43,19 +43,27 @@ def local_uri(rootdir: Path) -> str:
     return "sqlite:///" + str((rootdir / LOCAL_STORE / LOCAL_DB).resolve())
 
 
-def tracking_uri(
-    cli: str | None, ini: str, rootdir: Path, environ: Mapping[str, str] = os.environ
+def switch_option(
+    cli: str | None, ini: str, flag: str, ini_name: str, on: Sequence[str] = _ON
 ) -> tuple[str | None, str]:
-    """Return (tracking URI or None when off, where it came from) from --repro-mlflow, ini repro_mlflow, env."""
+    """(value, where it came from) of an off/on/value option: None when off, "" when on without a value."""
     if cli is not None:
-        value, where = cli.strip(), "--repro-mlflow" + (f"={cli}" if cli else "")
+        value, where = cli.strip(), flag + (f"={cli}" if cli else "")
     else:
-        value, where = str(ini or "").strip(), f"repro_mlflow = {ini}"
+        value, where = str(ini or "").strip(), f"{ini_name} = {ini}"
         if value.lower() in ("", *_OFF):
             return None, where
     if value.lower() in _OFF:
         return None, where
-    if value.lower() in _ON:
+    return ("" if value.lower() in on else value), where
+
+
+def tracking_uri(
+    cli: str | None, ini: str, rootdir: Path, environ: Mapping[str, str] = os.environ
+) -> tuple[str | None, str]:
+    """Return (tracking URI or None when off, where it came from) from --repro-mlflow, ini repro_mlflow, env."""
+    value, where = switch_option(cli, ini, "--repro-mlflow", "repro_mlflow")
+    if value == "":
         env = environ.get("MLFLOW_TRACKING_URI", "").strip()
         return (env, "MLFLOW_TRACKING_URI") if env else (local_uri(rootdir), where)
     return value, where

@@ -34,7 +34,6 @@ ARTIFACT_FOLDER = "repro-artifact"  # in each run's folder: the files its artifa
 ARTIFACT_TYPE = "repro-check"
 MAX_ARTIFACT_FILE = 64 << 20  # reference files larger than this are listed in the metadata, not copied
 _ON = ("", "1", "true", "yes", "on")
-_OFF = ("0", "false", "no", "off")
 _ONLINE = ("online", "run")
 _OFFLINE = ("offline", "dryrun")
 _BAD_PROJECT = re.compile(r"[/\\#?%:]")  # characters W&B refuses in a project name
@@ -46,15 +45,8 @@ def wandb_project(
     cli: str | None, ini: str, rootdir: Path, environ: Mapping[str, str] = os.environ
 ) -> tuple[str | None, str]:
     """Return (project or None when off, where it came from) from --repro-wandb, ini repro_wandb, WANDB_PROJECT."""
-    if cli is not None:
-        value, where = cli.strip(), "--repro-wandb" + (f"={cli}" if cli else "")
-    else:
-        value, where = str(ini or "").strip(), f"repro_wandb = {ini}"
-        if value.lower() in ("", *_OFF):
-            return None, where
-    if value.lower() in _OFF:
-        return None, where
-    if value.lower() in _ON:
+    value, where = tracking.switch_option(cli, ini, "--repro-wandb", "repro_wandb", _ON)
+    if value == "":
         env = environ.get("WANDB_PROJECT", "").strip()
         return (env, "WANDB_PROJECT") if env else (tracking.experiment_name(rootdir, {}), where)
     return value, where
