@@ -229,6 +229,11 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def say(line: str) -> None:
+    """Print one progress line at once: a bisect takes minutes, and its reader may be a pipe."""
+    print(line, flush=True)
+
+
 def _snapshot(folder: Path) -> list[tuple[str, int, int]]:
     """Path, size and mtime of every file: enough to notice a step that wrote into the reference copy."""
     return sorted(
@@ -247,14 +252,14 @@ class Bisect:
         cwd: Path,
         repro_timeout: str | None = None,
         step_timeout: float | None = None,
-        echo: Callable[[str], None] = print,
+        echo: Callable[[str], None] | None = None,
     ) -> None:
         self.good_rev, self.bad_rev = good, bad
         self.pytest_args = list(pytest_args)
         self.cwd = cwd
         self.repro_timeout = repro_timeout
         self.step_timeout = step_timeout
-        self.echo = echo
+        self.echo = echo or say
         self.steps: dict[str, Step] = {}
         self.temp: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -582,12 +587,13 @@ def run(
     cwd: Path,
     repro_timeout: str | None = None,
     step_timeout: float | None = None,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
 ) -> int:
     """Bisect from ``cwd``; return the exit code (0 found, 1 no single commit, 130/143 interrupted)."""
     for arg in pytest_args:
         if arg.startswith("--repro-regen"):
             raise BisectError(f"{arg} would overwrite references", "drop it: bisect only compares")
+    echo = echo or say
     job = Bisect(good, bad, pytest_args, cwd, repro_timeout, step_timeout, echo)
     code, note = FOUND, ""
     with _signals_unwind():
