@@ -47,9 +47,9 @@ def build(mb: int, case: str) -> tuple[Any, Any]:
 def operation(method: str, expected: Any, actual: Any) -> Callable[[], object]:
     import numpy
 
-    from pytest_repro.compare import compare_tensor, section_max_abs
+    from pytest_repro._judge.compare import compare_tensor, section_max_abs
+    from pytest_repro._judge.tolerances import BITWISE, CLOSE
     from pytest_repro.record import Record
-    from pytest_repro.tolerances import BITWISE, CLOSE
 
     if method == "numpy.array_equal":
         en, an = expected.numpy(), actual.numpy()
@@ -138,10 +138,10 @@ def main() -> None:
         print(measure_memory(args.mb, *args._memory))
         return
 
-    import pytest_repro.compare
+    import pytest_repro._judge.compare
 
     print(f"{args.mb} MB float32 tensor, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"compare module: {pytest_repro.compare.__file__}")
+    print(f"compare module: {pytest_repro._judge.compare.__file__}")
     print(f"{'case':<10} {'method':<18} {'median ms':>10} {'x array_equal':>14} {'extra peak MB':>14}")
     for case in CASES:
         expected, actual = build(args.mb, case)

@@ -79,7 +79,7 @@ def bench_runs(repeats: int) -> dict[str, float]:
             total = 0.0
             for i in range(2):
                 spec = cold_spec(Path(tmp) / f"r{r}-run{i}")
-                total += timed([sys.executable, "-m", "pytest_repro.child", str(spec)], ROOT, env)
+                total += timed([sys.executable, "-m", "pytest_repro._exec.child", str(spec)], ROOT, env)
             cold.append(total)
     h, b, c = statistics.median(harness), statistics.median(bare), statistics.median(cold)
     return {
@@ -127,7 +127,7 @@ def bench_determinism(repeats: int) -> dict[str, float]:
                 env = dict(os.environ, PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
                 if det:
                     env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-                timed([sys.executable, "-m", "pytest_repro.child", str(spec)], ROOT, env)
+                timed([sys.executable, "-m", "pytest_repro._exec.child", str(spec)], ROOT, env)
                 record = json.loads((workdir / "record" / "record.json").read_text())
                 times[det].append(record["meta"]["wall_s"])
     d, n = statistics.median(times[True]), statistics.median(times[False])

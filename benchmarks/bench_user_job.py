@@ -100,7 +100,7 @@ def test_lora(repro, lr):
 """
 
 COLD = (
-    "import json, sys; from pytest_repro.child import execute; from pytest_repro.context import RunSpec; "
+    "import json, sys; from pytest_repro._exec.child import execute; from pytest_repro.context import RunSpec; "
     "sys.exit(execute(RunSpec.from_dict(json.loads(open(sys.argv[1]).read()))))"
 )
 

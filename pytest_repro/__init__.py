@@ -16,11 +16,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ._judge.tolerances import statistical
     from .context import JobContext
     from .manifest import collect_manifest, diff_manifests
     from .record import Record
     from .seeding import seed_everything
-    from .tolerances import statistical
 
 _LAZY = {
     "seed_everything": "seeding",

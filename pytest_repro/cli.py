@@ -110,7 +110,7 @@ def load_manifest(path: str) -> dict[str, Any]:
 
 def load_report(path: str) -> dict[str, Any]:
     """Load a JSON report written by ``pytest --repro-report=PATH.json``; CliError when it is not one."""
-    from .report import REPORT_SCHEMA_VERSION
+    from ._publish.report import REPORT_SCHEMA_VERSION
 
     fix = "pass the file written by 'pytest --repro --repro-report=PATH.json'"
     p = Path(path)
@@ -141,13 +141,13 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def _missing_matplotlib(exc: ModuleNotFoundError) -> CliError:
     if (exc.name or "").split(".")[0] != "matplotlib":
         raise exc
-    from .tracking import extra_install
+    from ._publish.tracking import extra_install
 
     return CliError("matplotlib is not installed (it draws the loss plots)", extra_install("report"))
 
 
 def _cmd_html(args: argparse.Namespace) -> int:
-    from .report_html import write_html
+    from ._publish.report_html import write_html
 
     report = load_report(args.report)
     out = Path(args.output)
@@ -167,8 +167,8 @@ def _cmd_html(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from ._publish.report_html import loss_plot_png
     from .record import CorruptRecordError, load_record
-    from .report_html import loss_plot_png
 
     folder = Path(args.reference)
     fix = "pass a reference environment folder (reference_outputs/<test module>/<test>/<environment>)"
@@ -370,7 +370,7 @@ def _export_source(args: argparse.Namespace) -> Path:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .bundle import INDEX_FILE, BundleError, export
+    from ._publish.bundle import INDEX_FILE, BundleError, export
 
     out = Path(args.output)
     try:
@@ -392,7 +392,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .bundle import BundleError, verify
+    from ._publish.bundle import BundleError, verify
 
     try:
         result = verify(Path(args.bundle))
@@ -418,7 +418,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_accept(args: argparse.Namespace) -> int:
-    from .accept import AcceptError, accept
+    from ._cli.accept import AcceptError, accept
 
     def confirm(question: str) -> bool:
         if not sys.stdin.isatty():
@@ -437,13 +437,21 @@ def _cmd_accept(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from ._cli.demo import run
 
     return run(Path(args.keep) if args.keep else None)
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from .tracking import LOCAL_DB, LOCAL_STORE, experiment_name, extra_install, format_history, local_uri, read_history
+    from ._publish.tracking import (
+        LOCAL_DB,
+        LOCAL_STORE,
+        experiment_name,
+        extra_install,
+        format_history,
+        local_uri,
+        read_history,
+    )
 
     rootdir = Path(args.rootdir)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(rootdir)
@@ -502,7 +510,7 @@ exit codes: 0 found; 1 only untestable commits left next to it (candidates liste
 
 
 def _cmd_bisect(args: argparse.Namespace) -> int:
-    from .bisect import BisectError, run
+    from ._cli.bisect import BisectError, run
 
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     try:

@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from . import messages, policy
-from .child import MANIFEST_FILE, RECORD_DIR
+from ._exec.child import MANIFEST_FILE, RECORD_DIR
+from ._exec.distributed import rank_dir
+from ._exec.runner import RunOutcome
+from ._judge import messages, policy
+from ._judge.policy import Decision
+from ._judge.tolerances import Statistical
+from ._judge.verdict import Outcome, Verdict, reconcile
 from .context import JobRef, JobReferenceError, RunSpec
-from .distributed import rank_dir
-from .policy import Decision
 from .record import CorruptRecordError, Record, RecordError, close_record, load_record, release_record, user_view
-from .runner import RunOutcome
 from .seeding import derive_seed
 from .session import DeviceUnavailableError, ReproSession, resolve_device
 from .settings import Settings
@@ -35,8 +37,6 @@ from .storage import (
     reference_path,
     stage_reference,
 )
-from .tolerances import Statistical
-from .verdict import Outcome, Verdict, reconcile
 
 _RESERVED = re.compile(r"^(cpu|cuda|rank)", re.IGNORECASE)
 
@@ -486,7 +486,7 @@ class Repro:
 
         Stops after the first run that fails (the list is then shorter, ending with that run).
         """
-        from .runner import parallel_runs
+        from ._exec.runner import parallel_runs
 
         s = self._settings
         self._session.preload_job(ref, self._test_dir)
@@ -552,7 +552,7 @@ class Repro:
             return None
 
         def diagnose() -> str:
-            from .diagnose import first_divergence
+            from ._judge.diagnose import first_divergence
 
             folders = []
             for i in range(2):

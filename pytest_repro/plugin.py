@@ -184,7 +184,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"pytest-repro: {flag}={target} is a folder; give a file path, e.g. {flag}={Path(target) / 'repro'}"
                 + (".json" if option == "repro_report" else ".html")
             )
-    from .tracking import option_problems
+    from ._publish.tracking import option_problems
 
     problems = option_problems(config)  # --repro-bundle-dir usable; --repro-mlflow/-wandb: usable, importable
     if problems:
@@ -235,7 +235,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         # With what earlier sessions learned jobs import (pytest's cache), and, once collected, what the
         # reproducible tests' modules import.
         repro.warm_up(getattr(session.config, "cache", None))
-        from .preload import CollectionScan
+        from ._exec.preload import CollectionScan
 
         session.config.pluginmanager.register(CollectionScan(repro), "repro-preload-scan")
 
@@ -406,16 +406,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     mode = config.getoption("repro_unused")
     if mode:
-        from . import unused
+        from ._publish import unused
 
         unused.check(repro, config, mode)
         if repro.unused and mode == "fail":
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    from .tracking import publish
+    from ._publish.tracking import publish
 
     if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
         session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-    from .report import write_reports  # last: the JSON report states the run's final exit status
+    from ._publish.report import write_reports  # last: the JSON report states the run's final exit status
 
     written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
     if not written and session.exitstatus == pytest.ExitCode.OK:
@@ -432,7 +432,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                 yellow=True,
             )
         return
-    from .report import write_summary
+    from ._publish.report import write_summary
 
     write_summary(terminalreporter, session)
 

@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._exec.preload import Preloads, load_cached, save_cached
+from ._exec.runner import Runner
 from .context import JobRef
-from .preload import Preloads, load_cached, save_cached
-from .runner import Runner
 from .scratch import make_scratch, release_scratch
 from .settings import Settings
 

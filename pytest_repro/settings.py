@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .tolerances import CLOSE, ToleranceError, ToleranceSpec, parse_tolerance
+from ._judge.tolerances import CLOSE, ToleranceError, ToleranceSpec, parse_tolerance
 
 MARKER = "reproducible"
 MARKER_KWARGS = ("tolerance", "cross_env", "runs", "seed", "deterministic", "timeout", "device")

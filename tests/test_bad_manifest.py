@@ -172,10 +172,10 @@ def test_same_config_but_unknown_environment_is_said_in_one_line(userjobs: pytes
 def _policy_case(problem: str | None) -> tuple[Any, Any, Any]:
     import torch
 
-    from pytest_repro import policy
+    from pytest_repro._judge import policy
+    from pytest_repro._judge.tolerances import ToleranceSpec
     from pytest_repro.record import Record
     from pytest_repro.storage import Reference
-    from pytest_repro.tolerances import ToleranceSpec
 
     record = Record(losses=[1.0, 0.5], weights={"w": torch.ones(3)}, meta={"seed": 1})
     stored = Reference(Path("x/cpu-a"), record, {}, {"config": {}}, manifest_problem=problem)
@@ -184,7 +184,7 @@ def _policy_case(problem: str | None) -> tuple[Any, Any, Any]:
 
 
 def test_a_reference_from_another_environment_with_a_bad_manifest_says_drift_unknown() -> None:
-    from pytest_repro import policy
+    from pytest_repro._judge import policy
 
     stored, record, facts = _policy_case("no integer 'schema' field: not a pytest-repro manifest")
     found = policy.Found("cpu-b", Path("x/cpu-b"), others=[("cpu-a", stored)])
@@ -196,7 +196,7 @@ def test_a_reference_from_another_environment_with_a_bad_manifest_says_drift_unk
 def test_regen_all_rewrites_an_unreadable_manifest_and_only_then(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from pytest_repro import policy
+    from pytest_repro._judge import policy
 
     for problem, verdict in (("the file is missing", "written"), (None, "unchanged")):
         stored, record, facts = _policy_case(problem)

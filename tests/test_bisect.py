@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import USER_JOBS
 
-from pytest_repro.bisect import BAD, DIVERGED, GOOD, SKIP, TEMP_PREFIX, Outcome, classify, decide, step_env
+from pytest_repro._cli.bisect import BAD, DIVERGED, GOOD, SKIP, TEMP_PREFIX, Outcome, classify, decide, step_env
 
 TEST = """
 import pytest
@@ -215,6 +215,8 @@ def test_an_interrupted_bisect_leaves_the_repository_as_it_was(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # a CI runner may start us with SIGINT ignored, which Python children inherit (no KeyboardInterrupt)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()  # printed once the worktree exists and the first step is about to run

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from pytest_repro.compare import (  # noqa: E402
+from pytest_repro._judge.compare import (  # noqa: E402
     Difference,
     compare_losses,
     compare_metrics,
@@ -19,8 +19,7 @@ from pytest_repro.compare import (  # noqa: E402
     compare_tensor,
     section_max_abs,
 )
-from pytest_repro.record import Record  # noqa: E402
-from pytest_repro.tolerances import (  # noqa: E402
+from pytest_repro._judge.tolerances import (  # noqa: E402
     BITWISE,
     CLOSE,
     Tolerance,
@@ -28,6 +27,7 @@ from pytest_repro.tolerances import (  # noqa: E402
     ToleranceSpec,
     parse_tolerance,
 )
+from pytest_repro.record import Record  # noqa: E402
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=32, min_value=-1e6, max_value=1e6)
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -202,7 +202,7 @@ def test_bad_tolerances_are_rejected_with_their_path(value: object, message: str
 
 def reference_compare(e: torch.Tensor, a: torch.Tensor, tol: Tolerance) -> tuple[object, ...] | None:
     """The pre-chunking compare_tensor, value part: (n_diff, index, max_abs, max_rel) or None."""
-    from pytest_repro.compare import _bits
+    from pytest_repro._judge.compare import _bits
 
     numel = e.numel()
     if tol.kind == "bitwise":

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pytest_repro.diagnose import TRACE_FILE, StepTracer, first_divergence  # noqa: E402
+from pytest_repro._judge.diagnose import TRACE_FILE, StepTracer, first_divergence  # noqa: E402
 
 
 class Points:

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_repro import callsites, tracking
-from pytest_repro.policy import near_misses
-from pytest_repro.tolerances import parse_tolerance, unmatched_keys
+from pytest_repro import callsites
+from pytest_repro._judge.policy import near_misses
+from pytest_repro._judge.tolerances import parse_tolerance, unmatched_keys
+from pytest_repro._publish import tracking
 
 # Jobs steered by config["case"]: small, torch only.
 MSG_JOBS = textwrap.dedent(
@@ -271,7 +272,7 @@ def test_a_keyerror_for_a_misspelt_config_key_says_did_you_mean(msgs: pytest.Pyt
 
 
 def test_a_tolerance_section_typo_says_did_you_mean() -> None:
-    from pytest_repro.tolerances import ToleranceError, parse_tolerance
+    from pytest_repro._judge.tolerances import ToleranceError, parse_tolerance
 
     with pytest.raises(
         ToleranceError, match=r"unknown section\(s\) 'metric' \(did you mean 'metrics' for 'metric'\?\)"
@@ -282,7 +283,7 @@ def test_a_tolerance_section_typo_says_did_you_mean() -> None:
 def test_a_typo_read_with_a_default_is_one_did_you_mean_warning() -> None:
     from types import SimpleNamespace
 
-    from pytest_repro.policy import audit_findings
+    from pytest_repro._judge.policy import audit_findings
 
     audit = {"undeclared_reads": ["steps", "lr"], "unused_keys": ["stpes", "unused_knob"]}
     record = SimpleNamespace(meta={"config_audit": audit})

@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pytest_repro import policy  # noqa: E402
+from pytest_repro._judge import policy  # noqa: E402
+from pytest_repro._judge.tolerances import CLOSE, ToleranceSpec  # noqa: E402
+from pytest_repro._judge.verdict import Outcome, Verdict, reconcile  # noqa: E402
 from pytest_repro.record import Record  # noqa: E402
 from pytest_repro.storage import Reference  # noqa: E402
-from pytest_repro.tolerances import CLOSE, ToleranceSpec  # noqa: E402
-from pytest_repro.verdict import Outcome, Verdict, reconcile  # noqa: E402
 
 
 def rec(losses: list[float], w: float = 1.0, dtype: str = "float32", seed: int = 1) -> Record:

@@ -16,10 +16,10 @@ from helpers import env_key
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_repro.compare import compare_losses
+from pytest_repro._judge.compare import compare_losses
+from pytest_repro._judge.tolerances import Tolerance
 from pytest_repro.manifest import diff_manifests, numeric_drift
 from pytest_repro.record import Record
-from pytest_repro.tolerances import Tolerance
 
 # ---------------------------------------------------------------- max abs diff: one meaning
 
@@ -129,7 +129,7 @@ def test_drift_shared_by_every_check_is_said_once(userjobs: pytest.Pytester) -> 
 
 
 def test_drift_block_lines_unit() -> None:
-    from pytest_repro.report import _drift_lines
+    from pytest_repro._publish.report import _drift_lines
 
     one = [{"nodeid": "t::a", "name": None, "drift": ["x", "y"]}]
     assert _drift_lines(one) == ["  t::a:", "    x", "    y"]
@@ -213,7 +213,7 @@ def test_absent_is_a_missing_field_and_none_an_explicit_null(
 
 
 def test_a_run_setting_missing_from_the_reference_is_absent_not_none() -> None:
-    from pytest_repro.policy import changes
+    from pytest_repro._judge.policy import changes
 
     stored = SimpleNamespace(provenance={}, manifest={}, record=Record(losses=[1.0], meta={"seed": 1, "device": None}))
     record = Record(losses=[1.0], meta={"seed": 1, "device": "cpu", "dtype": "float32"})
@@ -227,7 +227,7 @@ def test_a_run_setting_missing_from_the_reference_is_absent_not_none() -> None:
 
 
 def _readme(git: dict[str, Any], installs: list[str]) -> str:
-    from pytest_repro.bundle import render_readme
+    from pytest_repro._publish.bundle import render_readme
 
     index = {"test": "t.py::test_x", "environment_key": "cpu-x", "plugin_version": "0.1.0", "files": {}}
     index.update(contents="the reference", created="2026-01-01T00:00:00+00:00")
@@ -287,7 +287,7 @@ def test_bundle_readme_without_git_info_says_so_instead_of_none() -> None:
 def test_install_command_follows_how_it_was_installed(
     direct_url: dict[str, Any] | None, checkout: dict[str, Any], expected: list[str]
 ) -> None:
-    from pytest_repro.bundle import install_command
+    from pytest_repro._publish.bundle import install_command
 
     assert install_command("pytest-repro", "0.1.0", direct_url, lambda _: checkout) == expected
 

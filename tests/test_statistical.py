@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 pytest.importorskip("scipy")
 
-from pytest_repro.stats import TooFewSeedsError, compare_statistical, loss_band_exit, tost
-from pytest_repro.tolerances import Statistical, ToleranceError, parse_tolerance, statistical
+from pytest_repro._judge.stats import TooFewSeedsError, compare_statistical, loss_band_exit, tost
+from pytest_repro._judge.tolerances import Statistical, ToleranceError, parse_tolerance, statistical
 
 samples = st.lists(st.floats(-100, 100, allow_nan=False), min_size=2, max_size=12)
 

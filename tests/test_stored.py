@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from pytest_repro.compare import compare_records, compare_tensor, section_max_abs  # noqa: E402
+from pytest_repro._judge.compare import compare_records, compare_tensor, section_max_abs  # noqa: E402
+from pytest_repro._judge.tolerances import BITWISE, CLOSE, ToleranceSpec  # noqa: E402
 from pytest_repro.record import (  # noqa: E402
     CorruptRecordError,
     Record,
@@ -31,7 +32,6 @@ from pytest_repro.record import (  # noqa: E402
     save_record,
     user_view,
 )
-from pytest_repro.tolerances import BITWISE, CLOSE, ToleranceSpec  # noqa: E402
 
 DTYPES = [
     *([torch.float8_e8m0fnu] if hasattr(torch, "float8_e8m0fnu") else []),
@@ -322,7 +322,7 @@ def _one_check(pytester: pytest.Pytester) -> None:
 def test_a_record_file_broken_during_the_check_is_an_error_with_its_fix(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
-        import pytest_repro.policy as policy
+        import pytest_repro._judge.policy as policy
         from pytest_repro.record import CorruptRecordError
 
         def broken(*args, **kwargs):

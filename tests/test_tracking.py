@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from helpers import env_key
 
-from pytest_repro import cli, tracking
+from pytest_repro import cli
+from pytest_repro._publish import tracking
 
 TESTS = """
 import pytest
@@ -208,7 +209,7 @@ def test_history_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_plugin_import_does_not_import_mlflow() -> None:
     code = (
-        "import sys, pytest_repro.plugin, pytest_repro.tracking, pytest_repro.bundle\n"
+        "import sys, pytest_repro.plugin, pytest_repro._publish.tracking, pytest_repro._publish.bundle\n"
         "heavy = [m for m in ('mlflow', 'sqlalchemy', 'torch') if m in sys.modules]\n"
         "print(heavy)\nsys.exit(1 if heavy else 0)\n"
     )

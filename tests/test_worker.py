@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from pytest_repro.preload import Preloads, imports_in, job_names, load_cached, save_cached
-from pytest_repro.runner import parallel_runs
+from pytest_repro._exec.preload import Preloads, imports_in, job_names, load_cached, save_cached
+from pytest_repro._exec.runner import parallel_runs
 from pytest_repro.settings import INI_OPTIONS, SettingsError, base_settings
 
 # ---------------------------------------------------------------- static: what a job's source imports
@@ -270,7 +270,7 @@ def _same_records(a: Path, b: Path) -> None:
 
 
 def _fork_runner(**kwargs: Any) -> Any:
-    from pytest_repro.runner import Runner, fork_supported
+    from pytest_repro._exec.runner import Runner, fork_supported
 
     if not fork_supported():
         pytest.skip("the warm fork worker is Linux-only")
@@ -313,7 +313,7 @@ def test_a_failed_run_stops_the_batch(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_preloaded_transformers_and_peft_give_the_same_bits_as_a_cold_process(tmp_path: Path) -> None:
     """The user-style job (imports inside the function) forked from a worker that preloaded them vs spawned."""
-    from pytest_repro.runner import Runner
+    from pytest_repro._exec.runner import Runner
 
     preloads = Preloads([tmp_path])
     runner = _fork_runner(learn=preloads.learned)
@@ -389,7 +389,7 @@ def test_what_jobs_import_is_kept_in_pytests_cache(heavy_modules: None, pytester
 
 @pytest.mark.slow
 def test_a_base_module_that_makes_forking_unsafe_switches_the_session_to_spawn(tmp_path: Path) -> None:
-    from pytest_repro.runner import BASE_PRELOAD, Runner, fork_supported
+    from pytest_repro._exec.runner import BASE_PRELOAD, Runner, fork_supported
 
     if not fork_supported():
         pytest.skip("the warm fork worker is Linux-only")

@@ -7,11 +7,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .messages import DRIFT_UNKNOWN, regen_command
-from .verdict import PASSING, Verdict, parse_verdict
+from .._judge.messages import DRIFT_UNKNOWN, regen_command
+from .._judge.verdict import PASSING, Verdict, parse_verdict
 
 if TYPE_CHECKING:
-    from .session import ReproSession
+    from ..session import ReproSession
 
 _GREEN = {"passed", "unchanged"}
 _YELLOW = {"passed-cross-env", "written"}
@@ -180,7 +180,7 @@ def build_report(outcomes: Sequence[Mapping[str, Any]], rootdir: Path, exitstatu
     """Return the JSON report (see report.schema.json) for a run's outcomes."""
     from datetime import datetime, timezone
 
-    from . import __version__
+    from .. import __version__
 
     counts = verdict_counts(outcomes)
     body = {
@@ -199,7 +199,7 @@ def write_json_report(path: Path, report: Mapping[str, Any]) -> None:
     """Write a JSON report atomically."""
     import json
 
-    from .record import write_text_atomic
+    from ..record import write_text_atomic
 
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder")

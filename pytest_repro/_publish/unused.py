@@ -8,13 +8,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .record import RECORD_FILE
-from .storage import PLUGIN_FILES, reference_path
+from ..record import RECORD_FILE
+from ..storage import PLUGIN_FILES, reference_path
 
 if TYPE_CHECKING:
     import pytest
 
-    from .session import ReproSession
+    from ..session import ReproSession
 
 
 def owned_prefixes(reference_dir: Path, nodeids: Iterable[str]) -> set[Path]:

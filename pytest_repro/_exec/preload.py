@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pytest
 
-    from .context import JobRef
-    from .session import ReproSession
+    from ..context import JobRef
+    from ..session import ReproSession
 
 CACHE_KEY = "repro/preload"
 MAX_ENTRIES = 20000  # a cache entry larger than this is ignored (not a list of modules any more)
@@ -294,7 +294,7 @@ class CollectionScan:
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         """Scan the files of the collected reproducible tests and send what they import to the warm worker."""
-        from .settings import MARKER
+        from ..settings import MARKER
 
         files = {Path(str(item.path)) for item in session.items if item.get_closest_marker(MARKER) is not None}
         if files:

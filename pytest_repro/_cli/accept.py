@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .bundle import INDEX_FILE, OUTCOME_FILE, SUFFIXES, BundleError, export, read_yaml, verify
-from .record import RECORD_FILE
-from .storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, safe_name
+from .._publish.bundle import INDEX_FILE, OUTCOME_FILE, SUFFIXES, BundleError, export, read_yaml, verify
+from ..record import RECORD_FILE
+from ..storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, safe_name
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
 _REFERENCE = "reference/"
@@ -187,7 +187,7 @@ def _check_name(
     ``prefix``: this project's reference folder relative to the rootdir; a folder under it is read exactly,
     any other (exported from elsewhere) by its last components.
     """
-    from .storage import reference_path
+    from ..storage import reference_path
 
     parts = Path(str(index.get("reference") or "")).parts
     test = reference_path(Path(""), nodeid).parts
@@ -335,9 +335,9 @@ def _summary(record: Any) -> str:
 
 def _compare(c: Candidate, staged: Any, stored: Any) -> None:
     """Say what a replacement changes: the check's own difference lines, bitwise, and the largest differences."""
-    from . import policy
-    from .compare import section_max_abs
-    from .tolerances import ToleranceSpec
+    from .._judge import policy
+    from .._judge.compare import section_max_abs
+    from .._judge.tolerances import ToleranceSpec
 
     cmp = policy.compare(stored.record, staged.record, ToleranceSpec())
     provenance = read_yaml(c.staging / PROVENANCE_FILE) if c.staging else {}
@@ -364,9 +364,9 @@ def _compare(c: Candidate, staged: Any, stored: Any) -> None:
 
 def _stage(c: Candidate, project: Project) -> None:
     """Extract into a staging folder beside the target, check the environment key, and compare with what is there."""
-    from .manifest import environment_key
-    from .record import CorruptRecordError, close_record, load_record
-    from .storage import (
+    from ..manifest import environment_key
+    from ..record import CorruptRecordError, close_record, load_record
+    from ..storage import (
         MissingReferenceError,
         Reference,
         ReferenceBlockedError,
@@ -478,7 +478,7 @@ def plan(bundles: list[Path], rootdir: Path, reference_dir: Path | None = None) 
 
 def discard(candidates: Iterable[Candidate], project: Project) -> None:
     """Remove every staging folder left (and the empty folders staging created)."""
-    from .storage import discard_staged
+    from ..storage import discard_staged
 
     root = project.reference_dir
     for c in candidates:
@@ -507,7 +507,7 @@ def accept(
     echo: Callable[[str], None] = print,
 ) -> int:
     """Install the references of bundles after showing what they change; return the exit code (see the README)."""
-    from .storage import commit_reference
+    from ..storage import commit_reference
 
     bundles = find_bundles(paths)
     if not bundles:

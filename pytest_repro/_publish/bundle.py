@@ -29,8 +29,8 @@ from typing import IO, Any
 
 import yaml
 
-from .record import RECORD_FILE, sha256_file
-from .storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, parse_yaml, read_yaml_text, safe_name
+from ..record import RECORD_FILE, sha256_file
+from ..storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, parse_yaml, read_yaml_text, safe_name
 
 INDEX_FILE = "bundle.json"
 README_FILE = "README.md"
@@ -235,8 +235,8 @@ def _input_name(path: Path, rootdir: Path) -> str:
 
 def _packaged_inputs(provenance: Mapping[str, Any], data: dict[str, Any]) -> dict[str, str]:
     """List the shipped data files (``package:NAME``) the effective config names; return them by sha256."""
-    from . import __version__
-    from .jobs import PACKAGED, packaged_file
+    from .. import __version__
+    from ..jobs import PACKAGED, packaged_file
 
     effective = provenance.get("effective_config")
     values = effective.values() if isinstance(effective, dict) else ()
@@ -323,7 +323,7 @@ def build_bundle(
     archive: Path | None = None,
 ) -> Bundle:
     """Assemble a bundle of a reference folder (and, for a failing check, its outcome); raise BundleError."""
-    from . import __version__
+    from .. import __version__
 
     bundle = Bundle()
     stamp = created or datetime.now(timezone.utc).replace(microsecond=0).isoformat()

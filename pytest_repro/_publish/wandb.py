@@ -27,7 +27,7 @@ from . import tracking
 if TYPE_CHECKING:
     import pytest
 
-    from .session import ReproSession
+    from ..session import ReproSession
 
 RUN_FOLDER = "wandb"  # what wandb itself creates in its dir: <rootdir>/wandb/offline-run-*/
 ARTIFACT_FOLDER = "repro-artifact"  # in each run's folder: the files its artifact points at

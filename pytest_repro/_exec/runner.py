@@ -35,9 +35,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..context import RunSpec
+from ..seeding import determinism_env
 from .child import ERROR_FILE, IMPORTS_FILE, LOG_FILE, RECORD_DIR, execute
-from .context import RunSpec
-from .seeding import determinism_env
 
 # transformers is not preloaded: importing it for set_seed costs ~2 s, paid only by jobs that use it
 # (the session finds it in the job's source, or learns it from a run, and asks the worker for it).
@@ -391,7 +391,7 @@ class _Worker:
         self.log_path = log_path
         log = open(log_path, "ab")  # noqa: SIM115 - owned by the worker process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest_repro.runner", "worker", *preload],
+            [sys.executable, "-m", "pytest_repro._exec.runner", "worker", *preload],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -516,7 +516,7 @@ _LOG_DIR: Path | None = None
 def _log_dir() -> Path:
     global _LOG_DIR
     if _LOG_DIR is None:
-        from .scratch import make_scratch
+        from ..scratch import make_scratch
 
         _LOG_DIR = make_scratch("pytest-repro-workers-")
         atexit.register(_at_exit)
@@ -537,7 +537,7 @@ def shutdown_workers() -> None:
         worker.close()
     _WORKERS.clear()
     if _LOG_DIR is not None:
-        from .scratch import release_scratch
+        from ..scratch import release_scratch
 
         release_scratch(_LOG_DIR)
         _LOG_DIR = None
@@ -755,7 +755,7 @@ class Runner:
         started = time.perf_counter()
         with open(workdir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_repro.child", str(spec_file)],
+                [sys.executable, "-m", "pytest_repro._exec.child", str(spec_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -851,7 +851,7 @@ def _main(argv: list[str]) -> int:
     if argv and argv[0] == "worker":
         worker_main(argv[1:])
         return 0
-    print("usage: python -m pytest_repro.runner worker [MODULE...]", file=sys.stderr)
+    print("usage: python -m pytest_repro._exec.runner worker [MODULE...]", file=sys.stderr)
     return 2
 
 

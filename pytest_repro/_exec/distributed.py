@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .context import RunSpec
+from ..context import RunSpec
 
 ERROR_FILE = "error.json"
 LOG_FILE = "output.log"

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .context import JobContext, JobRef, RunSpec, TrackedConfig
+from ..context import JobContext, JobRef, RunSpec, TrackedConfig
 
 RECORD_DIR = "record"
 ERROR_FILE = "error.json"
@@ -94,9 +94,9 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         for entry in reversed(spec.sys_path):
             if entry not in sys.path:
                 sys.path.insert(0, entry)
-        from .manifest import collect_manifest
-        from .record import dump_json, normalize_result, save_record
-        from .seeding import determinism_flags, seed_everything
+        from ..manifest import collect_manifest
+        from ..record import dump_json, normalize_result, save_record
+        from ..seeding import determinism_flags, seed_everything
 
         hash_seed = os.environ.get("PYTHONHASHSEED")
         threads = os.environ.get("OMP_NUM_THREADS")
@@ -125,7 +125,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         ctx.checkpoint_dir.mkdir(exist_ok=True)  # type: ignore[union-attr]
         tracer = None
         if spec.diagnose:
-            from .diagnose import StepTracer
+            from .._judge.diagnose import StepTracer
 
             tracer = StepTracer().install()
         stage = "job"
@@ -182,9 +182,9 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of a spawned job process: ``python -m pytest_repro.child SPEC.json``."""
+    """Entry point of a spawned job process: ``python -m pytest_repro._exec.child SPEC.json``."""
     if len(argv) != 1:
-        print("usage: python -m pytest_repro.child SPEC.json", file=sys.stderr)
+        print("usage: python -m pytest_repro._exec.child SPEC.json", file=sys.stderr)
         return 2
     return execute(RunSpec.from_dict(json.loads(Path(argv[0]).read_text(encoding="utf-8"))))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .storage import pid_alive
+from ..storage import pid_alive
 
 GOOD, BAD, SKIP, DIVERGED = "good", "bad", "skip", "diverged"
 FOUND, NOT_FOUND, USAGE, INTERRUPTED = 0, 1, 2, 130  # exit codes

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import pytest
     from mlflow.tracking import MlflowClient
 
-    from .session import ReproSession
+    from ..session import ReproSession
 
 LOCAL_STORE = "mlruns"  # folder in the rootdir holding the embedded store
 LOCAL_DB = "mlflow.db"
@@ -159,7 +159,7 @@ def option_problems(config: pytest.Config) -> list[str]:
         problem = uri_problem(uri, where)
         if problem:
             problems.append(problem)
-    from .wandb_tracking import option_problem
+    from .wandb import option_problem
 
     problem = option_problem(config)
     if problem:
@@ -434,7 +434,7 @@ def log_session(
 
 def publish(session: ReproSession, config: pytest.Config) -> bool:
     """Before the reports: bundle failing checks and written references, log to MLflow and W&B; False on failure."""
-    from .wandb_tracking import wandb_project
+    from .wandb import wandb_project
 
     bundle_dir = config.getoption("repro_bundle_dir")
     uri, _ = tracking_uri(config.getoption("repro_mlflow"), config.getini("repro_mlflow"), config.rootpath)
@@ -444,7 +444,7 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
     ok = True
     bundles: dict[tuple[str, str | None], Path] = {}
     if bundle_dir:
-        from .accept import bundle_written
+        from .._cli.accept import bundle_written
         from .bundle import bundle_failing
 
         bundles, problems = bundle_failing(session.outcomes, Path(bundle_dir), session.rootdir)
@@ -464,7 +464,7 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
             session.notes.append(f"no failing checks: no bundles written to {bundle_dir}")
     if (uri is None and project is None) or not session.outcomes:
         return ok
-    from . import __version__
+    from .. import __version__
 
     commit = _git_commit(session.rootdir)
     common = {
@@ -476,7 +476,7 @@ def publish(session: ReproSession, config: pytest.Config) -> bool:
     if uri is not None:
         ok = _publish_mlflow(session, uri, {**common, "mlflow.source.name": "pytest-repro"}, bundles) and ok
     if project is not None:
-        from .wandb_tracking import publish_wandb
+        from .wandb import publish_wandb
 
         ok = publish_wandb(session, project, bundles, common) and ok
     return ok
@@ -574,7 +574,7 @@ def format_history(rows: Sequence[Mapping[str, Any]], nodeid: str, experiment: s
     """Render the history table and a line saying since when (and where) the check drifts."""
     from datetime import datetime, timezone
 
-    from .verdict import parse_verdict
+    from .._judge.verdict import parse_verdict
 
     def when(row: Mapping[str, Any]) -> str:
         ms = row.get("start_time") or 0
@@ -611,7 +611,7 @@ def format_history(rows: Sequence[Mapping[str, Any]], nodeid: str, experiment: s
 
 def _drift_summary(rows: Sequence[Mapping[str, Any]], when: Any) -> list[str]:
     """Say since when the latest streak of failing verdicts runs, and where environments changed."""
-    from .verdict import parse_verdict
+    from .._judge.verdict import parse_verdict
 
     out = []
     for prev, row in itertools.pairwise(rows):

@@ -427,7 +427,7 @@ def render_html(report: Mapping[str, Any]) -> str:
 
 def write_html(path: Path, report: Mapping[str, Any]) -> None:
     """Write the HTML report atomically."""
-    from .record import write_text_atomic
+    from ..record import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, render_html(report))

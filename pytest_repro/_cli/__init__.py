@@ -1,0 +1,1 @@
+"""_cli: see the README's "Where things go"."""

@@ -1,0 +1,1 @@
+"""_exec: see the README's "Where things go"."""

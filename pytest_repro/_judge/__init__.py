@@ -1,0 +1,1 @@
+"""_judge: see the README's "Where things go"."""

@@ -1,0 +1,1 @@
+"""_publish: see the README's "Where things go"."""
