@@ -368,3 +368,11 @@ def test_non_finite_values_are_counted_in_chunks(monkeypatch: pytest.MonkeyPatch
     t[1, 2], t[3, 4] = math.nan, math.inf
     found = record_module.find_non_finite(Record(weights={"w": t}), lambda section, key: False)
     assert [(f.key, f.count, f.first) for f in found] == [("w", 2, "at index (1, 2)")]
+
+
+def test_every_public_name_of_the_package_resolves() -> None:
+    """`from pytest_repro import X` for each name of __all__ (lazily imported: a moved module breaks only here)."""
+    import pytest_repro
+
+    for name in pytest_repro.__all__:
+        assert getattr(pytest_repro, name) is not None, name
