@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ..record import StoredTensor, TensorLike, flat_chunks
+from ..tensorfile import StoredTensor, TensorLike, flat_chunks
 from .tolerances import SCALAR_DTYPE, Tolerance, ToleranceSpec
 
 if TYPE_CHECKING:

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..record import Record, find_non_finite, is_empty
+from ..record import Record, is_empty
 from . import messages
 from .compare import Comparison, compare_records, section_max_abs
+from .finite import find_non_finite
 from .tolerances import SectionTolerance, Statistical, Tolerance, ToleranceSpec, unmatched_keys
 from .verdict import Verdict
 
