@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from pytest_repro._judge.compare import compare_records, compare_tensor, section_max_abs  # noqa: E402
+from pytest_repro._judge.compare import compare_records, section_max_abs  # noqa: E402
 from pytest_repro._judge.finite import find_non_finite  # noqa: E402
+from pytest_repro._judge.tensor_compare import compare_tensor  # noqa: E402
 from pytest_repro._judge.tolerances import BITWISE, CLOSE, ToleranceSpec  # noqa: E402
 from pytest_repro.record import (  # noqa: E402
     CorruptRecordError,

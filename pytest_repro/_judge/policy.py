@@ -15,7 +15,8 @@ from typing import Any
 
 from ..record import Record, is_empty
 from . import messages
-from .compare import Comparison, compare_records, section_max_abs
+from .compare import compare_records, section_max_abs
+from .difference import Comparison
 from .finite import find_non_finite
 from .tolerances import SectionTolerance, Statistical, Tolerance, ToleranceSpec, unmatched_keys
 from .verdict import Verdict
