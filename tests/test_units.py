@@ -17,11 +17,12 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
 from pytest_repro import seed_everything, storage  # noqa: E402
+from pytest_repro._judge.drift import diff_manifests  # noqa: E402
 from pytest_repro.cli import main as cli_main  # noqa: E402
 from pytest_repro.context import JobRef, JobReferenceError  # noqa: E402
 from pytest_repro.jobs.lora import parse_config  # noqa: E402
 from pytest_repro.jobs.trainer import record_from_trainer  # noqa: E402
-from pytest_repro.manifest import collect_manifest, diff_manifests  # noqa: E402
+from pytest_repro.manifest import collect_manifest  # noqa: E402
 from pytest_repro.record import CorruptRecordError, Record, load_record, normalize_result, save_record  # noqa: E402
 from pytest_repro.schema import ConfigError  # noqa: E402
 from pytest_repro.seeding import derive_seed  # noqa: E402
