@@ -47,7 +47,8 @@ def build(mb: int, case: str) -> tuple[Any, Any]:
 def operation(method: str, expected: Any, actual: Any) -> Callable[[], object]:
     import numpy
 
-    from pytest_repro._judge.compare import compare_tensor, section_max_abs
+    from pytest_repro._judge.compare import section_max_abs
+    from pytest_repro._judge.tensor_compare import compare_tensor
     from pytest_repro._judge.tolerances import BITWISE, CLOSE
     from pytest_repro.record import Record
 

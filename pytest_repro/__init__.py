@@ -16,16 +16,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ._judge.drift import diff_manifests
     from ._judge.tolerances import statistical
     from .context import JobContext
-    from .manifest import collect_manifest, diff_manifests
+    from .manifest import collect_manifest
     from .record import Record
     from .seeding import seed_everything
 
 _LAZY = {
     "seed_everything": "seeding",
     "collect_manifest": "manifest",
-    "diff_manifests": "manifest",
+    "diff_manifests": "_judge.drift",
     "Record": "record",
     "JobContext": "context",
     "statistical": "_judge.tolerances",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import yaml
 
 if TYPE_CHECKING:
-    from .manifest import Drift
+    from ._judge.drift import Drift
 
 MANIFEST_FILE = "manifest.yaml"
 RECORD_FILE = "record.json"
@@ -222,7 +222,7 @@ def _change(drift: Drift) -> dict[str, Any]:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from .manifest import diff_manifests, run_only_fields, run_only_note
+    from ._judge.drift import diff_manifests, run_only_fields, run_only_note
 
     old, new = load_manifest(args.a), load_manifest(args.b)
     drifts = diff_manifests(old, new)

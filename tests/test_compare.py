@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 
 from pytest_repro._judge.compare import (  # noqa: E402
-    Difference,
     compare_losses,
     compare_metrics,
     compare_records,
-    compare_tensor,
     section_max_abs,
 )
+from pytest_repro._judge.difference import Difference  # noqa: E402
+from pytest_repro._judge.tensor_compare import compare_tensor  # noqa: E402
 from pytest_repro._judge.tolerances import (  # noqa: E402
     BITWISE,
     CLOSE,
@@ -202,7 +202,7 @@ def test_bad_tolerances_are_rejected_with_their_path(value: object, message: str
 
 def reference_compare(e: torch.Tensor, a: torch.Tensor, tol: Tolerance) -> tuple[object, ...] | None:
     """The pre-chunking compare_tensor, value part: (n_diff, index, max_abs, max_rel) or None."""
-    from pytest_repro._judge.compare import _bits
+    from pytest_repro._judge.tensor_compare import _bits
 
     numel = e.numel()
     if tol.kind == "bitwise":

@@ -91,8 +91,9 @@ def test_a_reader_sees_the_complete_old_or_new_reference_during_rewrites(tmp_pat
     """Two writer processes rewrite one reference for 4 s while this process reads it in a loop."""
     import torch
 
-    from pytest_repro.record import Record, materialize
+    from pytest_repro.record import Record
     from pytest_repro.storage import MissingReferenceError, load_reference, write_reference
+    from pytest_repro.tensorfile import materialize
 
     target = tmp_path / "refs" / "test" / "cpu"
     write_reference(target, Record(losses=[0.0], metrics={"v": 0.0}, weights={"w": torch.zeros(500_000)}), {}, {})

@@ -10,17 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pytest_repro._judge.drift import category, diff_manifests, run_only_fields, run_only_note
 from pytest_repro.context import TrackedConfig
 from pytest_repro.manifest import (
     REDACTED,
     SECRET_NAME,
-    category,
     collect_manifest,
-    diff_manifests,
     environment_key,
     redact_env,
-    run_only_fields,
-    run_only_note,
     vendor_from_cpuinfo,
     vendor_from_model,
 )

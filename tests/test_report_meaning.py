@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_repro._judge.compare import compare_losses
+from pytest_repro._judge.drift import diff_manifests, numeric_drift
 from pytest_repro._judge.tolerances import Tolerance
-from pytest_repro.manifest import diff_manifests, numeric_drift
 from pytest_repro.record import Record
 
 # ---------------------------------------------------------------- max abs diff: one meaning

@@ -18,20 +18,21 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from pytest_repro._judge.compare import compare_records, compare_tensor, section_max_abs  # noqa: E402
+from pytest_repro._judge.compare import compare_records, section_max_abs  # noqa: E402
+from pytest_repro._judge.finite import find_non_finite  # noqa: E402
+from pytest_repro._judge.tensor_compare import compare_tensor  # noqa: E402
 from pytest_repro._judge.tolerances import BITWISE, CLOSE, ToleranceSpec  # noqa: E402
 from pytest_repro.record import (  # noqa: E402
     CorruptRecordError,
     Record,
     RecordError,
-    StoredTensor,
     close_record,
-    find_non_finite,
     load_record,
     release_record,
     save_record,
     user_view,
 )
+from pytest_repro.tensorfile import StoredTensor  # noqa: E402
 
 DTYPES = [
     *([torch.float8_e8m0fnu] if hasattr(torch, "float8_e8m0fnu") else []),
@@ -276,7 +277,7 @@ def test_a_tensor_file_that_cannot_be_opened_is_an_os_error_not_corruption(
 ) -> None:
     import errno
 
-    from pytest_repro import record as record_module
+    from pytest_repro import tensorfile as tensorfile_module
 
     save_record(Record(weights={"w": torch.ones(2)}), tmp_path)
 
@@ -285,17 +286,17 @@ def test_a_tensor_file_that_cannot_be_opened_is_an_os_error_not_corruption(
             raise OSError(errno.EMFILE, "Too many open files", str(path))
         return open(path, *args, **kwargs)  # type: ignore[call-overload]
 
-    monkeypatch.setattr(record_module, "open", no_fds, raising=False)
+    monkeypatch.setattr(tensorfile_module, "open", no_fds, raising=False)
     with pytest.raises(OSError, match="Too many open files") as info:
         load_record(tmp_path)
     assert not isinstance(info.value, CorruptRecordError)
 
 
 def test_a_dtype_this_torch_lacks_is_a_clear_corrupt_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_repro import record as record_module
+    from pytest_repro import tensorfile as tensorfile_module
 
     save_record(Record(weights={"w": torch.ones(2, dtype=torch.uint8)}), tmp_path)
-    monkeypatch.setitem(record_module._DTYPES, "U8", "uint8_from_the_future")
+    monkeypatch.setitem(tensorfile_module._DTYPES, "U8", "uint8_from_the_future")
     with pytest.raises(
         CorruptRecordError, match=r"'w': holds dtype uint8_from_the_future \(safetensors U8\), which torch"
     ):
@@ -430,14 +431,14 @@ def test_a_reference_the_system_will_not_open_is_an_error_that_names_the_limit(p
     pytester.makeconftest(
         """
         import errno
-        import pytest_repro.record as record
+        import pytest_repro.tensorfile as tensorfile
 
         def no_fds(path, *args, **kwargs):
             if "reference_outputs" in str(path) and str(path).endswith(".safetensors"):
                 raise OSError(errno.EMFILE, "Too many open files", str(path))
             return open(path, *args, **kwargs)
 
-        record.open = no_fds
+        tensorfile.open = no_fds
         """
     )
     for regen in ([], ["--repro-regen=missing"]):

@@ -17,11 +17,12 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
 from pytest_repro import seed_everything, storage  # noqa: E402
+from pytest_repro._judge.drift import diff_manifests  # noqa: E402
 from pytest_repro.cli import main as cli_main  # noqa: E402
 from pytest_repro.context import JobRef, JobReferenceError  # noqa: E402
 from pytest_repro.jobs.lora import parse_config  # noqa: E402
 from pytest_repro.jobs.trainer import record_from_trainer  # noqa: E402
-from pytest_repro.manifest import collect_manifest, diff_manifests  # noqa: E402
+from pytest_repro.manifest import collect_manifest  # noqa: E402
 from pytest_repro.record import CorruptRecordError, Record, load_record, normalize_result, save_record  # noqa: E402
 from pytest_repro.schema import ConfigError  # noqa: E402
 from pytest_repro.seeding import derive_seed  # noqa: E402
@@ -361,12 +362,12 @@ def test_config_copies_count_as_reads(copy: Any) -> None:
 
 
 def test_non_finite_values_are_counted_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pytest_repro import record as record_module
+    from pytest_repro._judge import finite
 
-    monkeypatch.setattr(record_module, "_CHUNK", 3)  # chunks of 3 elements: the NaNs fall in different chunks
+    monkeypatch.setattr(finite, "_CHUNK", 3)  # chunks of 3 elements: the NaNs fall in different chunks
     t = torch.zeros(4, 5)
     t[1, 2], t[3, 4] = math.nan, math.inf
-    found = record_module.find_non_finite(Record(weights={"w": t}), lambda section, key: False)
+    found = finite.find_non_finite(Record(weights={"w": t}), lambda section, key: False)
     assert [(f.key, f.count, f.first) for f in found] == [("w", 2, "at index (1, 2)")]
 
 

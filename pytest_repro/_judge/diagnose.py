@@ -260,7 +260,7 @@ class _Tensors:
 
     def difference(self, a: dict[str, Any], b: dict[str, Any]) -> Any:
         """The bitwise Difference between both runs' tensors of an entry, or None when not kept."""
-        from .compare import compare_tensor
+        from .tensor_compare import compare_tensor
         from .tolerances import BITWISE
 
         pair = self.pair(a, b)

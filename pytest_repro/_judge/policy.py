@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..record import Record, find_non_finite, is_empty
+from ..record import Record, is_empty
 from . import messages
-from .compare import Comparison, compare_records, section_max_abs
+from .compare import compare_records, section_max_abs
+from .difference import Comparison
+from .finite import find_non_finite
 from .tolerances import SectionTolerance, Statistical, Tolerance, ToleranceSpec, unmatched_keys
 from .verdict import Verdict
 
@@ -294,7 +296,7 @@ def changes(
     stored: Any, record: Record, effective: Mapping[str, Mapping[str, Any]], manifest: Mapping[str, Any]
 ) -> list[str]:
     """What changed between the reference's run and this one: config, settings, environment."""
-    from ..manifest import diff_manifests
+    from .drift import diff_manifests
 
     lines: list[str] = []
     old_eff = stored.provenance.get("effective_config")
@@ -323,7 +325,7 @@ def changes(
 
 def env_drift(stored: Any, manifest: Mapping[str, Any]) -> list[str]:
     """Numeric environment drift since a stored reference; one 'drift unknown' line when its manifest is unreadable."""
-    from ..manifest import numeric_drift
+    from .drift import numeric_drift
 
     if getattr(stored, "manifest_problem", None):
         return [messages.drift_unknown(stored.manifest_problem)]
@@ -424,7 +426,7 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
 
 def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     """No reference for this environment: compare with the closest other one, under the cross-env tolerance."""
-    from ..manifest import numeric_drift
+    from .drift import numeric_drift
 
     nodeid = facts.nodeid
     if not found.others:

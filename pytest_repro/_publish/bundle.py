@@ -29,8 +29,9 @@ from typing import IO, Any
 
 import yaml
 
-from ..record import RECORD_FILE, sha256_file
+from ..record import RECORD_FILE
 from ..storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, parse_yaml, read_yaml_text, safe_name
+from ..tensorfile import sha256_file
 
 INDEX_FILE = "bundle.json"
 README_FILE = "README.md"
