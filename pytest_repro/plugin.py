@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .settings import INI_LISTS, INI_OPTIONS, MARKER, SettingsError
+from .settings import BY_FIELD, MARKER, MARKER_KWARGS, OPTIONS, SettingsError
 
 if TYPE_CHECKING:
     from .fixture import Repro
@@ -20,128 +20,23 @@ if TYPE_CHECKING:
 session_key = pytest.StashKey["ReproSession"]()
 repro_key = pytest.StashKey["Repro"]()
 skipped_key = pytest.StashKey[int]()  # reproducible tests skipped because --repro is off
-_CLI = (
-    "repro_runs",
-    "repro_seed",
-    "repro_device",
-    "repro_deterministic",
-    "repro_timeout",
-    "repro_isolation",
-    "repro_parallel_runs",
-    "repro_threads",
-)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("repro", "reproducibility (pytest-repro)")
-    group.addoption(
-        "--repro",
-        action="store_true",
-        default=False,
-        help="run tests marked @pytest.mark.reproducible (skipped otherwise)",
-    )
-    # No argparse choices: pytest's early parse would reject `--repro-regen tests/` before we can fix the args.
-    group.addoption(
-        "--repro-regen",
-        nargs="?",
-        const="all",
-        default=None,
-        metavar="all|missing",
-        help="write references: all (default) rewrites changed ones, missing writes only absent ones",
-    )
-    group.addoption(
-        "--repro-regen-force",
-        action="store_true",
-        default=False,
-        help="allow --repro-regen when the CI environment variable is set",
-    )
-    group.addoption(
-        "--repro-diagnose",
-        action="store_true",
-        default=False,
-        help="when runs diverge, rerun them tracing every parameter and gradient per optimizer step "
-        "and report the first tensor that differs",
-    )
-    group.addoption(
-        "--repro-report",
-        default=None,
-        metavar="PATH",
-        help="write every reproducibility check's outcome as JSON (schema: pytest_repro/report.schema.json)",
-    )
-    group.addoption(
-        "--repro-unused",
-        default=None,
-        choices=("report", "fail", "delete"),
-        help="after a full run, report (or fail on, or delete) reference folders no collected test owns",
-    )
-    group.addoption(
-        "--repro-unused-force",
-        action="store_true",
-        default=False,
-        help="check unused references even though the run was filtered (-k, -m, --lf, paths)",
-    )
-    group.addoption(
-        "--repro-html",
-        default=None,
-        metavar="PATH",
-        help="write a self-contained HTML report: loss curves, difference tables, environment drift",
-    )
-    group.addoption("--repro-runs", default=None, help="runs per test (ini repro_runs)")
-    group.addoption("--repro-seed", default=None, help="base seed (ini repro_seed)")
-    group.addoption("--repro-device", default=None, help="auto, cpu, cuda or cuda:N (ini repro_device)")
-    group.addoption(
-        "--repro-deterministic",
-        default=None,
-        choices=("true", "false"),
-        help="torch deterministic mode (ini repro_deterministic)",
-    )
-    group.addoption(
-        "--repro-threads",
-        default=None,
-        help="CPU threads of job processes, 0 = torch's default (ini repro_threads, default 1)",
-    )
-    group.addoption("--repro-timeout", default=None, help="seconds per run before it is killed (ini repro_timeout)")
-    group.addoption(
-        "--repro-parallel-runs",
-        default=None,
-        metavar="N|auto",
-        help="runs of one check side by side: auto or N, 1 = one after the other (ini repro_parallel_runs)",
-    )
-    group.addoption(
-        "--repro-isolation",
-        default=None,
-        choices=("auto", "fork", "spawn"),
-        help="fork: warm worker forks a child per run; spawn: fresh interpreter per run",
-    )
-    group.addoption(
-        "--repro-bundle-dir",
-        default=None,
-        metavar="DIR",
-        help="write a self-describing bundle (.tar.gz) of every failing check, and of every reference --repro-regen "
-        "wrote (for pytest-repro accept), into DIR, e.g. for CI artifacts",
-    )
-    group.addoption(
-        "--repro-mlflow",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="TRACKING_URI",
-        help="log every check as an MLflow run (ini repro_mlflow); without a URI: MLFLOW_TRACKING_URI, "
-        "else a local SQLite store in <rootdir>/mlruns. Needs pip install 'pytest-repro[mlflow]'",
-    )
-    group.addoption(
-        "--repro-wandb",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PROJECT",
-        help="log every check as a W&B run (ini repro_wandb), offline into <rootdir>/wandb unless WANDB_MODE=online; "
-        "without a project: WANDB_PROJECT, else the project's name. Needs pip install 'pytest-repro[wandb]'",
-    )
-    for name, (help_text, default) in INI_OPTIONS.items():
-        parser.addini(name, help_text, default=default)
-    for name, (help_text, default_list) in INI_LISTS.items():
-        parser.addini(name, help_text, type="linelist", default=default_list)
+    for option in OPTIONS:  # the option table: settings.Settings
+        if option.flag:
+            kwargs = {"default": None, **option.flag_kwargs}
+            group.addoption(option.flag, help=option.flag_help or option.help, **kwargs)
+        if option.ini and isinstance(option.default, list):
+            parser.addini(option.ini, option.help, type="linelist", default=option.default)
+        elif option.ini:
+            parser.addini(option.ini, option.help, default=option.default)
+
+
+def _flags(config: pytest.Config) -> dict[str, Any]:
+    """Every pytest-repro CLI flag's value by its destination (None when not given)."""
+    return {o.dest: config.getoption(o.dest) for o in OPTIONS if o.dest}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -159,12 +54,14 @@ def _ci_is_set() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(tolerance=..., cross_env=..., runs=N, seed=S, deterministic=True, timeout=SECONDS, device=...): "
+        f"{MARKER}({', '.join(f'{name}=...' for name in MARKER_KWARGS)}): "
         "a reproducibility test, run with --repro (see pytest-repro's README)",
     )
     regen = config.getoption("repro_regen")
-    if regen not in (None, "all", "missing"):
-        raise pytest.UsageError(f"--repro-regen={regen}: expected all or missing (e.g. --repro-regen=missing)")
+    try:
+        BY_FIELD["regen"].parse(regen, "--repro-regen")
+    except SettingsError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if not (config.getoption("repro") or regen):
         return
     if regen and _ci_is_set() and not config.getoption("repro_regen_force"):
@@ -190,12 +87,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if problems:
         raise pytest.UsageError(f"pytest-repro: {problems[0]}")
 
-    ini = {name: config.getini(name) for name in (*INI_OPTIONS, *INI_LISTS)}
-    cli = {name: config.getoption(name) for name in _CLI}
-    cli["repro_regen"] = regen
-    cli["repro_diagnose"] = config.getoption("repro_diagnose")
+    ini = {o.ini: config.getini(o.ini) for o in OPTIONS if o.ini}
     try:
-        settings = base_settings(ini, cli, Path(config.rootpath))
+        settings = base_settings(ini, _flags(config), Path(config.rootpath))
     except SettingsError as exc:
         raise pytest.UsageError(f"pytest-repro: {exc}") from None
     if settings.device.startswith("cuda"):
@@ -260,9 +154,8 @@ def repro(request: pytest.FixtureRequest) -> Repro:
     session = request.config.stash.get(session_key, None)
     if session is None:
         pytest.skip("reproducibility test: run with `pytest --repro`")
-    cli = {name: request.config.getoption(name) for name in _CLI}
     try:
-        settings = apply_marker(session.settings, dict(marker.kwargs), cli, tuple(marker.args))
+        settings = apply_marker(session.settings, dict(marker.kwargs), _flags(request.config), tuple(marker.args))
     except SettingsError as exc:
         problem = str(exc)
     else:
