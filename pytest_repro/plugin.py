@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 session_key = pytest.StashKey["ReproSession"]()
 repro_key = pytest.StashKey["Repro"]()
-skipped_key = pytest.StashKey[int]()  # reproducible tests skipped because --repro is off
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -63,6 +62,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     if not (config.getoption("repro") or regen):
+        config.pluginmanager.register(SkipReproducible(), "repro-skip")
         return
     if regen and _ci_is_set() and not config.getoption("repro_regen_force"):
         raise pytest.UsageError(
@@ -105,33 +105,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from .scratch import clean_stale_scratch
 
         session.notes += clean_stale_scratch()
-    config.pluginmanager.register(_OutcomeCollector(session), "repro-outcomes")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if session_key in config.stash:
-        return
-    skip = pytest.mark.skip(reason=f"reproducibility test: run with `pytest --repro` (marked @pytest.mark.{MARKER})")
-    marked = [item for item in items if item.get_closest_marker(MARKER) is not None]
-    for item in marked:
-        item.add_marker(skip)
-    config.stash[skipped_key] = len(marked)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    # Start the warm worker now: its imports (seconds) overlap with collection.
-    repro = session.config.stash.get(session_key, None)
-    xdist_controller = bool(getattr(session.config.option, "numprocesses", None)) and not hasattr(
-        session.config, "workerinput"
-    )
-    if repro is not None and not session.config.option.collectonly and not xdist_controller:
-        # With what earlier sessions learned jobs import (pytest's cache), and, once collected, what the
-        # reproducible tests' modules import.
-        repro.warm_up(getattr(session.config, "cache", None))
-        from ._exec.preload import CollectionScan
-
-        session.config.pluginmanager.register(CollectionScan(repro), "repro-preload-scan")
+    config.pluginmanager.register(ReproPlugin(session), "repro-session")
 
 
 @pytest.fixture
@@ -165,6 +139,29 @@ def repro(request: pytest.FixtureRequest) -> Repro:
     pytest.fail(f"{request.node.nodeid}: {problem}", pytrace=False)
 
 
+class SkipReproducible:
+    """Without --repro: reproducible tests are skipped, and the summary says how to run them."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        skip = pytest.mark.skip(
+            reason=f"reproducibility test: run with `pytest --repro` (marked @pytest.mark.{MARKER})"
+        )
+        marked = [item for item in items if item.get_closest_marker(MARKER) is not None]
+        for item in marked:
+            item.add_marker(skip)
+        self.skipped = len(marked)
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        if self.skipped:
+            terminalreporter.write_line(
+                f"reproducibility: {self.skipped} reproducibility test(s) skipped: run them with `pytest --repro`",
+                yellow=True,
+            )
+
+
 def _phase_outcome(report: pytest.TestReport) -> tuple[str, str]:
     """Pytest's outcome of one phase and a one-line reason (the exception) when it did not pass."""
     if hasattr(report, "wasxfail"):
@@ -175,57 +172,27 @@ def _phase_outcome(report: pytest.TestReport) -> tuple[str, str]:
     return report.outcome, (why[-1][:300] if why else "")
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """After the test's last phase: let its checks commit or discard references and publish their outcomes."""
-    fixture = item.stash.get(repro_key, None)
-    failure = None
-    if fixture is not None and call.when == "teardown":
-        # What pytest reports: the final setup/call reports as logged (after every plugin's wrapper,
-        # subtests included; see _OutcomeCollector.pytest_runtest_logreport).
-        phases = item.config.stash[session_key].logged.pop(item.nodeid, {})
-        outcome, why = phases.get("call", ("error", "the test did not run"))
-        setup = phases.get("setup", ("passed", ""))
-        if setup[0] != "passed":
-            outcome, why = "error", setup[1]
-        elif call.excinfo is not None:
-            outcome, why = "error", call.excinfo.exconly()[:300]
-        failure = fixture.finish(outcome, why)
-        item.user_properties += fixture.properties()
-    report: pytest.TestReport = yield
-    if fixture is not None and call.when == "teardown":
-        report.repro_outcomes = [o.to_dict() for o in fixture.outcomes]  # type: ignore[attr-defined]
-        if failure is not None and report.passed:
-            report.outcome = "failed"
-            report.longrepr = failure
-    return report
-
-
 _RANK = {"passed": 0, "xpassed": 1, "skipped": 2, "xfailed": 3, "error": 4, "failed": 5}
 
 
-class _OutcomeCollector:
-    """Gathers every check's outcome from the test reports, which reach the main process also under xdist."""
+class ReproPlugin:
+    """The session's hooks, with --repro: collection, each test's checks, xdist merging, publishing, summary."""
 
     def __init__(self, session: ReproSession) -> None:
         self.session = session
 
     @pytest.hookimpl(trylast=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "teardown":
-            self.session.outcomes += getattr(report, "repro_outcomes", None) or []
-            return
-        # The test's final setup/call outcome: the worst of all its logged reports (failed subtests included).
-        phases = self.session.logged.setdefault(report.nodeid, {})
-        outcome, previous = _phase_outcome(report), phases.get(report.when)
-        if previous is None or _RANK.get(outcome[0], 5) > _RANK.get(previous[0], 5):
-            phases[report.when] = outcome
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        # Start the warm worker now: its imports (seconds) overlap with collection.
+        config = session.config
+        xdist_controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+        if not config.option.collectonly and not xdist_controller:
+            # With what earlier sessions learned jobs import (pytest's cache), and, once collected, what the
+            # reproducible tests' modules import.
+            self.session.warm_up(getattr(config, "cache", None))
+            from ._exec.preload import CollectionScan
 
-    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
-        if report.failed:
-            self.session.not_collected.append(f"{report.nodeid or '.'} (collection error)")
-        elif report.skipped:
-            self.session.not_collected.append(f"{report.nodeid or '.'} (skipped while collecting)")
+            config.pluginmanager.register(CollectionScan(self.session), "repro-preload-scan")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> Any:
@@ -246,6 +213,101 @@ class _OutcomeCollector:
             self.session.not_collected.append(f"{collection_path} (ignored)")
         return ignored
 
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.session.not_collected.append(f"{report.nodeid or '.'} (collection error)")
+        elif report.skipped:
+            self.session.not_collected.append(f"{report.nodeid or '.'} (skipped while collecting)")
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.session.deselected_reproducible += [i.nodeid for i in items if i.get_closest_marker(MARKER) is not None]
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.session.owned_nodeids += [i.nodeid for i in session.items if i.get_closest_marker(MARKER) is not None]
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """After the test's last phase: let its checks commit or discard references and publish their outcomes."""
+        fixture = item.stash.get(repro_key, None)
+        failure = None
+        if fixture is not None and call.when == "teardown":
+            # What pytest reports: the final setup/call reports as logged (after every plugin's wrapper,
+            # subtests included; see pytest_runtest_logreport).
+            phases = self.session.logged.pop(item.nodeid, {})
+            outcome, why = phases.get("call", ("error", "the test did not run"))
+            setup = phases.get("setup", ("passed", ""))
+            if setup[0] != "passed":
+                outcome, why = "error", setup[1]
+            elif call.excinfo is not None:
+                outcome, why = "error", call.excinfo.exconly()[:300]
+            failure = fixture.finish(outcome, why)
+            item.user_properties += fixture.properties()
+        report: pytest.TestReport = yield
+        if fixture is not None and call.when == "teardown":
+            report.repro_outcomes = [o.to_dict() for o in fixture.outcomes]  # type: ignore[attr-defined]
+            if failure is not None and report.passed:
+                report.outcome = "failed"
+                report.longrepr = failure
+        return report
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Gather every check's outcome from the test reports, which reach the main process also under xdist."""
+        if report.when == "teardown":
+            self.session.outcomes += getattr(report, "repro_outcomes", None) or []
+            return
+        # The test's final setup/call outcome: the worst of all its logged reports (failed subtests included).
+        phases = self.session.logged.setdefault(report.nodeid, {})
+        outcome, previous = _phase_outcome(report), phases.get(report.when)
+        if previous is None or _RANK.get(outcome[0], 5) > _RANK.get(previous[0], 5):
+            phases[report.when] = outcome
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist controller: merge what each worker collected, for the unused-reference check."""
+        output = getattr(node, "workeroutput", None) or {}
+        if "repro_owned" in output:
+            self.session.owned_nodeids += list(output["repro_owned"])
+            self.session.deselected_reproducible += list(output["repro_deselected"])
+            self.session.not_collected += list(output.get("repro_not_collected", []))
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        config, repro = session.config, self.session
+        repro.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
+        workeroutput = getattr(config, "workeroutput", None)
+        if workeroutput is not None:  # xdist worker: hand what it saw to the controller
+            workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))
+            workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
+            workeroutput["repro_not_collected"] = sorted(set(repro.not_collected))
+            return
+        mode = repro.settings.unused
+        if mode:
+            from ._publish import unused
+
+            unused.check(repro, config, mode)
+            if repro.unused and mode == "fail":
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        from ._publish.tracking import publish
+
+        if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+        from ._publish.report import write_reports  # last: the JSON report states the run's final exit status
+
+        written = write_reports(
+            repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus
+        )
+        if not written and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        from ._publish.report import write_summary
+
+        write_summary(terminalreporter, self.session)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.session.close()
+        del config.stash[session_key]
+
 
 def _could_hold_tests(path: Path, config: pytest.Config) -> bool:
     """Whether an ignored path is one that would otherwise hold tests (not a venv, cache or excluded folder)."""
@@ -258,80 +320,3 @@ def _could_hold_tests(path: Path, config: pytest.Config) -> bool:
             return False
         return not any(fnmatch.fnmatch(path.name, pattern) for pattern in config.getini("norecursedirs"))
     return path.suffix == ".py" and any(fnmatch.fnmatch(path.name, p) for p in config.getini("python_files"))
-
-
-def pytest_deselected(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker(MARKER) is not None:
-            repro = item.config.stash.get(session_key, None)
-            if repro is not None:
-                repro.deselected_reproducible.append(item.nodeid)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    repro = session.config.stash.get(session_key, None)
-    if repro is not None:
-        repro.owned_nodeids += [i.nodeid for i in session.items if i.get_closest_marker(MARKER) is not None]
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    """xdist controller: merge what each worker collected, for the unused-reference check."""
-    repro = node.config.stash.get(session_key, None)
-    output = getattr(node, "workeroutput", None) or {}
-    if repro is not None and "repro_owned" in output:
-        repro.owned_nodeids += list(output["repro_owned"])
-        repro.deselected_reproducible += list(output["repro_deselected"])
-        repro.not_collected += list(output.get("repro_not_collected", []))
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
-    repro = config.stash.get(session_key, None)
-    if repro is None:
-        return
-    repro.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
-    workeroutput = getattr(config, "workeroutput", None)
-    if workeroutput is not None:  # xdist worker: hand what it saw to the controller
-        workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))
-        workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
-        workeroutput["repro_not_collected"] = sorted(set(repro.not_collected))
-        return
-    mode = config.getoption("repro_unused")
-    if mode:
-        from ._publish import unused
-
-        unused.check(repro, config, mode)
-        if repro.unused and mode == "fail":
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    from ._publish.tracking import publish
-
-    if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-    from ._publish.report import write_reports  # last: the JSON report states the run's final exit status
-
-    written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
-    if not written and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    session = config.stash.get(session_key, None)
-    if session is None:
-        skipped = config.stash.get(skipped_key, 0)
-        if skipped:
-            terminalreporter.write_line(
-                f"reproducibility: {skipped} reproducibility test(s) skipped: run them with `pytest --repro`",
-                yellow=True,
-            )
-        return
-    from ._publish.report import write_summary
-
-    write_summary(terminalreporter, session)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    session = config.stash.get(session_key, None)
-    if session is not None:
-        session.close()
-        del config.stash[session_key]
