@@ -98,3 +98,10 @@ def test_switch_options_say_where_they_were_switched_on(tmp_path: Path) -> None:
     assert (uri.value, uri.where) == ("http://x:5000", "--repro-mlflow=http://x:5000")
     off = base_settings({**INI_DEFAULTS, "repro_wandb": "true"}, {"repro_wandb": "off"}, tmp_path).wandb
     assert off.value is None
+
+
+def test_the_readme_documents_every_flag_and_ini_option() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
+    named = {o.flag for o in OPTIONS if o.flag} | {o.ini for o in OPTIONS if o.ini} | set(MARKER_KWARGS)
+    assert sorted(name for name in named if f"`{name}" not in section and f"{name}=" not in section) == []
