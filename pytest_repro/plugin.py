@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .settings import INI_LISTS, INI_OPTIONS, MARKER, SettingsError
+from .settings import BY_FIELD, MARKER, MARKER_KWARGS, OPTIONS, SettingsError
 
 if TYPE_CHECKING:
     from .fixture import Repro
@@ -19,129 +19,23 @@ if TYPE_CHECKING:
 
 session_key = pytest.StashKey["ReproSession"]()
 repro_key = pytest.StashKey["Repro"]()
-skipped_key = pytest.StashKey[int]()  # reproducible tests skipped because --repro is off
-_CLI = (
-    "repro_runs",
-    "repro_seed",
-    "repro_device",
-    "repro_deterministic",
-    "repro_timeout",
-    "repro_isolation",
-    "repro_parallel_runs",
-    "repro_threads",
-)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("repro", "reproducibility (pytest-repro)")
-    group.addoption(
-        "--repro",
-        action="store_true",
-        default=False,
-        help="run tests marked @pytest.mark.reproducible (skipped otherwise)",
-    )
-    # No argparse choices: pytest's early parse would reject `--repro-regen tests/` before we can fix the args.
-    group.addoption(
-        "--repro-regen",
-        nargs="?",
-        const="all",
-        default=None,
-        metavar="all|missing",
-        help="write references: all (default) rewrites changed ones, missing writes only absent ones",
-    )
-    group.addoption(
-        "--repro-regen-force",
-        action="store_true",
-        default=False,
-        help="allow --repro-regen when the CI environment variable is set",
-    )
-    group.addoption(
-        "--repro-diagnose",
-        action="store_true",
-        default=False,
-        help="when runs diverge, rerun them tracing every parameter and gradient per optimizer step "
-        "and report the first tensor that differs",
-    )
-    group.addoption(
-        "--repro-report",
-        default=None,
-        metavar="PATH",
-        help="write every reproducibility check's outcome as JSON (schema: pytest_repro/report.schema.json)",
-    )
-    group.addoption(
-        "--repro-unused",
-        default=None,
-        choices=("report", "fail", "delete"),
-        help="after a full run, report (or fail on, or delete) reference folders no collected test owns",
-    )
-    group.addoption(
-        "--repro-unused-force",
-        action="store_true",
-        default=False,
-        help="check unused references even though the run was filtered (-k, -m, --lf, paths)",
-    )
-    group.addoption(
-        "--repro-html",
-        default=None,
-        metavar="PATH",
-        help="write a self-contained HTML report: loss curves, difference tables, environment drift",
-    )
-    group.addoption("--repro-runs", default=None, help="runs per test (ini repro_runs)")
-    group.addoption("--repro-seed", default=None, help="base seed (ini repro_seed)")
-    group.addoption("--repro-device", default=None, help="auto, cpu, cuda or cuda:N (ini repro_device)")
-    group.addoption(
-        "--repro-deterministic",
-        default=None,
-        choices=("true", "false"),
-        help="torch deterministic mode (ini repro_deterministic)",
-    )
-    group.addoption(
-        "--repro-threads",
-        default=None,
-        help="CPU threads of job processes, 0 = torch's default (ini repro_threads, default 1)",
-    )
-    group.addoption("--repro-timeout", default=None, help="seconds per run before it is killed (ini repro_timeout)")
-    group.addoption(
-        "--repro-parallel-runs",
-        default=None,
-        metavar="N|auto",
-        help="runs of one check side by side: auto or N, 1 = one after the other (ini repro_parallel_runs)",
-    )
-    group.addoption(
-        "--repro-isolation",
-        default=None,
-        choices=("auto", "fork", "spawn"),
-        help="fork: warm worker forks a child per run; spawn: fresh interpreter per run",
-    )
-    group.addoption(
-        "--repro-bundle-dir",
-        default=None,
-        metavar="DIR",
-        help="write a self-describing bundle (.tar.gz) of every failing check, and of every reference --repro-regen "
-        "wrote (for pytest-repro accept), into DIR, e.g. for CI artifacts",
-    )
-    group.addoption(
-        "--repro-mlflow",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="TRACKING_URI",
-        help="log every check as an MLflow run (ini repro_mlflow); without a URI: MLFLOW_TRACKING_URI, "
-        "else a local SQLite store in <rootdir>/mlruns. Needs pip install 'pytest-repro[mlflow]'",
-    )
-    group.addoption(
-        "--repro-wandb",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PROJECT",
-        help="log every check as a W&B run (ini repro_wandb), offline into <rootdir>/wandb unless WANDB_MODE=online; "
-        "without a project: WANDB_PROJECT, else the project's name. Needs pip install 'pytest-repro[wandb]'",
-    )
-    for name, (help_text, default) in INI_OPTIONS.items():
-        parser.addini(name, help_text, default=default)
-    for name, (help_text, default_list) in INI_LISTS.items():
-        parser.addini(name, help_text, type="linelist", default=default_list)
+    for option in OPTIONS:  # the option table: settings.Settings
+        if option.flag:
+            kwargs = {"default": None, **option.flag_kwargs}
+            group.addoption(option.flag, help=option.flag_help or option.help, **kwargs)
+        if option.ini and isinstance(option.default, list):
+            parser.addini(option.ini, option.help, type="linelist", default=option.default)
+        elif option.ini:
+            parser.addini(option.ini, option.help, default=option.default)
+
+
+def _flags(config: pytest.Config) -> dict[str, Any]:
+    """Every pytest-repro CLI flag's value by its destination (None when not given)."""
+    return {o.dest: config.getoption(o.dest) for o in OPTIONS if o.dest}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -159,13 +53,16 @@ def _ci_is_set() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(tolerance=..., cross_env=..., runs=N, seed=S, deterministic=True, timeout=SECONDS, device=...): "
+        f"{MARKER}({', '.join(f'{name}=...' for name in MARKER_KWARGS)}): "
         "a reproducibility test, run with --repro (see pytest-repro's README)",
     )
     regen = config.getoption("repro_regen")
-    if regen not in (None, "all", "missing"):
-        raise pytest.UsageError(f"--repro-regen={regen}: expected all or missing (e.g. --repro-regen=missing)")
+    try:
+        BY_FIELD["regen"].parse(regen, "--repro-regen")
+    except SettingsError as exc:
+        raise pytest.UsageError(str(exc)) from None
     if not (config.getoption("repro") or regen):
+        config.pluginmanager.register(SkipReproducible(), "repro-skip")
         return
     if regen and _ci_is_set() and not config.getoption("repro_regen_force"):
         raise pytest.UsageError(
@@ -190,12 +87,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if problems:
         raise pytest.UsageError(f"pytest-repro: {problems[0]}")
 
-    ini = {name: config.getini(name) for name in (*INI_OPTIONS, *INI_LISTS)}
-    cli = {name: config.getoption(name) for name in _CLI}
-    cli["repro_regen"] = regen
-    cli["repro_diagnose"] = config.getoption("repro_diagnose")
+    ini = {o.ini: config.getini(o.ini) for o in OPTIONS if o.ini}
     try:
-        settings = base_settings(ini, cli, Path(config.rootpath))
+        settings = base_settings(ini, _flags(config), Path(config.rootpath))
     except SettingsError as exc:
         raise pytest.UsageError(f"pytest-repro: {exc}") from None
     if settings.device.startswith("cuda"):
@@ -211,33 +105,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from .scratch import clean_stale_scratch
 
         session.notes += clean_stale_scratch()
-    config.pluginmanager.register(_OutcomeCollector(session), "repro-outcomes")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if session_key in config.stash:
-        return
-    skip = pytest.mark.skip(reason=f"reproducibility test: run with `pytest --repro` (marked @pytest.mark.{MARKER})")
-    marked = [item for item in items if item.get_closest_marker(MARKER) is not None]
-    for item in marked:
-        item.add_marker(skip)
-    config.stash[skipped_key] = len(marked)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    # Start the warm worker now: its imports (seconds) overlap with collection.
-    repro = session.config.stash.get(session_key, None)
-    xdist_controller = bool(getattr(session.config.option, "numprocesses", None)) and not hasattr(
-        session.config, "workerinput"
-    )
-    if repro is not None and not session.config.option.collectonly and not xdist_controller:
-        # With what earlier sessions learned jobs import (pytest's cache), and, once collected, what the
-        # reproducible tests' modules import.
-        repro.warm_up(getattr(session.config, "cache", None))
-        from ._exec.preload import CollectionScan
-
-        session.config.pluginmanager.register(CollectionScan(repro), "repro-preload-scan")
+    config.pluginmanager.register(ReproPlugin(session), "repro-session")
 
 
 @pytest.fixture
@@ -260,9 +128,8 @@ def repro(request: pytest.FixtureRequest) -> Repro:
     session = request.config.stash.get(session_key, None)
     if session is None:
         pytest.skip("reproducibility test: run with `pytest --repro`")
-    cli = {name: request.config.getoption(name) for name in _CLI}
     try:
-        settings = apply_marker(session.settings, dict(marker.kwargs), cli, tuple(marker.args))
+        settings = apply_marker(session.settings, dict(marker.kwargs), _flags(request.config), tuple(marker.args))
     except SettingsError as exc:
         problem = str(exc)
     else:
@@ -270,6 +137,29 @@ def repro(request: pytest.FixtureRequest) -> Repro:
         request.node.stash[repro_key] = fixture
         return fixture
     pytest.fail(f"{request.node.nodeid}: {problem}", pytrace=False)
+
+
+class SkipReproducible:
+    """Without --repro: reproducible tests are skipped, and the summary says how to run them."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        skip = pytest.mark.skip(
+            reason=f"reproducibility test: run with `pytest --repro` (marked @pytest.mark.{MARKER})"
+        )
+        marked = [item for item in items if item.get_closest_marker(MARKER) is not None]
+        for item in marked:
+            item.add_marker(skip)
+        self.skipped = len(marked)
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        if self.skipped:
+            terminalreporter.write_line(
+                f"reproducibility: {self.skipped} reproducibility test(s) skipped: run them with `pytest --repro`",
+                yellow=True,
+            )
 
 
 def _phase_outcome(report: pytest.TestReport) -> tuple[str, str]:
@@ -282,57 +172,27 @@ def _phase_outcome(report: pytest.TestReport) -> tuple[str, str]:
     return report.outcome, (why[-1][:300] if why else "")
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """After the test's last phase: let its checks commit or discard references and publish their outcomes."""
-    fixture = item.stash.get(repro_key, None)
-    failure = None
-    if fixture is not None and call.when == "teardown":
-        # What pytest reports: the final setup/call reports as logged (after every plugin's wrapper,
-        # subtests included; see _OutcomeCollector.pytest_runtest_logreport).
-        phases = item.config.stash[session_key].logged.pop(item.nodeid, {})
-        outcome, why = phases.get("call", ("error", "the test did not run"))
-        setup = phases.get("setup", ("passed", ""))
-        if setup[0] != "passed":
-            outcome, why = "error", setup[1]
-        elif call.excinfo is not None:
-            outcome, why = "error", call.excinfo.exconly()[:300]
-        failure = fixture.finish(outcome, why)
-        item.user_properties += fixture.properties()
-    report: pytest.TestReport = yield
-    if fixture is not None and call.when == "teardown":
-        report.repro_outcomes = [o.to_dict() for o in fixture.outcomes]  # type: ignore[attr-defined]
-        if failure is not None and report.passed:
-            report.outcome = "failed"
-            report.longrepr = failure
-    return report
-
-
 _RANK = {"passed": 0, "xpassed": 1, "skipped": 2, "xfailed": 3, "error": 4, "failed": 5}
 
 
-class _OutcomeCollector:
-    """Gathers every check's outcome from the test reports, which reach the main process also under xdist."""
+class ReproPlugin:
+    """The session's hooks, with --repro: collection, each test's checks, xdist merging, publishing, summary."""
 
     def __init__(self, session: ReproSession) -> None:
         self.session = session
 
     @pytest.hookimpl(trylast=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when == "teardown":
-            self.session.outcomes += getattr(report, "repro_outcomes", None) or []
-            return
-        # The test's final setup/call outcome: the worst of all its logged reports (failed subtests included).
-        phases = self.session.logged.setdefault(report.nodeid, {})
-        outcome, previous = _phase_outcome(report), phases.get(report.when)
-        if previous is None or _RANK.get(outcome[0], 5) > _RANK.get(previous[0], 5):
-            phases[report.when] = outcome
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        # Start the warm worker now: its imports (seconds) overlap with collection.
+        config = session.config
+        xdist_controller = bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+        if not config.option.collectonly and not xdist_controller:
+            # With what earlier sessions learned jobs import (pytest's cache), and, once collected, what the
+            # reproducible tests' modules import.
+            self.session.warm_up(getattr(config, "cache", None))
+            from ._exec.preload import CollectionScan
 
-    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
-        if report.failed:
-            self.session.not_collected.append(f"{report.nodeid or '.'} (collection error)")
-        elif report.skipped:
-            self.session.not_collected.append(f"{report.nodeid or '.'} (skipped while collecting)")
+            config.pluginmanager.register(CollectionScan(self.session), "repro-preload-scan")
 
     @pytest.hookimpl(wrapper=True)
     def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> Any:
@@ -353,6 +213,101 @@ class _OutcomeCollector:
             self.session.not_collected.append(f"{collection_path} (ignored)")
         return ignored
 
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.session.not_collected.append(f"{report.nodeid or '.'} (collection error)")
+        elif report.skipped:
+            self.session.not_collected.append(f"{report.nodeid or '.'} (skipped while collecting)")
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.session.deselected_reproducible += [i.nodeid for i in items if i.get_closest_marker(MARKER) is not None]
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.session.owned_nodeids += [i.nodeid for i in session.items if i.get_closest_marker(MARKER) is not None]
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """After the test's last phase: let its checks commit or discard references and publish their outcomes."""
+        fixture = item.stash.get(repro_key, None)
+        failure = None
+        if fixture is not None and call.when == "teardown":
+            # What pytest reports: the final setup/call reports as logged (after every plugin's wrapper,
+            # subtests included; see pytest_runtest_logreport).
+            phases = self.session.logged.pop(item.nodeid, {})
+            outcome, why = phases.get("call", ("error", "the test did not run"))
+            setup = phases.get("setup", ("passed", ""))
+            if setup[0] != "passed":
+                outcome, why = "error", setup[1]
+            elif call.excinfo is not None:
+                outcome, why = "error", call.excinfo.exconly()[:300]
+            failure = fixture.finish(outcome, why)
+            item.user_properties += fixture.properties()
+        report: pytest.TestReport = yield
+        if fixture is not None and call.when == "teardown":
+            report.repro_outcomes = [o.to_dict() for o in fixture.outcomes]  # type: ignore[attr-defined]
+            if failure is not None and report.passed:
+                report.outcome = "failed"
+                report.longrepr = failure
+        return report
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Gather every check's outcome from the test reports, which reach the main process also under xdist."""
+        if report.when == "teardown":
+            self.session.outcomes += getattr(report, "repro_outcomes", None) or []
+            return
+        # The test's final setup/call outcome: the worst of all its logged reports (failed subtests included).
+        phases = self.session.logged.setdefault(report.nodeid, {})
+        outcome, previous = _phase_outcome(report), phases.get(report.when)
+        if previous is None or _RANK.get(outcome[0], 5) > _RANK.get(previous[0], 5):
+            phases[report.when] = outcome
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist controller: merge what each worker collected, for the unused-reference check."""
+        output = getattr(node, "workeroutput", None) or {}
+        if "repro_owned" in output:
+            self.session.owned_nodeids += list(output["repro_owned"])
+            self.session.deselected_reproducible += list(output["repro_deselected"])
+            self.session.not_collected += list(output.get("repro_not_collected", []))
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        config, repro = session.config, self.session
+        repro.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
+        workeroutput = getattr(config, "workeroutput", None)
+        if workeroutput is not None:  # xdist worker: hand what it saw to the controller
+            workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))
+            workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
+            workeroutput["repro_not_collected"] = sorted(set(repro.not_collected))
+            return
+        mode = repro.settings.unused
+        if mode:
+            from ._publish import unused
+
+            unused.check(repro, config, mode)
+            if repro.unused and mode == "fail":
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        from ._publish.tracking import publish
+
+        if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+        from ._publish.report import write_reports  # last: the JSON report states the run's final exit status
+
+        written = write_reports(
+            repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus
+        )
+        if not written and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        from ._publish.report import write_summary
+
+        write_summary(terminalreporter, self.session)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.session.close()
+        del config.stash[session_key]
+
 
 def _could_hold_tests(path: Path, config: pytest.Config) -> bool:
     """Whether an ignored path is one that would otherwise hold tests (not a venv, cache or excluded folder)."""
@@ -365,80 +320,3 @@ def _could_hold_tests(path: Path, config: pytest.Config) -> bool:
             return False
         return not any(fnmatch.fnmatch(path.name, pattern) for pattern in config.getini("norecursedirs"))
     return path.suffix == ".py" and any(fnmatch.fnmatch(path.name, p) for p in config.getini("python_files"))
-
-
-def pytest_deselected(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker(MARKER) is not None:
-            repro = item.config.stash.get(session_key, None)
-            if repro is not None:
-                repro.deselected_reproducible.append(item.nodeid)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    repro = session.config.stash.get(session_key, None)
-    if repro is not None:
-        repro.owned_nodeids += [i.nodeid for i in session.items if i.get_closest_marker(MARKER) is not None]
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:
-    """xdist controller: merge what each worker collected, for the unused-reference check."""
-    repro = node.config.stash.get(session_key, None)
-    output = getattr(node, "workeroutput", None) or {}
-    if repro is not None and "repro_owned" in output:
-        repro.owned_nodeids += list(output["repro_owned"])
-        repro.deselected_reproducible += list(output["repro_deselected"])
-        repro.not_collected += list(output.get("repro_not_collected", []))
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    config = session.config
-    repro = config.stash.get(session_key, None)
-    if repro is None:
-        return
-    repro.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
-    workeroutput = getattr(config, "workeroutput", None)
-    if workeroutput is not None:  # xdist worker: hand what it saw to the controller
-        workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))
-        workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
-        workeroutput["repro_not_collected"] = sorted(set(repro.not_collected))
-        return
-    mode = config.getoption("repro_unused")
-    if mode:
-        from ._publish import unused
-
-        unused.check(repro, config, mode)
-        if repro.unused and mode == "fail":
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    from ._publish.tracking import publish
-
-    if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-    from ._publish.report import write_reports  # last: the JSON report states the run's final exit status
-
-    written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
-    if not written and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    session = config.stash.get(session_key, None)
-    if session is None:
-        skipped = config.stash.get(skipped_key, 0)
-        if skipped:
-            terminalreporter.write_line(
-                f"reproducibility: {skipped} reproducibility test(s) skipped: run them with `pytest --repro`",
-                yellow=True,
-            )
-        return
-    from ._publish.report import write_summary
-
-    write_summary(terminalreporter, session)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    session = config.stash.get(session_key, None)
-    if session is not None:
-        session.close()
-        del config.stash[session_key]

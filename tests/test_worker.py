@@ -14,7 +14,7 @@ import pytest
 
 from pytest_repro._exec.preload import Preloads, imports_in, job_names, load_cached, save_cached
 from pytest_repro._exec.runner import parallel_runs
-from pytest_repro.settings import INI_OPTIONS, SettingsError, base_settings
+from pytest_repro.settings import OPTIONS, SettingsError, base_settings
 
 # ---------------------------------------------------------------- static: what a job's source imports
 
@@ -121,7 +121,7 @@ def test_parallel_runs_auto_uses_free_cores_on_cpu_only() -> None:
 
 
 def test_parallel_runs_ini_option(tmp_path: Path) -> None:
-    ini: dict[str, Any] = {name: default for name, (_, default) in INI_OPTIONS.items()}
+    ini: dict[str, Any] = {o.ini: o.default for o in OPTIONS if o.ini}
     ini |= {"repro_manifest_packages": [], "repro_env_key_fields": []}
     assert base_settings(ini, {}, tmp_path).parallel_runs == 0
     assert base_settings({**ini, "repro_parallel_runs": "3"}, {}, tmp_path).parallel_runs == 3
