@@ -476,11 +476,6 @@ class _Worker:
                 raise TimeoutError("the worker did not answer" if self.ready else "the worker did not start in time")
             self._dispatch(msg)
 
-    def request(self, spec: RunSpec, timeout: float, env: dict[str, str]) -> dict[str, Any]:
-        """Send one run request and wait for its reply (raises EOFError/TimeoutError if the worker fails)."""
-        rid = self.submit(spec, timeout, env)
-        return self.wait([rid], time.monotonic() + timeout + WORKER_START_TIMEOUT + _GRACE)[1]
-
     def close(self) -> None:
         # The worker holds nothing worth flushing (its children are already reaped), and a graceful
         # interpreter shutdown with torch loaded takes seconds: kill it.
