@@ -125,7 +125,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         ctx.checkpoint_dir.mkdir(exist_ok=True)  # type: ignore[union-attr]
         tracer = None
         if spec.diagnose:
-            from .._judge.diagnose import StepTracer
+            from .trace import StepTracer
 
             tracer = StepTracer().install()
         stage = "job"
