@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ._exec.child import MANIFEST_FILE, RECORD_DIR
+from ._exec.child import RECORD_DIR, RUN_MANIFEST_FILE
 from ._exec.distributed import rank_dir
 from ._exec.runner import RunOutcome
 from ._judge import messages, policy
@@ -639,7 +639,7 @@ def _unreadable(nodeid: str, exc: RecordError) -> Decision:
 
 def _read_manifest(workdir: Path) -> dict[str, Any]:
     try:
-        data = json.loads((workdir / MANIFEST_FILE).read_text(encoding="utf-8"))
+        data = json.loads((workdir / RUN_MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -104,7 +104,7 @@ def heavy_modules() -> None:
     pytester unloads every module first imported while it was active; unloading torch breaks the
     next import of it and crashes the interpreter. Session scope makes this run before pytester.
     """
-    # The harness too: its warm workers live in pytest_repro._exec.runner and are shared across inline runs.
+    # The harness too: its warm workers live in pytest_repro._exec.pool and are shared across inline runs.
     for name in ("torch", "numpy", "safetensors.torch", "deepdiff", "yaml", "pytest_repro.fixture"):
         pytest.importorskip(name)
     for optional in ("matplotlib.pyplot", "scipy.stats", "jsonschema"):

@@ -12,7 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pytest_repro._judge.diagnose import TRACE_FILE, StepTracer, first_divergence  # noqa: E402
+from pytest_repro._exec.trace import TRACE_FILE, StepTracer  # noqa: E402
+from pytest_repro._judge.diagnose import first_divergence  # noqa: E402
 
 
 class Points:

@@ -308,7 +308,8 @@ def test_job_processes_die_with_their_worker(tmp_path: Path) -> None:
     import threading
     import time
 
-    from pytest_repro._exec.runner import _WORKERS, Runner, fork_supported
+    from pytest_repro._exec.pool import _WORKERS
+    from pytest_repro._exec.runner import Runner, fork_supported
     from pytest_repro.context import JobRef, RunSpec
 
     if not fork_supported():

@@ -18,7 +18,7 @@ from ..context import JobContext, JobRef, RunSpec, TrackedConfig
 
 RECORD_DIR = "record"
 ERROR_FILE = "error.json"
-MANIFEST_FILE = "manifest.json"
+RUN_MANIFEST_FILE = "manifest.json"  # this run's environment manifest (a reference keeps storage.MANIFEST_FILE)
 LOG_FILE = "output.log"
 IMPORTS_FILE = "imports.json"  # modules the run imported beyond those its process started with
 
@@ -125,7 +125,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         ctx.checkpoint_dir.mkdir(exist_ok=True)  # type: ignore[union-attr]
         tracer = None
         if spec.diagnose:
-            from .._judge.diagnose import StepTracer
+            from .trace import StepTracer
 
             tracer = StepTracer().install()
         stage = "job"
@@ -167,7 +167,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
             manifest = collect_manifest(spec.cwd, spec.manifest_packages, spec.identity)
             if rank is not None:
                 manifest["distributed"] = {"backend": group["backend"], "world_size": spec.nproc}
-            (workdir / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
+            (workdir / RUN_MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
         # What the worker lacked, so that it can preload it for the next runs (a report, never required).
         with contextlib.suppress(OSError):
             (workdir / IMPORTS_FILE).write_text(json.dumps(_new_imports(modules_before)), encoding="utf-8")

@@ -19,13 +19,12 @@ import importlib.util
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import pytest
 
     from ..context import JobRef
-    from ..session import ReproSession
 
 CACHE_KEY = "repro/preload"
 MAX_ENTRIES = 20000  # a cache entry larger than this is ignored (not a list of modules any more)
@@ -286,10 +285,17 @@ def save_cached(cache: Any, entries: Sequence[str], drop: Iterable[str] = ()) ->
     return True
 
 
+class Preloader(Protocol):
+    """What CollectionScan needs of the session (``session.ReproSession`` is one): no import of it here."""
+
+    def preload_tests(self, files: Sequence[Path]) -> None:
+        """Send the warm worker what the test modules (and their jobs) import."""
+
+
 class CollectionScan:
     """A pytest plugin object: once collection is done, preload what the reproducible tests' modules import."""
 
-    def __init__(self, session: ReproSession) -> None:
+    def __init__(self, session: Preloader) -> None:
         self.session = session
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:

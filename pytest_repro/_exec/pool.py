@@ -1,0 +1,254 @@
+"""The pytest process's side of job processes: handles on warm fork workers (kept per process), spawned runs.
+
+A ``Worker`` starts ``python -m pytest_repro._exec.worker`` and talks to it in the ``protocol``: submit
+runs and imports, wait for replies. A spawned run is a fresh ``python -m pytest_repro._exec.child``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import itertools
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..context import RunSpec
+from .child import LOG_FILE
+from .procs import kill_group, reap_group
+from .protocol import ImportRequest, RunReply, RunRequest, decode, encode
+
+WORKER_START_TIMEOUT = 600.0
+GRACE = 30.0  # seconds a run's reply may come after its timeout (the worker kills and reaps it first)
+_INLINE_LIMIT = 16384  # bytes: longer import lists go through a file
+
+
+class Worker:
+    """The parent's handle on one warm fork worker."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, preload: tuple[str, ...]) -> None:
+        self.log_path = log_path
+        log = open(log_path, "ab")  # noqa: SIM115 - owned by the worker process
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_repro._exec.worker", *preload],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+        )
+        log.close()
+        self._buffer = b""
+        self._ids = itertools.count(1)
+        self._lists = 0
+        self._replies: dict[int, RunReply] = {}
+        self.ready = False
+        self.requested: set[str] = set(preload)  # every entry it was asked to import
+        self.failed: dict[str, str] = {}  # entry -> why importing it failed
+        self.missing: set[str] = set()  # entries not installed
+        self.tainted = ""  # why forking became unsafe, if it did
+        self.culprit = ""  # the entry whose import made it unsafe
+
+    def _read_line(self, deadline: float) -> dict[str, Any] | None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if not readable:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise EOFError("worker exited")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return decode(line)
+
+    def _send(self, msg: RunRequest | ImportRequest) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(encode(msg).encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError as exc:
+            raise EOFError("worker exited") from exc
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if msg.get("ready") or msg.get("op") == "import":  # a ReadyMessage or an ImportReply
+            self.ready = self.ready or bool(msg.get("ready"))
+            self.failed.update(msg.get("errors") or {})
+            self.missing.update(msg.get("missing") or ())
+            if msg.get("tainted") and not self.tainted:
+                self.tainted, self.culprit = str(msg["tainted"]), str(msg.get("culprit") or "")
+        else:
+            self._replies[int(msg.get("id", 0))] = msg  # type: ignore[assignment]  # a RunReply
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def submit(self, spec: RunSpec, timeout: float, env: dict[str, str]) -> int:
+        """Ask for one run; return its request id (the reply comes through wait)."""
+        rid = next(self._ids)
+        self._send({"op": "run", "id": rid, "spec": json.loads(spec.to_json()), "timeout": timeout, "env": env})
+        return rid
+
+    def submit_import(self, entries: Sequence[str]) -> None:
+        """Ask the worker to import more modules before the runs that follow."""
+        self.requested.update(entries)
+        msg: ImportRequest = {"op": "import", "modules": list(entries)}
+        if len(json.dumps(msg)) > _INLINE_LIMIT:  # a long list could fill the pipe while the worker is busy
+            self._lists += 1
+            path = self.log_path.with_name(f"{self.log_path.stem}-import-{self._lists}.json")
+            path.write_text(json.dumps(list(entries)), encoding="utf-8")
+            msg = {"op": "import", "file": str(path)}
+        self._send(msg)
+
+    def wait(self, rids: Sequence[int], deadline: float) -> tuple[int, RunReply]:
+        """Wait for the first reply to one of ``rids`` (raises EOFError/TimeoutError if the worker fails)."""
+        while True:
+            for rid in rids:
+                if rid in self._replies:
+                    return rid, self._replies.pop(rid)
+            msg = self._read_line(deadline)
+            if msg is None:
+                raise TimeoutError("the worker did not answer" if self.ready else "the worker did not start in time")
+            self._dispatch(msg)
+
+    def close(self) -> None:
+        # The worker holds nothing worth flushing (its children are already reaped), and a graceful
+        # interpreter shutdown with torch loaded takes seconds: kill it.
+        if self.alive():
+            kill_group(self.proc.pid)
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None and not pipe.closed:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def read_tail(path: Path, limit: int = 4000) -> str:
+    """The last ``limit`` characters of a log file ("" when unreadable)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return text[-limit:]
+
+
+# Warm workers live for the whole process (closed at exit), keyed by their exact start-up environment
+# and start-up preload list, so that several pytest sessions in one process (pytester) share them safely:
+# jobs and test modules are only ever imported in the forked children, never in the worker itself.
+_WORKERS: dict[tuple[Any, ...], Worker] = {}
+_LOG_DIR: Path | None = None
+
+
+def _log_dir() -> Path:
+    global _LOG_DIR
+    if _LOG_DIR is None:
+        from ..scratch import make_scratch
+
+        _LOG_DIR = make_scratch("pytest-repro-workers-")
+        atexit.register(_at_exit)
+    return _LOG_DIR
+
+
+def _at_exit() -> None:
+    shutdown_workers()
+    # The interpreter's last garbage collections walk every object torch & co. created (~0.4 s of a
+    # pytest --repro run). Frozen objects are skipped; the atexit handlers still to come run as usual.
+    gc.freeze()
+
+
+def shutdown_workers() -> None:
+    """Stop every warm worker of this process and remove their logs."""
+    global _LOG_DIR
+    for worker in _WORKERS.values():
+        worker.close()
+    _WORKERS.clear()
+    if _LOG_DIR is not None:
+        from ..scratch import release_scratch
+
+        release_scratch(_LOG_DIR)
+        _LOG_DIR = None
+
+
+def warm_worker(key: tuple[Any, ...], env: dict[str, str], preload: tuple[str, ...]) -> Worker:
+    """The live worker of this process for ``key`` (its start-up environment and preload), started if need be."""
+    worker = _WORKERS.get(key)
+    if worker is None or not worker.alive():
+        log = _log_dir() / f"worker-{len(_WORKERS)}-{os.getpid()}.log"
+        worker = _WORKERS[key] = Worker(env, log, preload)
+    return worker
+
+
+def workers() -> list[Worker]:
+    """Every worker of this process that is kept for reuse."""
+    return list(_WORKERS.values())
+
+
+def forget(worker: Worker) -> None:
+    """Close a worker and never hand it out again."""
+    worker.close()
+    for key in [k for k, w in _WORKERS.items() if w is worker]:
+        del _WORKERS[key]
+
+
+# ---------------------------------------------------------------- spawned runs
+
+
+@dataclass
+class Spawned:
+    """A spawned run in progress."""
+
+    proc: subprocess.Popen[bytes]
+    started: float
+    deadline: float
+
+
+def start_spawned(spec: RunSpec, env: dict[str, str], timeout: float) -> Spawned:
+    """Start one run in a fresh interpreter (``python -m pytest_repro._exec.child SPEC.json``)."""
+    workdir = Path(spec.workdir)
+    spec_file = workdir / "spec.json"
+    spec_file.write_text(spec.to_json(), encoding="utf-8")
+    started = time.perf_counter()
+    with open(workdir / LOG_FILE, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_repro._exec.child", str(spec_file)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+        )
+    return Spawned(proc, started, time.monotonic() + timeout)
+
+
+def finish_spawned(run: Spawned, now: float) -> RunReply | None:
+    """How a spawned run ended (killing it first when past its deadline), or None while it runs."""
+    code = run.proc.poll()
+    if code is None:
+        if now < run.deadline:
+            return None
+        kill_group(run.proc.pid)
+        run.proc.wait()
+        return {"status": "timeout", "wall_s": time.perf_counter() - run.started}
+    wall = time.perf_counter() - run.started
+    orphans = reap_group(run.proc.pid)
+    if code < 0:
+        return {"status": "signaled", "signal": -code, "wall_s": wall, "orphans": orphans}
+    return {"status": "exited", "returncode": code, "wall_s": wall, "orphans": orphans}
+
+
+def stop_spawned(run: Spawned) -> None:
+    """Kill a spawned run and its process group, and wait for it."""
+    kill_group(run.proc.pid)
+    run.proc.wait()

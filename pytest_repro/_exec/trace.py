@@ -1,0 +1,216 @@
+"""The step tracer of ``--repro-diagnose``, in the job process: hashes each step's tensors as the job runs.
+
+It hashes, in execution order, the model's inputs, the losses, the parameters and their gradients.
+Installed by the child only in runs started for ``--repro-diagnose``; otherwise nothing here is imported
+or hooked. It writes the trace (JSON) and the tensors it kept (safetensors) into the run's folder;
+comparing two traces is the judge's (``_judge.diagnose``). Imports only the standard library at module
+level (torch and safetensors when used).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import threading
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+TRACE_FILE = "diagnose.json"
+TENSORS_FILE = "diagnose.safetensors"
+TENSOR_BUDGET_BYTES = 64 * 2**20  # keep full tensors (for element-level figures) up to this size per run
+MAX_INPUT_TENSORS = 64  # per forward call of the model
+MAX_INPUT_DEPTH = 4  # nesting of lists/tuples/dicts searched for input tensors
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+class StepTracer:
+    """Global torch hooks that hash, in execution order, model inputs, losses, parameters and gradients."""
+
+    def __init__(self, budget: int = TENSOR_BUDGET_BYTES) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.budget = budget
+        self._used = 0
+        self._steps: dict[int, int] = {}
+        self._modules: list[weakref.ref[Any]] = []
+        self._handles: list[Any] = []
+        self._restore: list[tuple[Any, str, Any]] = []
+        self._thread = 0
+        self._depth = 0  # nesting of module calls in the traced thread: 0 means a top-level call
+        self._calls = 0
+        self._in_backward = False
+        self._forward_names: dict[type, tuple[str, ...]] = {}
+        self._last_loss: weakref.ref[Any] | None = None
+
+    def install(self) -> StepTracer:
+        """Wrap ``Module.__call__`` and ``torch.autograd.backward`` and register the optimizer-step hook."""
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        module_call = torch.nn.Module.__call__
+        backward = torch.autograd.backward
+        compiling = torch.compiler.is_compiling
+        get_ident = threading.get_ident
+        self._thread = get_ident()
+
+        def traced_call(module: Any, *args: Any, **kwargs: Any) -> Any:
+            if get_ident() != self._thread or compiling():
+                return module_call(module, *args, **kwargs)
+            top = self._depth == 0 and next(module.parameters(), None) is not None
+            if top:
+                self._on_model_inputs(module, args, kwargs)
+            self._depth += 1
+            try:
+                output = module_call(module, *args, **kwargs)
+            finally:
+                self._depth -= 1
+            if top:
+                self._on_model_output(output)
+            return output
+
+        def traced_backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+            if self._in_backward or get_ident() != self._thread or compiling():
+                return backward(tensors, *args, **kwargs)
+            self._in_backward = True  # a backward inside backward (reentrant checkpointing) is not a loss
+            try:
+                self._on_backward(tensors)
+                return backward(tensors, *args, **kwargs)
+            finally:
+                self._in_backward = False
+
+        self._restore = [(torch.nn.Module, "__call__", module_call), (torch.autograd, "backward", backward)]
+        torch.nn.Module.__call__ = traced_call  # type: ignore[method-assign]
+        torch.autograd.backward = traced_backward
+        self._handles = [register_optimizer_step_pre_hook(self._on_step)]
+        return self
+
+    def uninstall(self) -> None:
+        """Remove the hooks and wrappers (idempotent)."""
+        for owner, attr, original in reversed(self._restore):
+            setattr(owner, attr, original)
+        for handle in self._handles:
+            handle.remove()
+        self._restore, self._handles = [], []
+
+    def _step(self) -> int:
+        """The current step: how many steps the first optimizer seen has taken."""
+        return next(iter(self._steps.values()), 0)
+
+    def _on_model_inputs(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if len(self._modules) < 10_000 and not any(r() is module for r in self._modules):
+            self._modules.append(weakref.ref(module))
+        self._calls += 1
+        names = self._positional_names(type(module))
+        found: list[tuple[str, Any]] = []
+        for i, value in enumerate(args):
+            _find_tensors(names[i] if i < len(names) else f"args[{i}]", value, found, 0)
+        for key, value in kwargs.items():
+            _find_tensors(key, value, found, 0)
+        step = self._step()
+        for label, tensor in found:
+            self._record(step, label, "input", tensor.detach(), call=self._calls, optional=True)
+
+    def _positional_names(self, cls: type) -> tuple[str, ...]:
+        names = self._forward_names.get(cls)
+        if names is None:
+            try:
+                params = list(inspect.signature(cls.forward).parameters.values())[1:]  # type: ignore[attr-defined]
+                names = tuple(p.name for p in params if p.kind in _POSITIONAL)
+            except (TypeError, ValueError, AttributeError):
+                names = ()
+            self._forward_names[cls] = names
+        return names
+
+    def _on_model_output(self, output: Any) -> None:
+        import torch
+
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            self._record(self._step(), "loss", "loss", loss.detach(), optional=True)
+            self._last_loss = weakref.ref(loss)
+
+    def _on_backward(self, tensors: Any) -> None:
+        import torch
+
+        many = not isinstance(tensors, torch.Tensor)
+        items = list(tensors) if many and isinstance(tensors, (list, tuple)) else [tensors]
+        last = self._last_loss() if self._last_loss is not None else None
+        for i, tensor in enumerate(items):
+            if isinstance(tensor, torch.Tensor) and tensor is not last:  # the model's output.loss is recorded
+                name = f"backward[{i}]" if many else "backward"
+                self._record(self._step(), name, "loss", tensor.detach(), optional=True)
+
+    def _names(self) -> dict[int, str]:
+        """Map parameter ids to names, from the largest top-level module seen running forward (the model)."""
+        modules = [m for m in (r() for r in self._modules) if m is not None]
+        if not modules:
+            return {}
+        root = max(modules, key=lambda m: sum(1 for _ in m.parameters()))
+        return {id(p): name for name, p in root.named_parameters()}
+
+    def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        step = self._steps.get(id(optimizer), 0)
+        self._steps[id(optimizer)] = step + 1
+        names = self._names()
+        for g, group in enumerate(optimizer.param_groups):
+            for i, param in enumerate(group["params"]):
+                name = names.get(id(param), f"param_groups[{g}][{i}]")
+                self._record(step, name, "value", param.detach())
+                if param.grad is not None:
+                    self._record(step, name, "grad", param.grad.detach())
+
+    def _record(
+        self, step: int, name: str, kind: str, tensor: torch.Tensor, call: int = 0, optional: bool = False
+    ) -> None:
+        try:
+            data = tensor.to("cpu").contiguous()
+            digest = hashlib.sha256(data.reshape(-1).view(_bytes_dtype()).numpy().data).hexdigest()
+        except Exception:  # an exotic input (sparse, nested, meta...) is left out rather than breaking the job
+            if not optional:
+                raise
+            return
+        key = f"{len(self.entries)}/{step}/{name}/{kind}"
+        entry: dict[str, Any] = {"step": step, "name": name, "kind": kind, "sha256": digest, "key": key}
+        if call:
+            entry["call"] = call
+        self.entries.append(entry)
+        size = data.numel() * data.element_size()
+        if self._used + size <= self.budget:
+            self.tensors[key] = data.clone()
+            self._used += size
+
+    def save(self, folder: Path) -> None:
+        """Remove the hooks, then write the trace (JSON) and the kept tensors (safetensors) into ``folder``."""
+        from safetensors.torch import save_file
+
+        self.uninstall()
+        (folder / TRACE_FILE).write_text(json.dumps(self.entries), encoding="utf-8")
+        save_file(self.tensors, str(folder / TENSORS_FILE))
+
+
+def _find_tensors(label: str, value: Any, found: list[tuple[str, Any]], depth: int) -> None:
+    """Collect (label, tensor) pairs from a model input, searching nested lists, tuples and mappings."""
+    import torch
+
+    if len(found) >= MAX_INPUT_TENSORS:
+        return
+    if isinstance(value, torch.Tensor):
+        found.append((label, value))
+    elif depth < MAX_INPUT_DEPTH and isinstance(value, Mapping):
+        for key, item in value.items():
+            _find_tensors(f"{label}[{key!r}]", item, found, depth + 1)
+    elif depth < MAX_INPUT_DEPTH and isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _find_tensors(f"{label}[{i}]", item, found, depth + 1)
+
+
+def _bytes_dtype() -> Any:
+    import torch
+
+    return torch.uint8
