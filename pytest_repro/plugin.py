@@ -173,20 +173,11 @@ def pytest_configure(config: pytest.Config) -> None:
             f"(CI={os.environ.get('CI')!r}): references must change in a reviewed commit, not in a CI run. "
             "Regenerate locally with `pytest --repro --repro-regen`, or add --repro-regen-force to do it here anyway."
         )
+    from ._publish.registry import start_up_problems
     from .session import ReproSession
     from .settings import base_settings
 
-    for option in ("repro_report", "repro_html"):
-        target = config.getoption(option)
-        if target and Path(target).is_dir():
-            flag = "--" + option.replace("_", "-")
-            raise pytest.UsageError(
-                f"pytest-repro: {flag}={target} is a folder; give a file path, e.g. {flag}={Path(target) / 'repro'}"
-                + (".json" if option == "repro_report" else ".html")
-            )
-    from ._publish.tracking import option_problems
-
-    problems = option_problems(config)  # --repro-bundle-dir usable; --repro-mlflow/-wandb: usable, importable
+    problems = start_up_problems(config)  # every publisher's options: usable, and what they need importable
     if problems:
         raise pytest.UsageError(f"pytest-repro: {problems[0]}")
 
@@ -404,22 +395,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
         workeroutput["repro_not_collected"] = sorted(set(repro.not_collected))
         return
-    mode = config.getoption("repro_unused")
-    if mode:
-        from ._publish import unused
+    from ._publish.registry import publish_all  # unused references, bundles, trackers, then the reports
 
-        unused.check(repro, config, mode)
-        if repro.unused and mode == "fail":
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    from ._publish.tracking import publish
-
-    if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-    from ._publish.report import write_reports  # last: the JSON report states the run's final exit status
-
-    written = write_reports(repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus)
-    if not written and session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+    session.exitstatus = publish_all(repro, config, session.exitstatus)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -318,7 +318,7 @@ def test_every_check_gets_an_artifact_name_wandb_accepts(wandb_loaded: Any, node
 
 def test_plugin_import_does_not_import_wandb() -> None:
     code = (
-        "import sys, pytest_repro.plugin, pytest_repro._publish.tracking, pytest_repro._publish.wandb\n"
+        "import sys, pytest_repro.plugin, pytest_repro._publish.registry, pytest_repro._publish.wandb\n"
         "heavy = [m for m in ('wandb', 'torch') if m in sys.modules]\n"
         "print(heavy)\nsys.exit(1 if heavy else 0)\n"
     )

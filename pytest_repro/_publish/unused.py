@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import pytest
 
     from ..session import ReproSession
+    from .base import Publication
 
 
 def owned_prefixes(reference_dir: Path, nodeids: Iterable[str]) -> set[Path]:
@@ -157,3 +158,21 @@ def _covers(explicit: list[str], default_args: list[str], invocation_dir: Path, 
         expanded = sorted(rootdir.glob(arg)) if any(c in arg for c in "*?[") else [rootdir / arg]
         defaults += [p.resolve() for p in expanded]
     return bool(defaults) and all(any(d.is_relative_to(g) for g in given) for d in defaults)
+
+
+class UnusedReferences:
+    """--repro-unused: after a full run, report, fail on or delete the reference folders no collected test owns."""
+
+    def problems(self, config: pytest.Config) -> list[str]:
+        """None: the option's values are argparse choices."""
+        return []
+
+    def publish(self, run: Publication, exitstatus: int) -> int | None:
+        """Check for unused references; with --repro-unused=fail, any found fails the run."""
+        import pytest
+
+        mode = run.config.getoption("repro_unused")
+        if not mode:
+            return None
+        check(run.session, run.config, mode)
+        return pytest.ExitCode.TESTS_FAILED if run.session.unused and mode == "fail" else None
