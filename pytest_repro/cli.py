@@ -167,7 +167,7 @@ def _cmd_html(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from ._publish.report_html import loss_plot_png
+    from ._publish.report_plots import loss_plot_png
     from .record import CorruptRecordError, load_record
 
     folder = Path(args.reference)
