@@ -141,7 +141,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def _missing_matplotlib(exc: ModuleNotFoundError) -> CliError:
     if (exc.name or "").split(".")[0] != "matplotlib":
         raise exc
-    from ._publish.tracking import extra_install
+    from ._publish.extras import extra_install
 
     return CliError("matplotlib is not installed (it draws the loss plots)", extra_install("report"))
 
@@ -167,7 +167,7 @@ def _cmd_html(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from ._publish.report_html import loss_plot_png
+    from ._publish.report_plots import loss_plot_png
     from .record import CorruptRecordError, load_record
 
     folder = Path(args.reference)
@@ -370,7 +370,8 @@ def _export_source(args: argparse.Namespace) -> Path:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ._publish.bundle import INDEX_FILE, BundleError, export
+    from ._publish.bundle import INDEX_FILE, BundleError
+    from ._publish.bundle.build import export
 
     out = Path(args.output)
     try:
@@ -392,7 +393,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from ._publish.bundle import BundleError, verify
+    from ._publish.bundle import BundleError
+    from ._publish.bundle.verify import verify
 
     try:
         result = verify(Path(args.bundle))
@@ -443,15 +445,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from ._publish.tracking import (
-        LOCAL_DB,
-        LOCAL_STORE,
-        experiment_name,
-        extra_install,
-        format_history,
-        local_uri,
-        read_history,
-    )
+    from ._publish.extras import extra_install
+    from ._publish.history import format_history, read_history
+    from ._publish.mlflow import LOCAL_DB, LOCAL_STORE, local_uri
+    from ._publish.trackers import experiment_name
 
     rootdir = Path(args.rootdir)
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(rootdir)

@@ -73,25 +73,16 @@ def pytest_configure(config: pytest.Config) -> None:
     from .session import ReproSession
     from .settings import base_settings
 
-    for option in ("repro_report", "repro_html"):
-        target = config.getoption(option)
-        if target and Path(target).is_dir():
-            flag = "--" + option.replace("_", "-")
-            raise pytest.UsageError(
-                f"pytest-repro: {flag}={target} is a folder; give a file path, e.g. {flag}={Path(target) / 'repro'}"
-                + (".json" if option == "repro_report" else ".html")
-            )
-    from ._publish.tracking import option_problems
-
-    problems = option_problems(config)  # --repro-bundle-dir usable; --repro-mlflow/-wandb: usable, importable
-    if problems:
-        raise pytest.UsageError(f"pytest-repro: {problems[0]}")
-
     ini = {o.ini: config.getini(o.ini) for o in OPTIONS if o.ini}
     try:
         settings = base_settings(ini, _flags(config), Path(config.rootpath))
     except SettingsError as exc:
         raise pytest.UsageError(f"pytest-repro: {exc}") from None
+    from ._publish.registry import start_up_problems
+
+    problems = start_up_problems(settings, config)  # every publisher's options: usable, what they need importable
+    if problems:
+        raise pytest.UsageError(f"pytest-repro: {problems[0]}")
     if settings.device.startswith("cuda"):
         from .session import DeviceUnavailableError, resolve_device
 
@@ -272,32 +263,17 @@ class ReproPlugin:
             self.session.not_collected += list(output.get("repro_not_collected", []))
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        config, repro = session.config, self.session
-        repro.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
+        config, ours = session.config, self.session
+        ours.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
         workeroutput = getattr(config, "workeroutput", None)
         if workeroutput is not None:  # xdist worker: hand what it saw to the controller
-            workeroutput["repro_owned"] = sorted(set(repro.owned_nodeids))
-            workeroutput["repro_deselected"] = sorted(set(repro.deselected_reproducible))
-            workeroutput["repro_not_collected"] = sorted(set(repro.not_collected))
+            workeroutput["repro_owned"] = sorted(set(ours.owned_nodeids))
+            workeroutput["repro_deselected"] = sorted(set(ours.deselected_reproducible))
+            workeroutput["repro_not_collected"] = sorted(set(ours.not_collected))
             return
-        mode = repro.settings.unused
-        if mode:
-            from ._publish import unused
+        from ._publish.registry import publish_all  # unused references, bundles, trackers, then the reports
 
-            unused.check(repro, config, mode)
-            if repro.unused and mode == "fail":
-                session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        from ._publish.tracking import publish
-
-        if not publish(repro, config) and session.exitstatus == pytest.ExitCode.OK:  # bundles, MLflow, W&B
-            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
-        from ._publish.report import write_reports  # last: the JSON report states the run's final exit status
-
-        written = write_reports(
-            repro, config.getoption("repro_report"), config.getoption("repro_html"), session.exitstatus
-        )
-        if not written and session.exitstatus == pytest.ExitCode.OK:
-            session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+        session.exitstatus = publish_all(ours, config, session.exitstatus)
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         from ._publish.report import write_summary

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_repro import cli
-from pytest_repro._publish.bundle import verify
+from pytest_repro._publish.bundle.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 NODEID = "tests/test_reproducible.py::test_lora_is_reproducible"

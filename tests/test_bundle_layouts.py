@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pytest_repro import cli
-from pytest_repro._publish.bundle import export, verify
+from pytest_repro._publish.bundle.build import export
+from pytest_repro._publish.bundle.verify import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DIR = ROOT / "reference_outputs/tests/test_reproducible/test_lora_is_reproducible"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pytest_repro import callsites
 from pytest_repro._judge.policy import near_misses
 from pytest_repro._judge.tolerances import parse_tolerance, unmatched_keys
-from pytest_repro._publish import tracking
+from pytest_repro._publish import extras
 
 # Jobs steered by config["case"]: small, torch only.
 MSG_JOBS = textwrap.dedent(
@@ -88,7 +88,7 @@ def test_html_without_matplotlib_is_a_usage_error_before_any_test_runs(
     msgs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _test(msgs, 'repro.check(job, config={"case": "ok"})')
-    monkeypatch.setattr(tracking, "installed", lambda module: module != "matplotlib")
+    monkeypatch.setattr(extras, "installed", lambda module: module != "matplotlib")
     result = msgs.runpytest("--repro", "--repro-regen", "--repro-html=report.html")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
@@ -117,12 +117,12 @@ def test_html_without_matplotlib_is_a_usage_error_before_any_test_runs(
     ],
 )
 def test_the_extra_install_follows_how_pytest_repro_was_installed(direct_url: dict | None, command: str) -> None:
-    assert tracking.extra_install_for("report", direct_url) == command
+    assert extras.extra_install_for("report", direct_url) == command
 
 
 def test_report_install_names_this_checkout_when_pytest_repro_is_one() -> None:
-    checkout = Path(tracking.__file__).resolve().parent.parent
-    command = tracking.report_install()
+    checkout = Path(extras.__file__).resolve().parents[2]
+    command = extras.report_install()
     assert command.startswith("install it with: pip install matplotlib")
     if (checkout / "pyproject.toml").is_file():
         assert f"pip install -e '{checkout}[report]'" in command

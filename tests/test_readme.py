@@ -55,7 +55,8 @@ def test_a_data_path_that_is_not_a_file_names_its_key_and_the_shipped_data(tmp_p
 def test_a_bundle_of_the_built_in_job_names_its_shipped_split_instead_of_a_missing_one(tmp_path: Path) -> None:
     import hashlib
 
-    from pytest_repro._publish.bundle import Bundle, _add_inputs
+    from pytest_repro._publish.bundle import Bundle
+    from pytest_repro._publish.bundle.build import _add_inputs
     from pytest_repro.jobs import packaged_file
 
     split_sha = hashlib.sha256(packaged_file("package:splits_v1.json").read_bytes()).hexdigest()

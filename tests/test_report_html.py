@@ -186,7 +186,7 @@ def test_old_schema_1_report_still_renders(tmp_path: Path) -> None:
 
 
 def test_difference_plot_is_a_png_with_zero_floor() -> None:
-    from pytest_repro._publish.report_html import diff_plot_png
+    from pytest_repro._publish.report_plots import diff_plot_png
 
     png = diff_plot_png({"run 1 − reference": [0.0, 0.0, 1e-7, float("nan"), 2e-7]}, 2, 2, "t")
     assert png.startswith(b"\x89PNG")

@@ -227,7 +227,7 @@ def test_a_run_setting_missing_from_the_reference_is_absent_not_none() -> None:
 
 
 def _readme(git: dict[str, Any], installs: list[str]) -> str:
-    from pytest_repro._publish.bundle import render_readme
+    from pytest_repro._publish.bundle.readme import render_readme
 
     index = {"test": "t.py::test_x", "environment_key": "cpu-x", "plugin_version": "0.1.0", "files": {}}
     index.update(contents="the reference", created="2026-01-01T00:00:00+00:00")
@@ -287,7 +287,7 @@ def test_bundle_readme_without_git_info_says_so_instead_of_none() -> None:
 def test_install_command_follows_how_it_was_installed(
     direct_url: dict[str, Any] | None, checkout: dict[str, Any], expected: list[str]
 ) -> None:
-    from pytest_repro._publish.bundle import install_command
+    from pytest_repro._publish.bundle.readme import install_command
 
     assert install_command("pytest-repro", "0.1.0", direct_url, lambda _: checkout) == expected
 

@@ -12,7 +12,8 @@ import pytest
 from helpers import env_key
 
 from pytest_repro import cli
-from pytest_repro._publish import tracking
+from pytest_repro._publish import extras, trackers
+from pytest_repro._publish import mlflow as tracking
 
 TESTS = """
 import pytest
@@ -157,7 +158,7 @@ def test_missing_mlflow_fails_at_start_up_with_the_install_command(
     userjobs: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     userjobs.makepyfile(test_many=TESTS)
-    monkeypatch.setattr(tracking, "installed", lambda module: module != "mlflow")
+    monkeypatch.setattr(extras, "installed", lambda module: module != "mlflow")
     result = userjobs.runpytest("--repro", "--repro-mlflow")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
@@ -188,16 +189,19 @@ def test_a_bare_flag_before_a_path_and_an_unreachable_server(
 def test_tracking_uri_resolution(tmp_path: Path) -> None:
     local = tracking.local_uri(tmp_path)
     assert local == "sqlite:///" + str(tmp_path.resolve() / "mlruns" / "mlflow.db")
-    assert tracking.tracking_uri(None, "", tmp_path, {}) == (None, "repro_mlflow = ")
-    assert tracking.tracking_uri(None, "false", tmp_path, {})[0] is None
-    assert tracking.tracking_uri(None, "true", tmp_path, {})[0] == local
-    assert tracking.tracking_uri("", "", tmp_path, {})[0] == local
-    assert tracking.tracking_uri("", "", tmp_path, {"MLFLOW_TRACKING_URI": "http://x:5000"})[0] == "http://x:5000"
-    assert tracking.tracking_uri("http://y:5000", "true", tmp_path, {})[0] == "http://y:5000"
-    assert tracking.tracking_uri("off", "true", tmp_path, {})[0] is None
+    assert tracking.tracking_uri(_switch("mlflow", None, ""), tmp_path, {}) == (None, "repro_mlflow = ")
+    assert tracking.tracking_uri(_switch("mlflow", None, "false"), tmp_path, {})[0] is None
+    assert tracking.tracking_uri(_switch("mlflow", None, "true"), tmp_path, {})[0] == local
+    assert tracking.tracking_uri(_switch("mlflow", "", ""), tmp_path, {})[0] == local
+    assert (
+        tracking.tracking_uri(_switch("mlflow", "", ""), tmp_path, {"MLFLOW_TRACKING_URI": "http://x:5000"})[0]
+        == "http://x:5000"
+    )
+    assert tracking.tracking_uri(_switch("mlflow", "http://y:5000", "true"), tmp_path, {})[0] == "http://y:5000"
+    assert tracking.tracking_uri(_switch("mlflow", "off", "true"), tmp_path, {})[0] is None
     assert tracking.uri_problem("tests/", "--repro-mlflow=tests/") is not None
-    assert tracking.experiment_name(tmp_path, {"MLFLOW_EXPERIMENT_NAME": "exp"}) == "exp"
-    assert tracking.experiment_name(tmp_path, {}) == tmp_path.resolve().name
+    assert trackers.experiment_name(tmp_path, {"MLFLOW_EXPERIMENT_NAME": "exp"}) == "exp"
+    assert trackers.experiment_name(tmp_path, {}) == tmp_path.resolve().name
 
 
 def test_history_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,7 +213,8 @@ def test_history_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_plugin_import_does_not_import_mlflow() -> None:
     code = (
-        "import sys, pytest_repro.plugin, pytest_repro._publish.tracking, pytest_repro._publish.bundle\n"
+        "import sys, pytest_repro.plugin, pytest_repro._publish.registry, pytest_repro._publish.history\n"
+        "import pytest_repro._publish.bundle.build, pytest_repro._publish.bundle.verify\n"
         "heavy = [m for m in ('mlflow', 'sqlalchemy', 'torch') if m in sys.modules]\n"
         "print(heavy)\nsys.exit(1 if heavy else 0)\n"
     )
@@ -228,9 +233,17 @@ def test_metrics_of_a_statistical_check() -> None:
             "reference": {"metrics": {"score": [2.0, 2.0]}, "losses": [[2.1, 1.1]]},
         },
     }
-    got = {(key, step): value for key, value, step in tracking.check_metrics(outcome)}
+    got = {(key, step): value for key, value, step in trackers.check_metrics(outcome)}
     assert got[("loss/seed_1", 1)] == 1.0 and ("loss/seed_2", 1) not in got
     assert got[("loss/reference", 0)] == 2.1 and got[("run_seconds", 2)] == 0.6
     assert got[("stat/mean/score", 0)] == 2.0 and got[("stat/reference_mean/score", 0)] == 2.0
     assert got[("loss/mean", 1)] == pytest.approx(1.1) and got[("loss/reference_mean", 0)] == 2.1
     assert got[("max_abs/losses", 0)] == 0.1 and ("max_abs/weights", 0) in got
+
+
+def _switch(name: str, flag: str | None, ini: str) -> Any:
+    """The option as the table reads it from a flag value (None: not given) and an ini value."""
+    from pytest_repro.settings import OPTIONS, base_settings
+
+    defaults = {o.ini: o.default for o in OPTIONS if o.ini}
+    return getattr(base_settings({**defaults, f"repro_{name}": ini}, {f"repro_{name}": flag}, Path("/r")), name)

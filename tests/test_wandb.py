@@ -274,14 +274,17 @@ def test_start_up_errors_a_path_taken_as_project_a_bad_name_and_disabled_wandb(
 
 def test_project_and_mode_resolution(tmp_path: Path) -> None:
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "my-models"\n')
-    assert wandb_tracking.wandb_project(None, "", tmp_path, {}) == (None, "repro_wandb = ")
-    assert wandb_tracking.wandb_project(None, "off", tmp_path, {})[0] is None
-    assert wandb_tracking.wandb_project(None, "true", tmp_path, {})[0] == "my-models"
-    assert wandb_tracking.wandb_project("", "", tmp_path, {}) == ("my-models", "--repro-wandb")
-    assert wandb_tracking.wandb_project("", "", tmp_path, {"WANDB_PROJECT": "p"}) == ("p", "WANDB_PROJECT")
-    assert wandb_tracking.wandb_project("mine", "true", tmp_path, {})[0] == "mine"
-    assert wandb_tracking.wandb_project("off", "true", tmp_path, {})[0] is None
-    assert wandb_tracking.wandb_project(None, "team-runs", tmp_path, {})[0] == "team-runs"
+    assert wandb_tracking.wandb_project(_switch("wandb", None, ""), tmp_path, {}) == (None, "repro_wandb = ")
+    assert wandb_tracking.wandb_project(_switch("wandb", None, "off"), tmp_path, {})[0] is None
+    assert wandb_tracking.wandb_project(_switch("wandb", None, "true"), tmp_path, {})[0] == "my-models"
+    assert wandb_tracking.wandb_project(_switch("wandb", "", ""), tmp_path, {}) == ("my-models", "--repro-wandb")
+    assert wandb_tracking.wandb_project(_switch("wandb", "", ""), tmp_path, {"WANDB_PROJECT": "p"}) == (
+        "p",
+        "WANDB_PROJECT",
+    )
+    assert wandb_tracking.wandb_project(_switch("wandb", "mine", "true"), tmp_path, {})[0] == "mine"
+    assert wandb_tracking.wandb_project(_switch("wandb", "off", "true"), tmp_path, {})[0] is None
+    assert wandb_tracking.wandb_project(_switch("wandb", None, "team-runs"), tmp_path, {})[0] == "team-runs"
     assert wandb_tracking.run_mode({}) == "offline"
     assert wandb_tracking.run_mode({"WANDB_MODE": "dryrun"}) == "offline"
     assert wandb_tracking.run_mode({"WANDB_MODE": "online"}) == "online"
@@ -318,7 +321,7 @@ def test_every_check_gets_an_artifact_name_wandb_accepts(wandb_loaded: Any, node
 
 def test_plugin_import_does_not_import_wandb() -> None:
     code = (
-        "import sys, pytest_repro.plugin, pytest_repro._publish.tracking, pytest_repro._publish.wandb\n"
+        "import sys, pytest_repro.plugin, pytest_repro._publish.registry, pytest_repro._publish.wandb\n"
         "heavy = [m for m in ('wandb', 'torch') if m in sys.modules]\n"
         "print(heavy)\nsys.exit(1 if heavy else 0)\n"
     )
@@ -335,3 +338,11 @@ def test_a_session_without_the_option_never_imports_wandb(userjobs: pytest.Pytes
     result = userjobs.runpytest_subprocess("--repro", "--repro-regen")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["wandb imported: False"])
+
+
+def _switch(name: str, flag: str | None, ini: str) -> Any:
+    """The option as the table reads it from a flag value (None: not given) and an ini value."""
+    from pytest_repro.settings import OPTIONS, base_settings
+
+    defaults = {o.ini: o.default for o in OPTIONS if o.ini}
+    return getattr(base_settings({**defaults, f"repro_{name}": ini}, {f"repro_{name}": flag}, Path("/r")), name)

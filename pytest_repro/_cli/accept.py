@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .._publish.bundle import INDEX_FILE, OUTCOME_FILE, SUFFIXES, BundleError, export, read_yaml, verify
+from .._publish.bundle import INDEX_FILE, OUTCOME_FILE, SUFFIXES, BundleError, read_yaml
+from .._publish.bundle.build import export
+from .._publish.bundle.verify import verify
 from ..record import RECORD_FILE
 from ..storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, safe_name
 

@@ -1,4 +1,4 @@
-"""Reporting: the ``reproducibility`` terminal section and the JSON report (HTML: report_html)."""
+"""Reporting: the ``reproducibility`` terminal section and the JSON and HTML report publishers (HTML: report_html)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .._judge.messages import DRIFT_UNKNOWN, regen_command
 from .._judge.verdict import PASSING, Verdict, parse_verdict
+from . import extras
+from .base import failed
 
 if TYPE_CHECKING:
+    import pytest
+
     from ..session import ReproSession
+    from ..settings import Settings
+    from .base import Publication
 
 _GREEN = {"passed", "unchanged"}
 _YELLOW = {"passed-cross-env", "written"}
@@ -147,30 +153,68 @@ def _g(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
 
 
-def write_reports(session: ReproSession, json_path: str | None, html_path: str | None, exitstatus: int) -> bool:
-    """Write the JSON and HTML reports; on failure note why (the run then fails) and return False."""
-    if not (json_path or html_path):
-        return True
-    report = build_report(session.outcomes, session.rootdir, exitstatus)
-    ok = True
-    for path, kind in ((json_path, "JSON"), (html_path, "HTML")):
-        if not path:
-            continue
-        try:
-            if kind == "JSON":
-                write_json_report(Path(path), report)
-            else:
-                from .report_html import write_html
+class JsonReport:
+    """--repro-report: every check's outcome and the run's final exit status as JSON (report.schema.json)."""
 
-                write_html(Path(path), report)
+    option = "report"  # the Settings field
+    flag = "--repro-report"
+    kind = "JSON"
+    suffix = ".json"
+
+    def problems(self, settings: Settings, config: pytest.Config) -> list[str]:
+        """Whether the path is a file path (not a folder)."""
+        target = getattr(settings, self.option)
+        if target and Path(target).is_dir():
+            flag = self.flag
+            return [f"{flag}={target} is a folder; give a file path, e.g. {flag}={Path(target) / 'repro'}{self.suffix}"]
+        return []
+
+    def publish(self, run: Publication, exitstatus: int) -> int | None:
+        """Write the report; one that cannot be written is noted and fails a passing run."""
+        path = getattr(run.session.settings, self.option)
+        if not path:
+            return None
+        if run.report is None:  # built once: the JSON and the HTML report say the same
+            run.report = build_report(run.session.outcomes, run.session.rootdir, exitstatus)
+        try:
+            self.write(Path(path), run.report)
         except Exception as exc:  # a report that cannot be written fails the run, never the session
-            ok = False
-            session.notes.append(
-                f"could not write the {kind} report {path}: {type(exc).__name__}: {exc}; give a writable file path"
+            run.session.notes.append(
+                f"could not write the {self.kind} report {path}: {type(exc).__name__}: {exc}; give a writable file path"
             )
-            continue
-        session.notes.append(f"{kind} report: {path}")
-    return ok
+            return failed(exitstatus)
+        run.session.notes.append(f"{self.kind} report: {path}")
+        return None
+
+    def write(self, path: Path, report: Mapping[str, Any]) -> None:
+        """Write the report file."""
+        write_json_report(path, report)
+
+
+class HtmlReport(JsonReport):
+    """--repro-html: a self-contained HTML report (loss curves, difference tables, environment drift)."""
+
+    option = "html"
+    flag = "--repro-html"
+    kind = "HTML"
+    suffix = ".html"
+
+    def problems(self, settings: Settings, config: pytest.Config) -> list[str]:
+        """Whether the path is a file path, and matplotlib (which draws the loss curves) importable."""
+        problems = super().problems(settings, config)
+        html = settings.html
+        if html and not extras.installed("matplotlib"):
+            problems.append(
+                f"--repro-html={html} needs matplotlib (it draws the loss curves), which is not installed for this "
+                f"Python; {extras.report_install()}"
+            )
+        return problems
+
+    def write(self, path: Path, report: Mapping[str, Any]) -> None:
+        """Write the HTML file."""
+        from .report_html import write_html
+
+        write_html(path, report)
 
 
 REPORT_SCHEMA_VERSION = 3

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     import pytest
 
     from ..session import ReproSession
+    from ..settings import Settings
+    from .base import Publication
 
 
 def owned_prefixes(reference_dir: Path, nodeids: Iterable[str]) -> set[Path]:
@@ -79,7 +81,7 @@ def check(session: ReproSession, config: pytest.Config, mode: str) -> None:
         Path(config.invocation_params.dir),
         Path(config.rootpath),
     )
-    if reason and not config.getoption("repro_unused_force"):
+    if reason and not session.settings.unused_force:
         session.unused_note = (
             f"unused references not checked: the run was filtered ({reason}); "
             "run the whole suite, or add --repro-unused-force"
@@ -157,3 +159,21 @@ def _covers(explicit: list[str], default_args: list[str], invocation_dir: Path, 
         expanded = sorted(rootdir.glob(arg)) if any(c in arg for c in "*?[") else [rootdir / arg]
         defaults += [p.resolve() for p in expanded]
     return bool(defaults) and all(any(d.is_relative_to(g) for g in given) for d in defaults)
+
+
+class UnusedReferences:
+    """--repro-unused: after a full run, report, fail on or delete the reference folders no collected test owns."""
+
+    def problems(self, settings: Settings, config: pytest.Config) -> list[str]:
+        """None: the option's values are argparse choices."""
+        return []
+
+    def publish(self, run: Publication, exitstatus: int) -> int | None:
+        """Check for unused references; with --repro-unused=fail, any found fails the run."""
+        import pytest
+
+        mode = run.session.settings.unused
+        if not mode:
+            return None
+        check(run.session, run.config, mode)
+        return pytest.ExitCode.TESTS_FAILED if run.session.unused and mode == "fail" else None

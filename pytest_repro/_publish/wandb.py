@@ -1,6 +1,6 @@
 """Weights & Biases tracking: every check logged as one W&B run at the end of the session, offline by default.
 
-The same publishing path as MLflow (``tracking.publish``): options checked at start-up, runs logged by the
+A Publisher in ``registry.PUBLISHERS``, like MLflow: options checked at start-up, runs logged by the
 main process only (under xdist the controller). Runs are written offline into ``<rootdir>/wandb`` unless
 the user set ``WANDB_MODE=online`` themselves; W&B's error reporting (its only network call in offline
 mode) is switched off unless ``WANDB_ERROR_REPORTING`` is set. wandb is imported only inside the
@@ -22,18 +22,30 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import tracking
+from . import extras
+from .base import failed
+from .trackers import (
+    PASSING,
+    check_metrics,
+    common_tags,
+    drift_text,
+    effective_config,
+    experiment_name,
+    relative,
+)
 
 if TYPE_CHECKING:
     import pytest
 
     from ..session import ReproSession
+    from ..settings import Settings, Switch
+    from .base import Publication
 
 RUN_FOLDER = "wandb"  # what wandb itself creates in its dir: <rootdir>/wandb/offline-run-*/
 ARTIFACT_FOLDER = "repro-artifact"  # in each run's folder: the files its artifact points at
 ARTIFACT_TYPE = "repro-check"
 MAX_ARTIFACT_FILE = 64 << 20  # reference files larger than this are listed in the metadata, not copied
-_ON = ("", "1", "true", "yes", "on")
+
 _ONLINE = ("online", "run")
 _OFFLINE = ("offline", "dryrun")
 _BAD_PROJECT = re.compile(r"[/\\#?%:]")  # characters W&B refuses in a project name
@@ -41,14 +53,12 @@ _ARTIFACT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _TAG_LIMIT = 64  # W&B's longest tag
 
 
-def wandb_project(
-    cli: str | None, ini: str, rootdir: Path, environ: Mapping[str, str] = os.environ
-) -> tuple[str | None, str]:
+def wandb_project(switch: Switch, rootdir: Path, environ: Mapping[str, str] = os.environ) -> tuple[str | None, str]:
     """Return (project or None when off, where it came from) from --repro-wandb, ini repro_wandb, WANDB_PROJECT."""
-    value, where = tracking.switch_option(cli, ini, "--repro-wandb", "repro_wandb", _ON)
+    value, where = switch.value, switch.where
     if value == "":
         env = environ.get("WANDB_PROJECT", "").strip()
-        return (env, "WANDB_PROJECT") if env else (tracking.experiment_name(rootdir, {}), where)
+        return (env, "WANDB_PROJECT") if env else (experiment_name(rootdir, {}), where)
     return value, where
 
 
@@ -85,8 +95,8 @@ def project_problem(
             f"write --repro-wandb={project} if that is the project's name, or put a bare --repro-wandb after the "
             "test paths"
         )
-    if not tracking.installed("wandb"):
-        return f"{where} needs wandb, which is not installed for this Python; {tracking.extra_install('wandb')}"
+    if not extras.installed("wandb"):
+        return f"{where} needs wandb, which is not installed for this Python; {extras.extra_install('wandb')}"
     if run_mode(environ) == "disabled":
         disabled = environ.get("WANDB_MODE", "").strip().lower() == "disabled"
         set_by = "WANDB_MODE=disabled" if disabled else f"WANDB_DISABLED={environ.get('WANDB_DISABLED')}"
@@ -95,14 +105,6 @@ def project_problem(
             "into <rootdir>/wandb) or drop the option"
         )
     return None
-
-
-def option_problem(config: pytest.Config) -> str | None:
-    """Check --repro-wandb / repro_wandb at start-up; return the problem or None."""
-    project, where = wandb_project(config.getoption("repro_wandb"), config.getini("repro_wandb"), config.rootpath)
-    if project is None:
-        return None
-    return project_problem(project, where, list(config.invocation_params.args))
 
 
 def _jsonable(value: Any) -> Any:
@@ -132,7 +134,7 @@ def _history(o: Mapping[str, Any]) -> tuple[dict[int, dict[str, float]], dict[st
     """Split a check's metrics: loss traces per step (history rows) and the rest (summary values)."""
     rows: dict[int, dict[str, float]] = {}
     single: dict[str, float] = {}
-    for key, value, step in tracking.check_metrics(o):
+    for key, value, step in check_metrics(o):
         if key.startswith("loss/"):
             rows.setdefault(step, {})[key] = value
         elif key != "run_seconds":  # a list in the summary instead
@@ -143,7 +145,7 @@ def _history(o: Mapping[str, Any]) -> tuple[dict[int, dict[str, float]], dict[st
 def _stage_artifact(folder: Path, o: Mapping[str, Any], extra: Sequence[Path]) -> tuple[list[Path], list[str]]:
     """Copy what the artifact holds into the run's folder; return (files, reference files left out and why)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "drift.txt").write_text(tracking._drift_text(o), encoding="utf-8")
+    (folder / "drift.txt").write_text(drift_text(o), encoding="utf-8")
     (folder / "outcome.json").write_text(json.dumps(dict(o), indent=2, sort_keys=True, default=str) + "\n")
     left_out = []
     reference = Path(o["path"]) if o.get("path") else None
@@ -189,7 +191,7 @@ class _Logger:
 
         reference = Path(o["path"]) if o.get("path") else None
         provenance = read_yaml(reference / "provenance.yaml") if reference and reference.is_dir() else {}
-        effective, params_from = tracking._effective_config(o, provenance)
+        effective, params_from = effective_config(o, provenance)
         config: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for key, entry in sorted(effective.items()):
@@ -205,14 +207,14 @@ class _Logger:
             group=self.group,
             job_type="repro-check",
             tags=_tags(o),
-            notes=tracking._drift_text(o),
+            notes=drift_text(o),
             config=config,
             dir=self.dir,
             mode=self.mode,  # type: ignore[arg-type]
             reinit="create_new",
             settings=self.settings,
         )
-        passed = o.get("verdict") in tracking._PASSING
+        passed = o.get("verdict") in PASSING
         if run.settings.mode == "disabled" or getattr(run, "disabled", False):
             raise RuntimeError(f"wandb.init returned a disabled run (mode {run.settings.mode!r}): nothing is logged")
         try:
@@ -230,7 +232,7 @@ class _Logger:
                 "repro.device": str(o.get("device") or ""),
                 "repro.environment_key": str(o.get("env_key") or ""),
                 "repro.compared_with": str(o.get("compared_with") or ""),
-                "repro.reference": tracking._relative(reference, self.rootdir),
+                "repro.reference": relative(reference, self.rootdir),
                 "repro.drift": list(o.get("drift") or []),
                 "repro.context": list(o.get("context") or []),
                 "repro.run_seconds": [float(s) for s in o.get("seconds") or []],
@@ -249,7 +251,7 @@ class _Logger:
                         "check": name,
                         "verdict": o.get("verdict"),
                         "environment_key": o.get("env_key"),
-                        "reference": tracking._relative(reference, self.rootdir),
+                        "reference": relative(reference, self.rootdir),
                         "left_out": left_out,
                     }
                 ),
@@ -357,3 +359,20 @@ def publish_wandb(
     else:
         session.notes.append(f"W&B: {len(folders)} run(s) logged online to project {project!r} {cost}")
     return True
+
+
+class WandB:
+    """--repro-wandb / ini repro_wandb: project and W&B set-up checked at start-up, every check logged at the end."""
+
+    def problems(self, settings: Settings, config: pytest.Config) -> list[str]:
+        """Whether the project is a W&B project name (not a test path), and wandb importable and not disabled."""
+        project, where = wandb_project(settings.wandb, config.rootpath)
+        problem = project_problem(project, where, list(config.invocation_params.args)) if project is not None else None
+        return [problem] if problem else []
+
+    def publish(self, run: Publication, exitstatus: int) -> int | None:
+        """Log every check as a run (with its bundle, if any, in its artifact); a failure fails a passing run."""
+        project, _ = wandb_project(run.session.settings.wandb, run.config.rootpath)
+        if project is None or not run.session.outcomes:
+            return None
+        return None if publish_wandb(run.session, project, run.bundles, common_tags(run)) else failed(exitstatus)
