@@ -28,7 +28,7 @@ _LAZY = {
     "diff_manifests": "manifest",
     "Record": "record",
     "JobContext": "context",
-    "statistical": "tolerances",
+    "statistical": "_judge.tolerances",
 }
 
 

@@ -210,10 +210,10 @@ def test_a_manifest_the_system_will_not_let_us_read_is_an_error_not_drift(
 ) -> None:
     import errno
 
-    from pytest_repro import storage
+    from pytest_repro import staging, storage
 
     _, record, _ = _policy_case(None)
-    storage.write_reference(tmp_path / "cpu-a", record, collect_manifest(), {"config": {}})
+    staging.write_reference(tmp_path / "cpu-a", record, collect_manifest(), {"config": {}})
 
     def refuse(path: Path, limit: int = 0) -> str:
         raise OSError(errno.EMFILE, "Too many open files", str(path))

@@ -62,7 +62,7 @@ class Facts:
 
     nodeid: str
     regen: str | None
-    tolerance: ToleranceSpec
+    strategy: Any  # check.Strategy: how this check's runs are judged against a reference
     cross_env: ToleranceSpec
     config: dict[str, Any]
     effective: dict[str, dict[str, Any]]
@@ -331,20 +331,25 @@ def env_drift(stored: Any, manifest: Mapping[str, Any]) -> list[str]:
 
 
 @dataclass
-class _Match:
+class Match:
+    """How a run compared with a stored reference: agreed or not, where it first differs, the lines to show."""
+
     ok: bool
     where: str
     lines: list[str]
     differences: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, nodeid: str) -> _Match | Decision:
-    """Compare a run with a stored reference, value by value or statistically; a Decision when impossible."""
-    if spec.statistical is None:
-        cmp = compare(stored, record, spec)
-        if cmp.ok:
-            return _Match(True, "", [])
-        return _Match(False, headline(cmp), [cmp.describe(label, "this run")], [asdict(d) for d in cmp.differences])
+def match_values(stored: Record, record: Record, spec: ToleranceSpec, label: str) -> Match:
+    """Compare a run with a stored reference value by value."""
+    cmp = compare(stored, record, spec)
+    if cmp.ok:
+        return Match(True, "", [])
+    return Match(False, headline(cmp), [cmp.describe(label, "this run")], [asdict(d) for d in cmp.differences])
+
+
+def match_statistical(stored: Record, record: Record, stat: Statistical, label: str, nodeid: str) -> Match | Decision:
+    """Compare a run's per-seed values with a stored reference's (TOST); a Decision when that is impossible."""
     from .stats import TooFewSeedsError, compare_statistical
 
     ref_stats, new_stats = stored.meta.get("statistical"), record.meta.get("statistical")
@@ -353,7 +358,7 @@ def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, node
             Verdict.ERROR, f"the {label} holds no per-seed values", messages.no_per_seed_values(nodeid, label)
         )
     try:
-        results, band = compare_statistical(ref_stats, new_stats, spec.statistical)
+        results, band = compare_statistical(ref_stats, new_stats, stat)
     except (TooFewSeedsError, KeyError) as exc:
         problem = str(exc).strip("'\"")
         return Decision(Verdict.ERROR, problem, messages.statistical_problem(nodeid, problem))
@@ -367,7 +372,7 @@ def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, node
         return Decision(Verdict.ERROR, problem, text, details=lines)
     failed = [r for r in results if not r.equivalent]
     where = f"in metrics[{failed[0].name!r}]" if failed else (f"at step {band.step}" if band else "")
-    return _Match(not failed and band is None, where, lines)
+    return Match(not failed and band is None, where, lines)
 
 
 def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
@@ -387,7 +392,7 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
         if regen in ("all", "missing"):
             return Decision(Verdict.WRITTEN, f"environment {found.env_key}", reference=target, write=True)
         return _cross_env(found, record, facts)
-    m = _match(stored.record, record, facts.tolerance, "reference", nodeid)
+    m = facts.strategy.against(stored.record, record, "reference", nodeid)
     if isinstance(m, Decision):
         if regen == "all":
             return Decision(Verdict.WRITTEN, f"reference updated ({m.detail})", reference=target, write=True)
@@ -440,9 +445,8 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
         return (len(numeric_drift(ref.manifest, facts.manifest)) if ref.manifest and facts.manifest else 999, key)
 
     other_key, stored = min(found.others, key=distance)
-    spec = facts.tolerance if facts.tolerance.statistical is not None else facts.cross_env
-    spec, described = cross_env_spec(spec, record)
-    m = _match(stored.record, record, spec, f"reference ({other_key})", nodeid)
+    strategy, described = facts.strategy.across_environments(facts.cross_env, record)
+    m = strategy.against(stored.record, record, f"reference ({other_key})", nodeid)
     if isinstance(m, Decision):
         m.compared_with, m.reference = other_key, stored.path
         return m
