@@ -8,15 +8,25 @@ judging (e.g. against a measured noise floor) is one new class here, not branche
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
-from ._judge import policy
+from ._judge import messages, policy, statistical
 from ._judge.policy import Decision, Match
 from ._judge.tolerances import Statistical, ToleranceSpec
-from ._judge.verdict import CheckOutcome
+from ._judge.verdict import CheckOutcome, Verdict, reconcile
 from .record import Record
 from .seeding import derive_seed
+from .staging import settle_staged
+
+
+class Stop(Exception):
+    """A decided failure that ends a check early (bad config, a run that failed, …)."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.detail)
+        self.decision = decision
 
 
 class Strategy(Protocol):
@@ -113,18 +123,18 @@ class StatisticalCheck:
 
     def summarize(self, records: Sequence[Record]) -> dict[str, Any] | None:
         """The per-seed values, which the reference stores and later runs are compared with."""
-        records[0].meta["statistical"] = policy.per_seed(records)
+        records[0].meta["statistical"] = statistical.per_seed(records)
         return dict(records[0].meta["statistical"])
 
     def between_runs(
         self, records: Sequence[Record], nodeid: str, deterministic: bool, diagnose: Callable[[], str] | None
     ) -> Decision | None:
         """Different seeds may differ; with ``same_seed`` their spread must stay within the margin."""
-        return policy.same_seed_spread(records, self.stat, nodeid) if self.stat.same_seed else None
+        return statistical.same_seed_spread(records, self.stat, nodeid) if self.stat.same_seed else None
 
     def against(self, stored: Record, record: Record, label: str, nodeid: str) -> Match | Decision:
         """Equivalence of each metric (and the loss band) with the reference's seeds."""
-        return policy.match_statistical(stored, record, self.stat, label, nodeid)
+        return statistical.match_statistical(stored, record, self.stat, label, nodeid)
 
     def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
         """The same statistical test: it already allows for run-to-run noise."""
@@ -188,6 +198,41 @@ def outcome_of(nodeid: str, name: str | None, seed: int, notes: Notes, decision:
         max_abs=d.max_abs,
         **observed,
     )
+
+
+def finish(
+    outcomes: Sequence[CheckOutcome],
+    nodeid: str,
+    pytest_outcome: str,
+    why: str,
+    root: Path,
+    shown: Callable[[Path], str],
+) -> tuple[list[CheckOutcome], str | None]:
+    """A test's checks once it has ended: staged references committed (it passed) or discarded, verdicts
+    reconciled with its outcome; return the outcomes and the text to fail the test with (None: none).
+    """
+    outcomes, failure = list(outcomes), None
+    if not outcomes and pytest_outcome == "passed":
+        outcomes.append(CheckOutcome(nodeid, None, detail="the test never called repro.check: it checks nothing"))
+        failure = messages.no_check(nodeid)
+        pytest_outcome, why = "error", "it never called repro.check"
+    swallowed = [o.verdict.label for o in outcomes if not o.verdict.ok and o.message]
+    if swallowed and pytest_outcome == "passed":
+        failure = messages.swallowed(nodeid, swallowed)
+        pytest_outcome, why = "error", "it caught the check's failure"
+    settled = []
+    for o in outcomes:
+        if o.staged is not None:  # in order: a reference that could not be written fails the test's later ones
+            assert o.path is not None
+            target, publish = Path(o.path), pytest_outcome == "passed" and o.verdict.ok
+            warnings, error = settle_staged(Path(o.staged), target, publish, root)
+            o = replace(o, staged=None, warnings=o.warnings + warnings)
+            if error is not None:
+                o = replace(o, verdict=Verdict.ERROR, detail=f"the reference could not be written: {error}")
+                failure = messages.write_failed(nodeid, shown(target), error)
+                pytest_outcome, why = "error", "its reference could not be written"
+        settled.append(o)
+    return [reconcile(o, pytest_outcome, why) for o in settled], failure
 
 
 def junit_properties(outcomes: Sequence[CheckOutcome]) -> list[tuple[str, str]]:

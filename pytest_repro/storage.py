@@ -20,6 +20,7 @@ from .record import RECORD_FILE, CorruptRecordError, Record, load_record
 
 if TYPE_CHECKING:
     from ._judge.policy import Found
+    from .settings import Settings
 
 MANIFEST_FILE = "manifest.yaml"
 PROVENANCE_FILE = "provenance.yaml"
@@ -330,36 +331,32 @@ def find_references(test_dir: Path, env_key: str, root: Path) -> tuple[Found, li
 
 
 def provenance(
-    *,
     test: str,
     job: str,
     seed: int,
-    base_seed: int,
     device: str,
     env_key: str,
-    deterministic: bool,
-    runs: int,
-    config: dict[str, Any],
-    source: str,
-    effective: dict[str, dict[str, Any]],
+    settings: Settings,
+    config: tuple[dict[str, Any], str, dict[str, dict[str, Any]]],
     invocation: Sequence[str],
     wall_s: Any,
 ) -> dict[str, Any]:
-    """The provenance.yaml a written reference carries: when, by which plugin and command, from what."""
+    """The provenance.yaml a written reference carries: when, by which plugin and command, from what config."""
     from . import __version__
 
+    cfg, source, effective = config
     return {
         "recorded_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "plugin_version": __version__,
         "test": test,
         "job": job,
         "seed": seed,
-        "base_seed": base_seed,
+        "base_seed": settings.base_seed,
         "device": device,
         "environment_key": env_key,
-        "deterministic": deterministic,
-        "runs": runs,
-        "config": config,
+        "deterministic": settings.deterministic,
+        "runs": settings.runs,
+        "config": cfg,
         "config_source": source,
         "effective_config": effective,
         "command": " ".join(shlex.quote(a) for a in invocation),

@@ -6,8 +6,6 @@ returns a Decision, so every policy is unit-testable on hand-made records.
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 from ..record import Record, find_non_finite, is_empty
 from . import messages
 from .compare import Comparison, compare_records, section_max_abs
-from .tolerances import SectionTolerance, Statistical, Tolerance, ToleranceSpec, unmatched_keys
+from .tolerances import SectionTolerance, Tolerance, ToleranceSpec, unmatched_keys
 from .verdict import Verdict
 
 # Cross-environment limits for half-precision models: (rtol, atol) of tensors by the model's dtype,
@@ -211,85 +209,6 @@ def run_to_run(
     return None
 
 
-def per_seed(records: Sequence[Record]) -> dict[str, Any]:
-    """The per-seed values a statistical reference stores."""
-    return {
-        "seeds": [r.seed for r in records],
-        "metrics": {name: [r.metrics.get(name, math.nan) for r in records] for name in records[0].metrics},
-        "losses": [r.losses for r in records],
-    }
-
-
-def same_seed_spread(records: Sequence[Record], stat: Statistical, nodeid: str) -> Decision | None:
-    """With ``same_seed``: the spread of each metric and loss step across runs must stay within the margin."""
-    values_of = per_seed(records)["metrics"]
-    problems = []
-    for name, values in values_of.items():
-        allowed = stat.margin_for(statistics.fmean(values))
-        if not max(values) - min(values) <= allowed:
-            problems.append(
-                f"metrics[{name!r}]: spread {max(values) - min(values):.3g} across {len(values)} runs "
-                f"(allowed {allowed:.3g})"
-            )
-    for step in range(min(len(r.losses) for r in records)):
-        values = [r.losses[step] for r in records]
-        allowed = stat.margin_for(statistics.fmean(values))
-        if not max(values) - min(values) <= allowed:
-            problems.append(
-                f"losses: spread {max(values) - min(values):.3g} at step {step} (allowed {allowed:.3g}); "
-                "first step over the limit"
-            )
-            break
-    if not problems:
-        return None
-    first = records[0]
-    return Decision(
-        Verdict.DIVERGED,
-        f"runs with the same seed spread beyond the margin ({problems[0].split(':')[0]})",
-        messages.spread(nodeid, len(records), int(first.seed or 0), str(first.device), problems),
-    )
-
-
-def near_miss_pairs(audit: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """(key the job read but the config lacks, close key of the same section the job never read) pairs."""
-    import difflib
-
-    if not audit:
-        return []
-    unused = [str(k) for k in audit.get("unused_keys") or []]
-    found = []
-    for path in sorted(str(k) for k in audit.get("undeclared_reads") or []):
-        parent, _, leaf = path.rpartition(".")
-        siblings = {u.rpartition(".")[2]: u for u in unused if u.rpartition(".")[0] == parent}
-        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
-        if close:
-            found.append((path, siblings[close[0]]))
-    return found
-
-
-def near_misses(audit: Mapping[str, Any] | None) -> list[str]:
-    """Config keys the job read but the config lacks, next to a key of the config the job never read."""
-    return [
-        f"the job read config key {path!r}, which the config does not have; the config has {given!r}, which the "
-        f"job never read: did you mean {path!r}?"
-        for path, given in near_miss_pairs(audit)
-    ]
-
-
-def audit_findings(record: Record) -> list[str]:
-    """The config audit's findings for a run: undeclared reads and keys never read."""
-    audit = record.meta.get("config_audit") or {}
-    misses = near_misses(audit)  # a typo shows as one read default and one unread key: say so once
-    paired = {key for pair in near_miss_pairs(audit) for key in pair}
-    problems = [
-        f"the job read config key {k!r}, which the config does not declare (it used a default)"
-        for k in audit.get("undeclared_reads", [])
-        if k not in paired
-    ]
-    unread = [f"config key {k!r} was never read by the job" for k in audit.get("unused_keys", []) if k not in paired]
-    return misses + problems + unread
-
-
 def changes(
     stored: Any, record: Record, effective: Mapping[str, Mapping[str, Any]], manifest: Mapping[str, Any]
 ) -> list[str]:
@@ -346,33 +265,6 @@ def match_values(stored: Record, record: Record, spec: ToleranceSpec, label: str
     if cmp.ok:
         return Match(True, "", [])
     return Match(False, headline(cmp), [cmp.describe(label, "this run")], [asdict(d) for d in cmp.differences])
-
-
-def match_statistical(stored: Record, record: Record, stat: Statistical, label: str, nodeid: str) -> Match | Decision:
-    """Compare a run's per-seed values with a stored reference's (TOST); a Decision when that is impossible."""
-    from .stats import TooFewSeedsError, compare_statistical
-
-    ref_stats, new_stats = stored.meta.get("statistical"), record.meta.get("statistical")
-    if not isinstance(ref_stats, dict) or not isinstance(new_stats, dict):
-        return Decision(
-            Verdict.ERROR, f"the {label} holds no per-seed values", messages.no_per_seed_values(nodeid, label)
-        )
-    try:
-        results, band = compare_statistical(ref_stats, new_stats, stat)
-    except (TooFewSeedsError, KeyError) as exc:
-        problem = str(exc).strip("'\"")
-        return Decision(Verdict.ERROR, problem, messages.statistical_problem(nodeid, problem))
-    lines = [f"  {r.describe()}" for r in results]
-    if band is not None:
-        lines.append(f"  {band.describe()}")
-    unresolved = [r for r in results if r.unresolved]
-    if unresolved and all(r.equivalent or r.unresolved for r in results) and band is None:
-        problem = f"the margin of metrics[{unresolved[0].name!r}] is below what these seeds can resolve"
-        text = messages.unresolvable_margin(nodeid, [r.explain_resolution() for r in unresolved], lines)
-        return Decision(Verdict.ERROR, problem, text, details=lines)
-    failed = [r for r in results if not r.equivalent]
-    where = f"in metrics[{failed[0].name!r}]" if failed else (f"at step {band.step}" if band else "")
-    return Match(not failed and band is None, where, lines)
 
 
 def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
@@ -474,55 +366,6 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     return Decision(
         Verdict.DIFFERS, f"differs from the {other_key} reference {m.where}", text, context=context, **common
     )
-
-
-def resume(
-    full: Record,
-    stopped: Record,
-    resumed: Record,
-    at: int,
-    spec: ToleranceSpec,
-    nodeid: str,
-    given: list[str] | None,
-    lightning: bool = False,
-) -> Decision:
-    """Stop after ``at`` steps + resume in a fresh process must give the uninterrupted run, under the tolerance."""
-    if len(stopped.losses) != at:
-        return Decision(
-            Verdict.ERROR,
-            f"the stopped run recorded {len(stopped.losses)} losses, expected {at}",
-            messages.resume_bad_stop(nodeid, at, len(stopped.losses)),
-        )
-    combined = Record(
-        losses=stopped.losses + resumed.losses,
-        weights=resumed.weights,
-        metrics=resumed.metrics,
-        outputs=resumed.outputs,
-        meta=resumed.meta,
-    )
-    cmp = compare(full, combined, spec)
-    if cmp.ok:
-        return Decision(Verdict.PASSED, f"stopped after step {at}, resumed in a fresh process: same results")
-    first = cmp.first("losses")
-    if first is not None and first.kind == "value" and first.step is not None:
-        where = f"at step {first.step}"
-        if first.step < at:
-            headline_text = (
-                f"the run told to stop after {at} steps already differs at step {first.step}, before the checkpoint "
-                f"(uninterrupted {first.expected!r}, stopped run {first.actual!r})"
-            )
-        else:
-            headline_text = (
-                f"first step after the resume that differs: step {first.step} "
-                f"(uninterrupted {first.expected!r}, resumed {first.actual!r}, "
-                f"abs diff {first.first_step_abs or 0:.3g})"
-            )
-    else:
-        where = headline(cmp)
-        headline_text = f"the losses agree, but the final results differ {where}"
-    described = cmp.describe("uninterrupted", "stop+resume")
-    text = messages.resume_mismatch(nodeid, at, headline_text, described, given, lightning=lightning)
-    return Decision(Verdict.DIFFERS, f"resume mismatch {where}", text, differences=[asdict(d) for d in cmp.differences])
 
 
 def replicas_disagree(record: Record) -> list[str]:

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import messages
-from .policy import Decision, near_misses
+from .audit import near_misses
+from .policy import Decision
 from .verdict import Verdict
 
 
