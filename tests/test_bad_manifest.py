@@ -174,12 +174,13 @@ def _policy_case(problem: str | None) -> tuple[Any, Any, Any]:
 
     from pytest_repro._judge import policy
     from pytest_repro._judge.tolerances import ToleranceSpec
+    from pytest_repro.check import ValueByValue
     from pytest_repro.record import Record
     from pytest_repro.storage import Reference
 
     record = Record(losses=[1.0, 0.5], weights={"w": torch.ones(3)}, meta={"seed": 1})
     stored = Reference(Path("x/cpu-a"), record, {}, {"config": {}}, manifest_problem=problem)
-    facts = policy.Facts("t.py::test", None, ToleranceSpec(), ToleranceSpec(), {}, {}, collect_manifest())
+    facts = policy.Facts("t.py::test", None, ValueByValue(ToleranceSpec()), ToleranceSpec(), {}, {}, collect_manifest())
     return stored, record, facts
 
 
