@@ -174,12 +174,13 @@ def _policy_case(problem: str | None) -> tuple[Any, Any, Any]:
 
     from pytest_repro._judge import policy
     from pytest_repro._judge.tolerances import ToleranceSpec
+    from pytest_repro.check import ValueByValue
     from pytest_repro.record import Record
     from pytest_repro.storage import Reference
 
     record = Record(losses=[1.0, 0.5], weights={"w": torch.ones(3)}, meta={"seed": 1})
     stored = Reference(Path("x/cpu-a"), record, {}, {"config": {}}, manifest_problem=problem)
-    facts = policy.Facts("t.py::test", None, ToleranceSpec(), ToleranceSpec(), {}, {}, collect_manifest())
+    facts = policy.Facts("t.py::test", None, ValueByValue(ToleranceSpec()), ToleranceSpec(), {}, {}, collect_manifest())
     return stored, record, facts
 
 
@@ -210,10 +211,10 @@ def test_a_manifest_the_system_will_not_let_us_read_is_an_error_not_drift(
 ) -> None:
     import errno
 
-    from pytest_repro import storage
+    from pytest_repro import staging, storage
 
     _, record, _ = _policy_case(None)
-    storage.write_reference(tmp_path / "cpu-a", record, collect_manifest(), {"config": {}})
+    staging.write_reference(tmp_path / "cpu-a", record, collect_manifest(), {"config": {}})
 
     def refuse(path: Path, limit: int = 0) -> str:
         raise OSError(errno.EMFILE, "Too many open files", str(path))

@@ -92,7 +92,8 @@ def test_a_reader_sees_the_complete_old_or_new_reference_during_rewrites(tmp_pat
     import torch
 
     from pytest_repro.record import Record
-    from pytest_repro.storage import MissingReferenceError, load_reference, write_reference
+    from pytest_repro.staging import write_reference
+    from pytest_repro.storage import MissingReferenceError, load_reference
     from pytest_repro.tensorfile import materialize
 
     target = tmp_path / "refs" / "test" / "cpu"
@@ -102,7 +103,7 @@ def test_a_reader_sees_the_complete_old_or_new_reference_during_rewrites(tmp_pat
         import sys, time, torch
         from pathlib import Path
         from pytest_repro.record import Record
-        from pytest_repro.storage import write_reference
+        from pytest_repro.staging import write_reference
         v = float(sys.argv[1]); end = time.monotonic() + 4; n = 0
         while time.monotonic() < end:
             write_reference(Path({str(target)!r}), Record(losses=[v], metrics={{"v": v}},

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_repro import callsites
-from pytest_repro._judge.policy import near_misses
+from pytest_repro._judge.audit import near_misses
 from pytest_repro._judge.tolerances import parse_tolerance, unmatched_keys
 from pytest_repro._publish import extras
 
@@ -283,7 +283,7 @@ def test_a_tolerance_section_typo_says_did_you_mean() -> None:
 def test_a_typo_read_with_a_default_is_one_did_you_mean_warning() -> None:
     from types import SimpleNamespace
 
-    from pytest_repro._judge.policy import audit_findings
+    from pytest_repro._judge.audit import audit_findings
 
     audit = {"undeclared_reads": ["steps", "lr"], "unused_keys": ["stpes", "unused_knob"]}
     record = SimpleNamespace(meta={"config_audit": audit})

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 
 from pytest_repro._judge import policy  # noqa: E402
 from pytest_repro._judge.tolerances import CLOSE, ToleranceSpec  # noqa: E402
-from pytest_repro._judge.verdict import Outcome, Verdict, reconcile  # noqa: E402
+from pytest_repro._judge.verdict import CheckOutcome, Verdict, reconcile  # noqa: E402
+from pytest_repro.check import ValueByValue  # noqa: E402
 from pytest_repro.record import Record  # noqa: E402
 from pytest_repro.storage import Reference  # noqa: E402
 
@@ -21,7 +22,8 @@ def rec(losses: list[float], w: float = 1.0, dtype: str = "float32", seed: int =
 
 
 def facts(regen: str | None = None, tolerance: ToleranceSpec | None = None) -> policy.Facts:
-    return policy.Facts("t.py::test", regen, tolerance or ToleranceSpec(), ToleranceSpec(default=CLOSE), {}, {}, {})
+    strategy = ValueByValue(tolerance or ToleranceSpec())
+    return policy.Facts("t.py::test", regen, strategy, ToleranceSpec(default=CLOSE), {}, {}, {})
 
 
 def ref(record: Record, folder: str = "cpu-amd-avx512") -> Reference:
@@ -96,7 +98,7 @@ def test_run_to_run_names_the_first_divergent_step() -> None:
 @pytest.mark.parametrize("verdict", [Verdict.PASSED, Verdict.WRITTEN, Verdict.UNCHANGED, Verdict.PASSED_CROSS_ENV])
 @pytest.mark.parametrize("outcome", ["failed", "error", "skipped", "xfailed"])
 def test_a_passing_verdict_never_survives_a_test_that_did_not_pass(verdict: Verdict, outcome: str) -> None:
-    o = reconcile(Outcome("t", None, verdict=verdict), outcome, "assert 0.4 > 0.5")
+    o = reconcile(CheckOutcome("t", None, verdict=verdict), outcome, "assert 0.4 > 0.5")
     assert o.verdict is Verdict.TEST_FAILED and outcome in o.detail and o.test_outcome == outcome
-    assert reconcile(Outcome("t", None, verdict=verdict), "passed").verdict is verdict
-    assert Outcome("t", None).verdict is Verdict.ERROR, "an outcome nobody decided is an error"
+    assert reconcile(CheckOutcome("t", None, verdict=verdict), "passed").verdict is verdict
+    assert CheckOutcome("t", None).verdict is Verdict.ERROR, "an outcome nobody decided is an error"

@@ -193,3 +193,18 @@ def test_nothing_heavy_is_imported_when_the_plugin_loads() -> None:
                         todo.append(step)
     heavy = {dep: by for dep, by in seen.items() if dep.split(".")[0] in HEAVY}
     assert heavy == {}, "module-level imports of heavy libraries reached from the plugin (library: importer)"
+
+
+DOWNSTREAM = ("pytest_repro.plugin", "pytest_repro.fixture", "pytest_repro.check", "pytest_repro.runs")
+
+
+@pytest.mark.parametrize("layer", ["pytest_repro._exec", "pytest_repro._judge"])
+def test_data_flows_one_way(layer: str) -> None:
+    """Running and judging never reach back into the pytest side, publishing or the CLI (lazily neither)."""
+    later = (*DOWNSTREAM, "pytest_repro._publish", "pytest_repro._cli", "pytest_repro.cli")
+    back = {
+        m.name: sorted(d for d in m.top | m.lazy if any(d == x or d.startswith(x + ".") for x in later))
+        for m in MODULES.values()
+        if m.name.startswith(layer)
+    }
+    assert {name: deps for name, deps in back.items() if deps} == {}

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
-from pytest_repro import seed_everything, storage  # noqa: E402
+from pytest_repro import seed_everything, staging  # noqa: E402
 from pytest_repro._judge.drift import diff_manifests  # noqa: E402
 from pytest_repro.cli import main as cli_main  # noqa: E402
 from pytest_repro.context import JobRef, JobReferenceError  # noqa: E402
@@ -27,7 +27,8 @@ from pytest_repro.record import CorruptRecordError, Record, load_record, normali
 from pytest_repro.schema import ConfigError  # noqa: E402
 from pytest_repro.seeding import derive_seed  # noqa: E402
 from pytest_repro.splits import SplitError, load_split, make_split  # noqa: E402
-from pytest_repro.storage import load_reference, reference_path, safe_name, write_reference  # noqa: E402
+from pytest_repro.staging import write_reference  # noqa: E402
+from pytest_repro.storage import load_reference, reference_path, safe_name  # noqa: E402
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 
@@ -135,7 +136,7 @@ def test_killed_regeneration_keeps_the_old_reference(tmp_path: Path, monkeypatch
         real_replace(src, dst)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "replace", dying_replace)
-    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)  # the two-rename fallback (no renameat2)
+    monkeypatch.setattr(staging, "_exchange", lambda a, b: False)  # the two-rename fallback (no renameat2)
     with pytest.raises(KeyboardInterrupt):
         write_reference(target, newer, {"m": 2}, {"p": 2})
     monkeypatch.setattr(os, "replace", real_replace)

@@ -480,7 +480,7 @@ def plan(bundles: list[Path], rootdir: Path, reference_dir: Path | None = None) 
 
 def discard(candidates: Iterable[Candidate], project: Project) -> None:
     """Remove every staging folder left (and the empty folders staging created)."""
-    from ..storage import discard_staged
+    from ..staging import discard_staged
 
     root = project.reference_dir
     for c in candidates:
@@ -509,7 +509,7 @@ def accept(
     echo: Callable[[str], None] = print,
 ) -> int:
     """Install the references of bundles after showing what they change; return the exit code (see the README)."""
-    from ..storage import commit_reference
+    from ..staging import commit_reference
 
     bundles = find_bundles(paths)
     if not bundles:

@@ -6,8 +6,6 @@ returns a Decision, so every policy is unit-testable on hand-made records.
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +16,7 @@ from . import messages
 from .compare import compare_records, section_max_abs
 from .difference import Comparison
 from .finite import find_non_finite
-from .tolerances import SectionTolerance, Statistical, Tolerance, ToleranceSpec, unmatched_keys
+from .tolerances import SectionTolerance, Tolerance, ToleranceSpec, unmatched_keys
 from .verdict import Verdict
 
 # Cross-environment limits for half-precision models: (rtol, atol) of tensors by the model's dtype,
@@ -64,7 +62,7 @@ class Facts:
 
     nodeid: str
     regen: str | None
-    tolerance: ToleranceSpec
+    strategy: Any  # check.Strategy: how this check's runs are judged against a reference
     cross_env: ToleranceSpec
     config: dict[str, Any]
     effective: dict[str, dict[str, Any]]
@@ -213,85 +211,6 @@ def run_to_run(
     return None
 
 
-def per_seed(records: Sequence[Record]) -> dict[str, Any]:
-    """The per-seed values a statistical reference stores."""
-    return {
-        "seeds": [r.seed for r in records],
-        "metrics": {name: [r.metrics.get(name, math.nan) for r in records] for name in records[0].metrics},
-        "losses": [r.losses for r in records],
-    }
-
-
-def same_seed_spread(records: Sequence[Record], stat: Statistical, nodeid: str) -> Decision | None:
-    """With ``same_seed``: the spread of each metric and loss step across runs must stay within the margin."""
-    values_of = per_seed(records)["metrics"]
-    problems = []
-    for name, values in values_of.items():
-        allowed = stat.margin_for(statistics.fmean(values))
-        if not max(values) - min(values) <= allowed:
-            problems.append(
-                f"metrics[{name!r}]: spread {max(values) - min(values):.3g} across {len(values)} runs "
-                f"(allowed {allowed:.3g})"
-            )
-    for step in range(min(len(r.losses) for r in records)):
-        values = [r.losses[step] for r in records]
-        allowed = stat.margin_for(statistics.fmean(values))
-        if not max(values) - min(values) <= allowed:
-            problems.append(
-                f"losses: spread {max(values) - min(values):.3g} at step {step} (allowed {allowed:.3g}); "
-                "first step over the limit"
-            )
-            break
-    if not problems:
-        return None
-    first = records[0]
-    return Decision(
-        Verdict.DIVERGED,
-        f"runs with the same seed spread beyond the margin ({problems[0].split(':')[0]})",
-        messages.spread(nodeid, len(records), int(first.seed or 0), str(first.device), problems),
-    )
-
-
-def near_miss_pairs(audit: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """(key the job read but the config lacks, close key of the same section the job never read) pairs."""
-    import difflib
-
-    if not audit:
-        return []
-    unused = [str(k) for k in audit.get("unused_keys") or []]
-    found = []
-    for path in sorted(str(k) for k in audit.get("undeclared_reads") or []):
-        parent, _, leaf = path.rpartition(".")
-        siblings = {u.rpartition(".")[2]: u for u in unused if u.rpartition(".")[0] == parent}
-        close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
-        if close:
-            found.append((path, siblings[close[0]]))
-    return found
-
-
-def near_misses(audit: Mapping[str, Any] | None) -> list[str]:
-    """Config keys the job read but the config lacks, next to a key of the config the job never read."""
-    return [
-        f"the job read config key {path!r}, which the config does not have; the config has {given!r}, which the "
-        f"job never read: did you mean {path!r}?"
-        for path, given in near_miss_pairs(audit)
-    ]
-
-
-def audit_findings(record: Record) -> list[str]:
-    """The config audit's findings for a run: undeclared reads and keys never read."""
-    audit = record.meta.get("config_audit") or {}
-    misses = near_misses(audit)  # a typo shows as one read default and one unread key: say so once
-    paired = {key for pair in near_miss_pairs(audit) for key in pair}
-    problems = [
-        f"the job read config key {k!r}, which the config does not declare (it used a default)"
-        for k in audit.get("undeclared_reads", [])
-        if k not in paired
-    ]
-    unread = [f"config key {k!r} was never read by the job" for k in audit.get("unused_keys", []) if k not in paired]
-    return misses + problems + unread
-
-
 def changes(
     stored: Any, record: Record, effective: Mapping[str, Mapping[str, Any]], manifest: Mapping[str, Any]
 ) -> list[str]:
@@ -333,43 +252,21 @@ def env_drift(stored: Any, manifest: Mapping[str, Any]) -> list[str]:
 
 
 @dataclass
-class _Match:
+class Match:
+    """How a run compared with a stored reference: agreed or not, where it first differs, the lines to show."""
+
     ok: bool
     where: str
     lines: list[str]
     differences: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _match(stored: Record, record: Record, spec: ToleranceSpec, label: str, nodeid: str) -> _Match | Decision:
-    """Compare a run with a stored reference, value by value or statistically; a Decision when impossible."""
-    if spec.statistical is None:
-        cmp = compare(stored, record, spec)
-        if cmp.ok:
-            return _Match(True, "", [])
-        return _Match(False, headline(cmp), [cmp.describe(label, "this run")], [asdict(d) for d in cmp.differences])
-    from .stats import TooFewSeedsError, compare_statistical
-
-    ref_stats, new_stats = stored.meta.get("statistical"), record.meta.get("statistical")
-    if not isinstance(ref_stats, dict) or not isinstance(new_stats, dict):
-        return Decision(
-            Verdict.ERROR, f"the {label} holds no per-seed values", messages.no_per_seed_values(nodeid, label)
-        )
-    try:
-        results, band = compare_statistical(ref_stats, new_stats, spec.statistical)
-    except (TooFewSeedsError, KeyError) as exc:
-        problem = str(exc).strip("'\"")
-        return Decision(Verdict.ERROR, problem, messages.statistical_problem(nodeid, problem))
-    lines = [f"  {r.describe()}" for r in results]
-    if band is not None:
-        lines.append(f"  {band.describe()}")
-    unresolved = [r for r in results if r.unresolved]
-    if unresolved and all(r.equivalent or r.unresolved for r in results) and band is None:
-        problem = f"the margin of metrics[{unresolved[0].name!r}] is below what these seeds can resolve"
-        text = messages.unresolvable_margin(nodeid, [r.explain_resolution() for r in unresolved], lines)
-        return Decision(Verdict.ERROR, problem, text, details=lines)
-    failed = [r for r in results if not r.equivalent]
-    where = f"in metrics[{failed[0].name!r}]" if failed else (f"at step {band.step}" if band else "")
-    return _Match(not failed and band is None, where, lines)
+def match_values(stored: Record, record: Record, spec: ToleranceSpec, label: str) -> Match:
+    """Compare a run with a stored reference value by value."""
+    cmp = compare(stored, record, spec)
+    if cmp.ok:
+        return Match(True, "", [])
+    return Match(False, headline(cmp), [cmp.describe(label, "this run")], [asdict(d) for d in cmp.differences])
 
 
 def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
@@ -389,7 +286,7 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
         if regen in ("all", "missing"):
             return Decision(Verdict.WRITTEN, f"environment {found.env_key}", reference=target, write=True)
         return _cross_env(found, record, facts)
-    m = _match(stored.record, record, facts.tolerance, "reference", nodeid)
+    m = facts.strategy.against(stored.record, record, "reference", nodeid)
     if isinstance(m, Decision):
         if regen == "all":
             return Decision(Verdict.WRITTEN, f"reference updated ({m.detail})", reference=target, write=True)
@@ -442,9 +339,8 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
         return (len(numeric_drift(ref.manifest, facts.manifest)) if ref.manifest and facts.manifest else 999, key)
 
     other_key, stored = min(found.others, key=distance)
-    spec = facts.tolerance if facts.tolerance.statistical is not None else facts.cross_env
-    spec, described = cross_env_spec(spec, record)
-    m = _match(stored.record, record, spec, f"reference ({other_key})", nodeid)
+    strategy, described = facts.strategy.across_environments(facts.cross_env, record)
+    m = strategy.against(stored.record, record, f"reference ({other_key})", nodeid)
     if isinstance(m, Decision):
         m.compared_with, m.reference = other_key, stored.path
         return m
@@ -472,55 +368,6 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     return Decision(
         Verdict.DIFFERS, f"differs from the {other_key} reference {m.where}", text, context=context, **common
     )
-
-
-def resume(
-    full: Record,
-    stopped: Record,
-    resumed: Record,
-    at: int,
-    spec: ToleranceSpec,
-    nodeid: str,
-    given: list[str] | None,
-    lightning: bool = False,
-) -> Decision:
-    """Stop after ``at`` steps + resume in a fresh process must give the uninterrupted run, under the tolerance."""
-    if len(stopped.losses) != at:
-        return Decision(
-            Verdict.ERROR,
-            f"the stopped run recorded {len(stopped.losses)} losses, expected {at}",
-            messages.resume_bad_stop(nodeid, at, len(stopped.losses)),
-        )
-    combined = Record(
-        losses=stopped.losses + resumed.losses,
-        weights=resumed.weights,
-        metrics=resumed.metrics,
-        outputs=resumed.outputs,
-        meta=resumed.meta,
-    )
-    cmp = compare(full, combined, spec)
-    if cmp.ok:
-        return Decision(Verdict.PASSED, f"stopped after step {at}, resumed in a fresh process: same results")
-    first = cmp.first("losses")
-    if first is not None and first.kind == "value" and first.step is not None:
-        where = f"at step {first.step}"
-        if first.step < at:
-            headline_text = (
-                f"the run told to stop after {at} steps already differs at step {first.step}, before the checkpoint "
-                f"(uninterrupted {first.expected!r}, stopped run {first.actual!r})"
-            )
-        else:
-            headline_text = (
-                f"first step after the resume that differs: step {first.step} "
-                f"(uninterrupted {first.expected!r}, resumed {first.actual!r}, "
-                f"abs diff {first.first_step_abs or 0:.3g})"
-            )
-    else:
-        where = headline(cmp)
-        headline_text = f"the losses agree, but the final results differ {where}"
-    described = cmp.describe("uninterrupted", "stop+resume")
-    text = messages.resume_mismatch(nodeid, at, headline_text, described, given, lightning=lightning)
-    return Decision(Verdict.DIFFERS, f"resume mismatch {where}", text, differences=[asdict(d) for d in cmp.differences])
 
 
 def replicas_disagree(record: Record) -> list[str]:

@@ -8,7 +8,7 @@ for a test that failed.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -66,9 +66,12 @@ def parse_verdict(value: Any) -> Verdict:
         return Verdict.ERROR
 
 
-@dataclass
-class Outcome:
-    """What one ``repro.check`` concluded: the verdict and everything the reports show about it."""
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What one ``repro.check`` concluded: the verdict and everything the reports show about it.
+
+    Built once, from the check's decision (check.outcome_of); later steps make changed copies.
+    """
 
     nodeid: str
     name: str | None
@@ -102,13 +105,12 @@ class Outcome:
         return data
 
 
-def reconcile(outcome: Outcome, test_outcome: str, why: str = "") -> Outcome:
+def reconcile(outcome: CheckOutcome, pytest_outcome: str, why: str = "") -> CheckOutcome:
     """Make the verdict agree with pytest's outcome of the test: a pass only for a test that passed."""
-    outcome.test_outcome = test_outcome
-    if outcome.verdict.ok and test_outcome not in ("passed", "xpassed"):
+    if outcome.verdict.ok and pytest_outcome not in ("passed", "xpassed"):
         was = outcome.verdict
-        outcome.verdict = Verdict.TEST_FAILED
         reason = f": {why}" if why else ""
         nothing = " (the reference was not written)" if was is Verdict.WRITTEN else ""
-        outcome.detail = f"the check agreed ({was.label}), but the test {test_outcome}{reason}{nothing}"
-    return outcome
+        detail = f"the check agreed ({was.label}), but the test {pytest_outcome}{reason}{nothing}"
+        return replace(outcome, test_outcome=pytest_outcome, verdict=Verdict.TEST_FAILED, detail=detail)
+    return replace(outcome, test_outcome=pytest_outcome)

@@ -1,0 +1,252 @@
+"""A check's comparison strategy (how its runs are judged), its notes while it runs, and its outcome.
+
+A strategy is one object behind one interface (``Strategy``): the seeds to run, how the runs are judged
+against each other and against a reference. ``strategy_for`` picks it from the tolerance; a new way of
+judging (e.g. against a measured noise floor) is one new class here, not branches in the fixture or policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from ._judge import messages, policy, statistical
+from ._judge.policy import Decision, Match
+from ._judge.tolerances import Statistical, ToleranceSpec
+from ._judge.verdict import CheckOutcome, Verdict, reconcile
+from .record import Record
+from .seeding import derive_seed
+from .staging import settle_staged
+
+
+class Stop(Exception):
+    """A decided failure that ends a check early (bad config, a run that failed, …)."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(decision.detail)
+        self.decision = decision
+
+
+class Strategy(Protocol):
+    """How a check judges its runs: which seeds, run against run, run against a stored reference."""
+
+    @property
+    def spec(self) -> ToleranceSpec:
+        """The tolerance the check was given."""
+        ...
+
+    def seeds(self, seed: int, runs: int) -> list[int]:
+        """One seed per run, given the test's seed and the configured number of runs."""
+        ...
+
+    def run_label(self, index: int, seed: int) -> str:
+        """The name of run ``index`` (0-based) in the reports' loss curves."""
+        ...
+
+    def summarize(self, records: Sequence[Record]) -> dict[str, Any] | None:
+        """What run 1's record must carry for later comparisons (stored in its meta); a copy for the reports."""
+        ...
+
+    def between_runs(
+        self, records: Sequence[Record], nodeid: str, deterministic: bool, diagnose: Callable[[], str] | None
+    ) -> Decision | None:
+        """Judge the runs against each other; None when they agree."""
+        ...
+
+    def against(self, stored: Record, record: Record, label: str, nodeid: str) -> Match | Decision:
+        """Judge run 1 against a stored reference (``label`` names it); a Decision when it cannot be judged."""
+        ...
+
+    def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
+        """The strategy for another environment's reference (given the cross-env tolerance), and its description."""
+        ...
+
+
+@dataclass(frozen=True)
+class ValueByValue:
+    """The default: N runs with the test's seed, compared value by value under the tolerance spec."""
+
+    spec: ToleranceSpec
+
+    def seeds(self, seed: int, runs: int) -> list[int]:
+        """The test's seed, once per run."""
+        return [seed] * runs
+
+    def run_label(self, index: int, seed: int) -> str:
+        """'run 1', 'run 2', …"""
+        return f"run {index + 1}"
+
+    def summarize(self, records: Sequence[Record]) -> dict[str, Any] | None:
+        """Nothing beyond the records themselves."""
+        return None
+
+    def between_runs(
+        self, records: Sequence[Record], nodeid: str, deterministic: bool, diagnose: Callable[[], str] | None
+    ) -> Decision | None:
+        """Every run must equal run 1 under the tolerance."""
+        return policy.run_to_run(records, self.spec, nodeid, deterministic, diagnose)
+
+    def against(self, stored: Record, record: Record, label: str, nodeid: str) -> Match | Decision:
+        """Value by value under the tolerance."""
+        return policy.match_values(stored, record, self.spec, label)
+
+    def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
+        """The cross-environment tolerance, widened for half-precision models."""
+        spec, described = policy.cross_env_spec(cross_env, record)
+        return strategy_for(spec), described
+
+
+@dataclass(frozen=True)
+class StatisticalCheck:
+    """``statistical(...)``: runs over several seeds, equivalence (TOST) with the reference's per-seed values."""
+
+    spec: ToleranceSpec
+
+    @property
+    def stat(self) -> Statistical:
+        """The statistical tolerance."""
+        assert self.spec.statistical is not None
+        return self.spec.statistical
+
+    def seeds(self, seed: int, runs: int) -> list[int]:
+        """``seeds`` different seeds (the test's first), or the test's seed that often with ``same_seed``."""
+        stat = self.stat
+        if stat.same_seed:
+            return [seed] * stat.seeds
+        return [seed] + [derive_seed(seed, f"statistical-{k}") for k in range(1, stat.seeds)]
+
+    def run_label(self, index: int, seed: int) -> str:
+        """'seed 1234', …"""
+        return f"seed {seed}"
+
+    def summarize(self, records: Sequence[Record]) -> dict[str, Any] | None:
+        """The per-seed values, which the reference stores and later runs are compared with."""
+        records[0].meta["statistical"] = statistical.per_seed(records)
+        return dict(records[0].meta["statistical"])
+
+    def between_runs(
+        self, records: Sequence[Record], nodeid: str, deterministic: bool, diagnose: Callable[[], str] | None
+    ) -> Decision | None:
+        """Different seeds may differ; with ``same_seed`` their spread must stay within the margin."""
+        return statistical.same_seed_spread(records, self.stat, nodeid) if self.stat.same_seed else None
+
+    def against(self, stored: Record, record: Record, label: str, nodeid: str) -> Match | Decision:
+        """Equivalence of each metric (and the loss band) with the reference's seeds."""
+        return statistical.match_statistical(stored, record, self.stat, label, nodeid)
+
+    def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
+        """The same statistical test: it already allows for run-to-run noise."""
+        return self, self.stat.describe()
+
+
+def strategy_for(spec: ToleranceSpec) -> Strategy:
+    """The strategy a tolerance spec asks for."""
+    return ValueByValue(spec) if spec.statistical is None else StatisticalCheck(spec)
+
+
+@dataclass
+class Notes:
+    """What a check observed while it ran, before it was decided; its outcome is built from both, once."""
+
+    path: str | None = None
+    device: str | None = None
+    seconds: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    env_key: str | None = None
+    statistical: dict[str, Any] | None = None
+    effective_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    staged: str | None = None
+
+
+def outcome_of(nodeid: str, name: str | None, seed: int, notes: Notes, decision: Decision | None) -> CheckOutcome:
+    """The check's outcome: its notes and its decision (none: the check did not finish, an ERROR)."""
+    observed: dict[str, Any] = {
+        "seed": seed,
+        "path": notes.path,
+        "device": notes.device,
+        "seconds": notes.seconds,
+        "warnings": notes.warnings,
+        "curves": notes.curves,
+        "env_key": notes.env_key,
+        "statistical": notes.statistical,
+        "effective_config": notes.effective_config,
+        "staged": notes.staged,
+    }
+    if decision is None:
+        return CheckOutcome(nodeid, name, **observed)
+    d = decision
+    if d.reference is not None:
+        observed["path"] = str(d.reference)
+    if d.reference_losses is not None:
+        observed["curves"] = {**notes.curves, "reference": d.reference_losses}
+    if notes.statistical is not None:
+        observed["statistical"] = {**notes.statistical, "reference": d.reference_statistical}
+    return CheckOutcome(
+        nodeid,
+        name,
+        verdict=d.verdict,
+        detail=d.detail,
+        message=d.message,
+        details=d.details,
+        differences=d.differences,
+        context=d.context,
+        drift=d.drift,
+        compared_with=d.compared_with,
+        max_abs=d.max_abs,
+        **observed,
+    )
+
+
+def finish(
+    outcomes: Sequence[CheckOutcome],
+    nodeid: str,
+    pytest_outcome: str,
+    why: str,
+    root: Path,
+    shown: Callable[[Path], str],
+) -> tuple[list[CheckOutcome], str | None]:
+    """A test's checks once it has ended: staged references committed (it passed) or discarded, verdicts
+    reconciled with its outcome; return the outcomes and the text to fail the test with (None: none).
+    """
+    outcomes, failure = list(outcomes), None
+    if not outcomes and pytest_outcome == "passed":
+        outcomes.append(CheckOutcome(nodeid, None, detail="the test never called repro.check: it checks nothing"))
+        failure = messages.no_check(nodeid)
+        pytest_outcome, why = "error", "it never called repro.check"
+    swallowed = [o.verdict.label for o in outcomes if not o.verdict.ok and o.message]
+    if swallowed and pytest_outcome == "passed":
+        failure = messages.swallowed(nodeid, swallowed)
+        pytest_outcome, why = "error", "it caught the check's failure"
+    settled = []
+    for o in outcomes:
+        if o.staged is not None:  # in order: a reference that could not be written fails the test's later ones
+            assert o.path is not None
+            target, publish = Path(o.path), pytest_outcome == "passed" and o.verdict.ok
+            warnings, error = settle_staged(Path(o.staged), target, publish, root)
+            o = replace(o, staged=None, warnings=o.warnings + warnings)
+            if error is not None:
+                o = replace(o, verdict=Verdict.ERROR, detail=f"the reference could not be written: {error}")
+                failure = messages.write_failed(nodeid, shown(target), error)
+                pytest_outcome, why = "error", "its reference could not be written"
+        settled.append(o)
+    return [reconcile(o, pytest_outcome, why) for o in settled], failure
+
+
+def junit_properties(outcomes: Sequence[CheckOutcome]) -> list[tuple[str, str]]:
+    """The short JUnit properties of every check."""
+    props: list[tuple[str, str]] = []
+    for o in outcomes:
+        suffix = f"[{o.name}]" if o.name else ""
+        props += [
+            (f"repro_verdict{suffix}", o.verdict.value),
+            (f"repro_environment{suffix}", o.env_key or ""),
+            (f"repro_seed{suffix}", str(o.seed)),
+            (f"repro_device{suffix}", o.device or ""),
+            (f"repro_run_seconds{suffix}", " ".join(f"{x:.3f}" for x in o.seconds)),
+        ]
+        if o.detail:
+            props.append((f"repro_detail{suffix}", o.detail))
+    return props

@@ -1,0 +1,191 @@
+"""A check's runs, seen from the pytest process: their specs, running them, and their records.
+
+A run that failed stops the check (``check.Stop``) with what the failure means (``_judge.runfail``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ._exec.child import RECORD_DIR, RUN_MANIFEST_FILE
+from ._exec.distributed import rank_dir
+from ._exec.runner import RunOutcome
+from ._judge import messages, policy, runfail
+from ._judge.policy import Decision
+from ._judge.resume import resume
+from ._judge.verdict import Verdict
+from .check import Notes, Stop, Strategy
+from .context import JobRef, RunSpec
+from .record import CorruptRecordError, Record, load_record
+from .session import ReproSession
+from .settings import Settings
+
+
+class Runs:
+    """The runs of one check: one job and config, on one device, each run on ``nproc`` ranks."""
+
+    def __init__(
+        self,
+        session: ReproSession,
+        settings: Settings,
+        nodeid: str,
+        test_dir: Path,
+        device: str,
+        job: tuple[JobRef, dict[str, Any], str | None],
+        nproc: int = 1,
+    ) -> None:
+        self._session, self._settings, self._nodeid, self._test_dir = session, settings, nodeid, test_dir
+        self._device, self._nproc = device, nproc
+        self._ref, self._cfg, self._config_dir = job
+
+    def spec(self, seed: int, index: int, diagnose: bool = False) -> RunSpec:
+        """The spec of run ``index`` (0-based; run 1 writes the manifest), or of a traced run with ``diagnose``."""
+        s = self._settings
+        return RunSpec(
+            job=self._ref,
+            config=self._cfg,
+            seed=seed,
+            device=self._device,
+            deterministic=s.deterministic,
+            run_index=index,
+            workdir=str(self._session.next_workdir(f"{'trace' if diagnose else 'run'}{index + 1}")),
+            cwd=str(self._session.rootdir),
+            sys_path=tuple(sys.path),
+            manifest=(index == 0 and not diagnose),
+            config_dir=self._config_dir,
+            manifest_packages=s.manifest_packages,
+            identity=s.identity,
+            diagnose=diagnose,
+            nproc=self._nproc,
+        )
+
+    def run_all(self, seed: int, strategy: Strategy, notes: Notes) -> tuple[list[Record], dict[str, Any]]:
+        """Run the check's runs (the seeds the strategy asks for); return their records and run 1's manifest."""
+        records: list[Record] = []
+        manifest: dict[str, Any] = {}
+        seeds = strategy.seeds(seed, self._settings.runs)
+        results = self._run_specs([self.spec(run_seed, i) for i, run_seed in enumerate(seeds)])
+        notes.warnings += self._session.runner.take_warnings()
+        for i, (run_seed, result) in enumerate(zip(seeds, results, strict=False)):
+            notes.seconds.append(result.wall_s)
+            if result.orphans:
+                notes.warnings.append(messages.orphans(i + 1, result.orphans))
+            records.append(self.record_of(result, i + 1))
+            notes.curves[strategy.run_label(i, run_seed)] = records[-1].losses
+            if i == 0:
+                manifest = _read_manifest(result.workdir)
+        if len(records) < len(seeds):  # run_many stops early only after a failed run, which raised above
+            raise RuntimeError(f"only {len(records)} of {len(seeds)} runs came back")
+        return records, manifest
+
+    def _run_specs(self, specs: list[RunSpec]) -> list[RunOutcome]:
+        """Preload what the job imports, then run the specs, side by side where repro_parallel_runs allows.
+
+        Stops after the first run that fails (the list is then shorter, ending with that run).
+        """
+        from ._exec.runner import parallel_runs
+
+        s = self._settings
+        self._session.preload_job(self._ref, self._test_dir)
+        parallel = parallel_runs(s.parallel_runs, len(specs), self._device, s.threads)
+        if any(getattr(spec, "nproc", 1) > 1 for spec in specs):
+            parallel = 1  # each run already uses several processes
+        return self._session.runner.run_many(specs, s.timeout, s.base_seed, parallel)
+
+    def run_one(self, spec: RunSpec, run: int, notes: Notes) -> Record:
+        """Run one extra run (outside the check's N runs) and return its record."""
+        result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+        notes.seconds.append(result.wall_s)
+        return self.record_of(result, run)
+
+    def record_of(self, result: RunOutcome, run: int) -> Record:
+        """Run ``run``'s record (every rank's), or stop the check with what its failure means."""
+        failed = runfail.run_failed(
+            self._nodeid,
+            run,
+            self._device,
+            result.status,
+            result.detail,
+            result.log_tail,
+            result.stage,
+            result.config_audit,
+        )
+        if failed is not None:
+            raise Stop(failed)
+        try:
+            record = load_record(result.record_dir)
+            for rank in range(1, self._nproc):
+                record.ranks[rank] = load_record(rank_dir(result.workdir, rank) / RECORD_DIR)
+            return record
+        except (CorruptRecordError, FileNotFoundError) as exc:  # written and checked by the child: broken since
+            raise Stop(runfail.unreadable_run_record(self._nodeid, run, exc)) from None
+
+    def diagnosis(self, seed: int) -> Callable[[], str] | None:
+        """With --repro-diagnose: what finds where two runs diverge (two more runs, traced)."""
+        if not self._settings.diagnose:
+            return None
+
+        def diagnose() -> str:
+            from ._judge.diagnose import first_divergence
+
+            folders = []
+            for i in range(2):
+                result = self._session.runner.run(
+                    self.spec(seed, i, diagnose=True), self._settings.timeout, self._settings.base_seed
+                )
+                if result.status != "ok":
+                    return f"the traced run {i + 1} did not finish ({result.status}: {result.detail.splitlines()[-1:]})"
+                folders.append(result.workdir)
+            found = first_divergence(folders[0], folders[1])
+            if found is None:
+                return (
+                    "the two traced runs agreed at every forward, loss and optimizer step (the divergence is "
+                    "outside the training steps, e.g. in evaluation or in what the job returns)"
+                )
+            return found.describe()
+
+        return diagnose
+
+    def resume(self, seed: int, full: Record, at: int, notes: Notes) -> Decision:
+        """Stop a run after ``at`` steps, resume it in a fresh process, and decide whether it is the ``full`` run."""
+        from .checkpoint import STATE_FILE, given
+        from .jobs.lightning import CHECKPOINT_NAME as LIGHTNING_CHECKPOINT
+
+        base = self.spec(seed, 0)
+        stop_spec = replace(base, stop_at=at, manifest=False)
+        stopped = self.run_one(stop_spec, 1, notes)
+        ckpt = Path(stop_spec.workdir) / "checkpoint"
+        if not any(ckpt.iterdir()):
+            raise Stop(
+                Decision(Verdict.ERROR, "no checkpoint written", messages.resume_no_checkpoint(self._nodeid, at))
+            )
+        workdir = str(self._session.next_workdir("resume"))
+        resume_spec = replace(base, workdir=workdir, resume_from=str(ckpt), manifest=False, run_index=1)
+        resumed = self.run_one(resume_spec, 2, notes)
+        bad = policy.check_results([stopped, resumed], self._settings.tolerance, self._nodeid)
+        if bad is not None:
+            raise Stop(bad)
+        notes.curves = {"uninterrupted": full.losses, f"stopped at {at} + resumed": stopped.losses + resumed.losses}
+        return resume(
+            full,
+            stopped,
+            resumed,
+            at,
+            self._settings.tolerance,
+            self._nodeid,
+            given(ckpt) if (ckpt / STATE_FILE).is_file() else None,
+            lightning=(ckpt / LIGHTNING_CHECKPOINT).is_file(),
+        )
+
+
+def _read_manifest(workdir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((workdir / RUN_MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
