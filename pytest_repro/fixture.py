@@ -171,7 +171,7 @@ class Repro:
         s, nodeid = self._settings, self._nodeid
         strategy, runs = strategy_for(s.tolerance), self._runs(ref, cfg, config_dir, nproc)
         records, manifest = runs.run_all(self.seed, strategy, notes)
-        found = policy.check_results(records, s.tolerance, nodeid)
+        found = policy.invalid_results(records, s.tolerance, nodeid)
         if found is None and s.cross_env is not self._session.settings.cross_env:  # the marker's
             found = policy.tolerance_keys(records, s.cross_env, nodeid, "cross_env")
         if found is not None:

@@ -167,7 +167,7 @@ class Runs:
         workdir = str(self._session.next_workdir("resume"))
         resume_spec = replace(base, workdir=workdir, resume_from=str(ckpt), manifest=False, run_index=1)
         resumed = self.run_one(resume_spec, 2, notes)
-        bad = policy.check_results([stopped, resumed], self._settings.tolerance, self._nodeid)
+        bad = policy.invalid_results([stopped, resumed], self._settings.tolerance, self._nodeid)
         if bad is not None:
             raise Stop(bad)
         notes.curves = {"uninterrupted": full.losses, f"stopped at {at} + resumed": stopped.losses + resumed.losses}

@@ -83,9 +83,9 @@ def test_half_precision_models_get_their_precision_across_environments() -> None
 
 
 def test_results_that_compare_nothing_or_hold_nan_are_refused() -> None:
-    assert policy.check_results([Record(losses=[])], ToleranceSpec(), "t").verdict is Verdict.ERROR
+    assert policy.invalid_results([Record(losses=[])], ToleranceSpec(), "t").verdict is Verdict.ERROR
     nan = Record(losses=[1.0], metrics={"acc": math.nan}, meta={"seed": 7})
-    d = policy.check_results([rec([1.0]), nan], ToleranceSpec(), "t")
+    d = policy.invalid_results([rec([1.0]), nan], ToleranceSpec(), "t")
     assert d is not None and d.verdict is Verdict.NON_FINITE and "run 2 (seed 7)" in d.message
 
 

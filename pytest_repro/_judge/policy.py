@@ -132,7 +132,7 @@ def tolerance_keys(
     return Decision(Verdict.ERROR, problem, messages.tolerance_keys(nodeid, unmatched, argument))
 
 
-def check_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -> Decision | None:
+def invalid_results(records: Sequence[Record], spec: ToleranceSpec, nodeid: str) -> Decision | None:
     """Refuse empty results and NaN/inf anywhere (unless the key's tolerance sets equal_nan)."""
     for run, record in enumerate(records, start=1):
         for rank, part in [(None, record), *sorted(record.ranks.items())]:

@@ -70,7 +70,7 @@ def delete(folders: Iterable[Path], reference_dir: Path) -> list[str]:
     return kept
 
 
-def check(session: ReproSession, config: pytest.Config, mode: str) -> None:
+def check_unused(session: ReproSession, config: pytest.Config, mode: str) -> None:
     """Find (and per ``mode`` report, fail on or delete) unused references, only when the run saw every test."""
     reason = filter_reason(
         list(config.args),
@@ -175,5 +175,5 @@ class UnusedReferences:
         mode = run.session.settings.unused
         if not mode:
             return None
-        check(run.session, run.config, mode)
+        check_unused(run.session, run.config, mode)
         return pytest.ExitCode.TESTS_FAILED if run.session.unused and mode == "fail" else None
