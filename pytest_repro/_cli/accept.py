@@ -9,6 +9,7 @@ as ``--repro-regen`` does.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from typing import IO, Any
 from .._publish.bundle import INDEX_FILE, OUTCOME_FILE, SUFFIXES, BundleError, export, read_yaml, verify
 from ..record import RECORD_FILE
 from ..storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, safe_name
+from .common import CliError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
 _REFERENCE = "reference/"
@@ -487,6 +489,44 @@ def discard(candidates: Iterable[Candidate], project: Project) -> None:
             c.staging = None
     if not project.root_existed and root.is_dir() and not any(root.iterdir()):
         root.rmdir()
+
+
+DESCRIPTION = (
+    "Verify every hash, refuse bundles of unknown tests, clashing environment keys or paths outside "
+    "the reference folder, show what each adds or replaces (and how much it differs), then install them "
+    "atomically. Exit codes: 0 installed (or nothing to change), 1 refused (nothing changed), 2 usage error, "
+    "3 not confirmed (nothing changed; add --yes)."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the command's arguments (its one-line help is its row in ``cli.COMMANDS``)."""
+    parser.description = DESCRIPTION
+    parser.add_argument("bundles", nargs="+", metavar="BUNDLE|DIR", help="bundle files, or folders of them (artifacts)")
+    parser.add_argument(
+        "--yes", action="store_true", help="install without asking (otherwise: asks on a TTY, else exit 3)"
+    )
+    parser.add_argument("--rootdir", default=".", help="the project's rootdir (default: .)")
+    parser.add_argument("--reference-dir", help="default: the ini's repro_reference_dir (reference_outputs)")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Accept the bundles, asking on a terminal unless --yes; return the exit code."""
+
+    def confirm(question: str) -> bool:
+        if not sys.stdin.isatty():
+            return False
+        try:
+            return input(question).strip().lower() in ("y", "yes")
+        except EOFError:
+            return False
+
+    try:
+        return accept(
+            args.bundles, Path(args.rootdir), args.reference_dir and Path(args.reference_dir), args.yes, confirm
+        )
+    except AcceptError as exc:
+        raise CliError(exc.problem, exc.fix) from None
 
 
 def _shown(path: Path | None, rootdir: Path) -> str:

@@ -10,6 +10,7 @@ filters apply as in the user's tests) and every step runs ``python -m pytest --r
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -25,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 from ..storage import pid_alive
+from .common import CliError
 
 GOOD, BAD, SKIP, DIVERGED = "good", "bad", "skip", "diverged"
 FOUND, NOT_FOUND, USAGE, INTERRUPTED = 0, 1, 2, 130  # exit codes
@@ -61,6 +63,44 @@ def pytest_cmdline_main(config):
         json.dump({"rootdir": str(config.rootpath), "reference_dir": value}, fh)
     return 0
 """
+
+
+HELP = """\
+Find the first commit between --good and --bad whose reproducibility results differ from the
+reference committed at --good (later commits may have regenerated theirs). Each step runs
+'python -m pytest --repro ARGS -o repro_reference_dir=<copy of --good's reference>' in a temporary
+worktree, with that commit's code first on PYTHONPATH. Commits that do not collect or import are
+skipped; a commit whose runs diverge is run 3 times and the majority decides. Your checkout, HEAD,
+index and any bisect of your own are never touched.
+
+  pytest-repro bisect --good v1.2 -- tests/test_eval.py::test_eval_loss
+
+exit codes: 0 found; 1 only untestable commits left next to it (candidates listed);
+2 usage error or failed preflight (--good does not pass, --bad does not differ);
+130 interrupted (Ctrl-C), 143 stopped (SIGTERM); the temporary worktree is removed either way.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the command's arguments (its one-line help is its row in ``cli.COMMANDS``)."""
+    parser.description = HELP
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--good", required=True, metavar="REV", help="a commit whose results are right (e.g. v1.2)")
+    parser.add_argument("--bad", default="HEAD", metavar="REV", help="a commit whose results differ (default: HEAD)")
+    parser.add_argument("--repro-timeout", metavar="SECONDS", help="per-run time limit, passed to each step's pytest")
+    parser.add_argument("--step-timeout", type=float, metavar="SECONDS", help="kill a step's pytest after this (skip)")
+    parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="pytest arguments or node ids (after --)")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Bisect from the current folder; return the exit code (see HELP)."""
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    try:
+        return run(args.good, args.bad, pytest_args, Path.cwd(), args.repro_timeout, args.step_timeout)
+    except BisectError as exc:
+        for line in exc.output:
+            print(f"  | {line}", file=sys.stderr)
+        raise CliError(exc.problem, exc.fix) from None
 
 
 class BisectError(Exception):
