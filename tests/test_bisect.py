@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import USER_JOBS
 
-from pytest_repro._cli.bisect import BAD, DIVERGED, GOOD, SKIP, TEMP_PREFIX, Outcome, classify, decide, step_env
+from pytest_repro._cli.bisect import TEMP_PREFIX, decide
+from pytest_repro._cli.bisect_step import BAD, DIVERGED, GOOD, SKIP, Outcome, classify, step_env
 
 TEST = """
 import pytest

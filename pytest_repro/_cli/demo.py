@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -24,6 +25,18 @@ TEST = textwrap.dedent(
 )
 INI = "[pytest]\nrepro_reference_dir = reference_outputs\n"
 LR, CHANGED_LR = "0.002", "0.0021"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the command's arguments (its one-line help is its row in ``cli.COMMANDS``)."""
+    parser.add_argument(
+        "--keep", metavar="DIR", help="build the demo project in DIR and keep it (default: a temp folder)"
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the demo (in --keep's folder, if given); return its exit code."""
+    return run(Path(args.keep) if args.keep else None)
 
 
 def _step(title: str, project: Path, args: list[str], expect: int) -> bool:
