@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pytest_repro import cli
 from pytest_repro._cli.accept_read import AcceptError
 from pytest_repro._cli.accept_stage import _check_name, collect
-from pytest_repro._publish.bundle import export
+from pytest_repro._publish.bundle.build import export
 from pytest_repro.storage import reference_path, safe_name
 
 TESTS = """
