@@ -208,3 +208,13 @@ def test_data_flows_one_way(layer: str) -> None:
         if m.name.startswith(layer)
     }
     assert {name: deps for name, deps in back.items() if deps} == {}
+
+
+def test_publishing_never_imports_the_cli() -> None:
+    """The CLI reads what publishing wrote (bundles, history), never the other way round."""
+    back = {
+        m.name: sorted(d for d in m.top | m.lazy if d.startswith(("pytest_repro._cli", "pytest_repro.cli")))
+        for m in MODULES.values()
+        if m.name.startswith("pytest_repro._publish")
+    }
+    assert {name: deps for name, deps in back.items() if deps} == {}

@@ -1,10 +1,10 @@
-"""References recorded on another runner: bundle what a regeneration wrote there, install it here after review.
+"""References recorded on another runner, installed here after review: ``pytest-repro accept``.
 
-``bundle_written`` runs in the session that regenerated references with ``--repro-bundle-dir`` (e.g. the GPU
-runner); ``accept`` is ``pytest-repro accept``: it verifies every hash, refuses what cannot be installed safely,
-shows what each bundle adds or replaces (a replacement with the check's own difference summary), and changes
-nothing without confirmation. Installing stages the bundle's files beside the reference and swaps them into place,
-as ``--repro-regen`` does.
+The session that regenerated references with ``--repro-bundle-dir`` (e.g. the GPU runner) bundles them
+(``_publish.bundle.publish.bundle_written``). ``accept`` verifies every hash, refuses what cannot be installed
+safely, shows what each bundle adds or replaces (a replacement with the check's own difference summary), and
+changes nothing without confirmation. Installing stages the bundle's files beside the reference and swaps them
+into place, as ``--repro-regen`` does.
 
 This module is the command (what it shows, the confirmation, the install); reading a bundle is ``accept_read``,
 placing, staging and comparing it in this checkout ``accept_stage`` (both imported when the command runs).
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .common import CliError
 
@@ -25,36 +25,6 @@ if TYPE_CHECKING:
     from .accept_read import Candidate
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_CONFIRMED = 0, 1, 2, 3
-
-
-# ---------------------------------------------------------------------------------------------- producer
-
-
-def bundle_written(
-    outcomes: Iterable[Mapping[str, Any]], folder: Path, rootdir: Path
-) -> tuple[dict[tuple[str, str | None], Path], list[str]]:
-    """Write one bundle per reference this session wrote (verdict written) into ``folder``; return paths, problems."""
-    from .._publish.bundle import BundleError
-    from .._publish.bundle.build import export
-    from ..storage import safe_name
-
-    written: dict[tuple[str, str | None], Path] = {}
-    problems: list[str] = []
-    for o in outcomes:
-        if o.get("verdict") != "written" or not o.get("path"):
-            continue
-        nodeid, name = str(o["nodeid"]), o.get("name")
-        out = folder / (safe_name(nodeid + (f"[{name}]" if name else "")) + ".tar.gz")
-        try:
-            export(Path(str(o["path"])), rootdir, out)
-        except (BundleError, OSError) as exc:
-            problems.append(
-                f"could not write the bundle {out} of the reference written for {nodeid}: {exc}; "
-                "give a writable --repro-bundle-dir"
-            )
-            continue
-        written[(nodeid, name)] = out
-    return written, problems
 
 
 # ---------------------------------------------------------------------------------------------- consumer

@@ -21,6 +21,31 @@ if TYPE_CHECKING:
 _PASSING = ("passed", "passed-cross-env", "unchanged", "written")
 
 
+def bundle_written(
+    outcomes: list[dict[str, Any]], folder: Path, rootdir: Path
+) -> tuple[dict[tuple[str, str | None], Path], list[str]]:
+    """Write one bundle per reference this session wrote (verdict written) into ``folder``; return paths, problems."""
+    from .build import export
+
+    written: dict[tuple[str, str | None], Path] = {}
+    problems: list[str] = []
+    for o in outcomes:
+        if o.get("verdict") != "written" or not o.get("path"):
+            continue
+        nodeid, name = str(o["nodeid"]), o.get("name")
+        out = folder / (safe_name(nodeid + (f"[{name}]" if name else "")) + ".tar.gz")
+        try:
+            export(Path(str(o["path"])), rootdir, out)
+        except (BundleError, OSError) as exc:
+            problems.append(
+                f"could not write the bundle {out} of the reference written for {nodeid}: {exc}; "
+                "give a writable --repro-bundle-dir"
+            )
+            continue
+        written[(nodeid, name)] = out
+    return written, problems
+
+
 def bundle_failing(
     outcomes: list[dict[str, Any]], folder: Path, rootdir: Path
 ) -> tuple[dict[tuple[str, str | None], Path], list[str]]:
@@ -95,8 +120,6 @@ class Bundles:
 
 def _write_bundles(session: ReproSession, bundle_dir: str) -> tuple[dict[tuple[str, str | None], Path], bool]:
     """Bundle failing checks and written references into ``bundle_dir`` and say so in the summary; (bundles, ok)."""
-    from ..._cli.accept import bundle_written
-
     bundles, problems = bundle_failing(session.outcomes, Path(bundle_dir), session.rootdir)
     written, more = bundle_written(session.outcomes, Path(bundle_dir), session.rootdir)
     session.notes += problems + more
