@@ -39,6 +39,7 @@ class Option:
     flag_kwargs: Mapping[str, Any] = field(default_factory=dict)  # argparse: choices, metavar, nargs, ...
     marker: str | None = None  # keyword of @pytest.mark.reproducible(...)
     marker_yields_to: str | None = None  # the option (field) whose CLI flag wins over this keyword
+    marker_metavar: str = "..."  # how the keyword's value is shown in `pytest --markers`
     marker_parse: Parse | None = None  # how the keyword's value is read, when not as the ini text
 
     @property

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .settings import BY_FIELD, MARKER, MARKER_KWARGS, OPTIONS, SettingsError
+from .settings import BY_FIELD, MARKER, OPTIONS, SettingsError
 
 if TYPE_CHECKING:
     from .fixture import Repro
@@ -21,7 +21,11 @@ session_key = pytest.StashKey["ReproSession"]()
 repro_key = pytest.StashKey["Repro"]()
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    # Registered now, beside this module, so that their hooks run where this plugin's always ran: after the
+    # project's conftests (which register later), not before them. pytest_configure keeps the one it needs.
+    pluginmanager.register(SkipReproducible(), "repro-skip")
+    pluginmanager.register(ReproPlugin(), "repro-session")
     group = parser.getgroup("repro", "reproducibility (pytest-repro)")
     for option in OPTIONS:  # the option table: settings.Settings
         if option.flag:
@@ -53,7 +57,7 @@ def _ci_is_set() -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}({', '.join(f'{name}=...' for name in MARKER_KWARGS)}): "
+        f"{MARKER}({', '.join(f'{o.marker}={o.marker_metavar}' for o in OPTIONS if o.marker)}): "
         "a reproducibility test, run with --repro (see pytest-repro's README)",
     )
     regen = config.getoption("repro_regen")
@@ -62,8 +66,21 @@ def pytest_configure(config: pytest.Config) -> None:
     except SettingsError as exc:
         raise pytest.UsageError(str(exc)) from None
     if not (config.getoption("repro") or regen):
-        config.pluginmanager.register(SkipReproducible(), "repro-skip")
+        config.pluginmanager.unregister(name="repro-session")
         return
+    config.pluginmanager.unregister(name="repro-skip")
+    try:
+        session = _start_session(config, regen)
+    except BaseException:
+        config.pluginmanager.unregister(name="repro-session")
+        raise
+    plugin = config.pluginmanager.get_plugin("repro-session")
+    assert isinstance(plugin, ReproPlugin)
+    plugin.session = session
+
+
+def _start_session(config: pytest.Config, regen: str | None) -> ReproSession:
+    """The run's settings and session (--repro given), or a usage error naming the bad option."""
     if regen and _ci_is_set() and not config.getoption("repro_regen_force"):
         raise pytest.UsageError(
             "pytest-repro refuses to regenerate references because the CI environment variable is set "
@@ -96,7 +113,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from .scratch import clean_stale_scratch
 
         session.notes += clean_stale_scratch()
-    config.pluginmanager.register(ReproPlugin(session), "repro-session")
+    return session
 
 
 @pytest.fixture
@@ -169,8 +186,19 @@ _RANK = {"passed": 0, "xpassed": 1, "skipped": 2, "xfailed": 3, "error": 4, "fai
 class ReproPlugin:
     """The session's hooks, with --repro: collection, each test's checks, xdist merging, publishing, summary."""
 
-    def __init__(self, session: ReproSession) -> None:
-        self.session = session
+    def __init__(self) -> None:
+        self._session: ReproSession | None = None
+
+    @property
+    def session(self) -> ReproSession:
+        """The run's session (set by pytest_configure before any hook below runs)."""
+        if self._session is None:
+            raise RuntimeError("pytest-repro's session hooks ran before pytest_configure started the session")
+        return self._session
+
+    @session.setter
+    def session(self, session: ReproSession) -> None:
+        self._session = session
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
@@ -281,8 +309,9 @@ class ReproPlugin:
         write_summary(terminalreporter, self.session)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
-        self.session.close()
-        del config.stash[session_key]
+        if self._session is not None:  # None: pytest_configure stopped with a usage error before starting it
+            self._session.close()
+            del config.stash[session_key]
 
 
 def _could_hold_tests(path: Path, config: pytest.Config) -> bool:

@@ -104,6 +104,7 @@ class Settings:
         flag="--repro-runs",
         flag_help="runs per test (ini repro_runs)",
         marker="runs",
+        marker_metavar="N",
     )
     seed: int | None = option(
         None,
@@ -111,6 +112,8 @@ class Settings:
         read.optional_int(0),
         marker="seed",
         marker_yields_to="base_seed",
+        marker_metavar="S",
+        marker_parse=read.int_at_least(0),  # a marker seed=None is an error, as it always was
     )
     base_seed: int = option(
         "0",
@@ -129,6 +132,7 @@ class Settings:
         flag_help="torch deterministic mode (ini repro_deterministic)",
         flag_kwargs={"choices": ("true", "false")},
         marker="deterministic",
+        marker_metavar="True",
     )
     timeout: float = option(
         "600",
@@ -138,6 +142,7 @@ class Settings:
         flag="--repro-timeout",
         flag_help="seconds per run before it is killed (ini repro_timeout)",
         marker="timeout",
+        marker_metavar="SECONDS",
     )
     device: str = option(
         "auto",

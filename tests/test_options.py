@@ -109,3 +109,11 @@ def test_the_readme_documents_every_flag_and_ini_option() -> None:
     section = readme.split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
     named = {o.flag for o in OPTIONS if o.flag} | {o.ini for o in OPTIONS if o.ini} | set(MARKER_KWARGS)
     assert sorted(name for name in named if f"`{name}" not in section and f"{name}=" not in section) == []
+
+
+def test_a_marker_seed_must_be_an_integer() -> None:
+    base = base_settings(INI_DEFAULTS, {}, Path("/r"))
+    with pytest.raises(
+        SettingsError, match=re.escape("@pytest.mark.reproducible(seed=…): expected an integer, got None")
+    ):
+        apply_marker(base, {"seed": None}, {})

@@ -401,3 +401,28 @@ def test_op_without_deterministic_implementation_is_named(userjobs: pytest.Pytes
     )
     write_test(userjobs, config='{"steps": 6, "nondeterministic_op_at": 2}', marker="(deterministic=False)")
     userjobs.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+
+
+def test_the_plugin_hooks_run_after_the_projects_conftest(pytester: pytest.Pytester) -> None:
+    """As a plugin loaded before conftests: a conftest's marker is seen, and the report has the final status."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                if item.name == "test_marked_by_conftest":
+                    item.add_marker(pytest.mark.reproducible)
+
+        def pytest_sessionfinish(session, exitstatus):
+            if exitstatus == 5:
+                session.exitstatus = 0
+        """
+    )
+    pytester.makepyfile(test_x="def test_marked_by_conftest():\n    pass\n")
+    result = pytester.runpytest_inprocess()
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*1 reproducibility test(s) skipped: run them with `pytest --repro`*"])
+    report = pytester.path / "r.json"
+    assert pytester.runpytest_inprocess("--repro", "-k", "nothing", f"--repro-report={report}").ret == 0
+    assert json.loads(report.read_text())["exitstatus"] == 0
