@@ -206,7 +206,7 @@ class Repro:
             prov = provenance(
                 nodeid, ref.name, self.seed, self.device, env_key, s, used, self._session.invocation, wall_s
             )
-            notes.staged = self._stage(decision.reference, records[0], manifest, prov)
+            notes.staged = _stage(self._session, nodeid, decision.reference, (records[0], manifest, prov))
         release_record(records[0])  # the test may keep it: no open file per kept record
         return records[0], decision
 
@@ -221,16 +221,6 @@ class Repro:
         except ConfigError as exc:
             raise _stop(Verdict.ERROR, exc.detail, messages.config_invalid(self._nodeid, exc.problem)) from None
 
-    def _stage(self, target: Path, record: Record, manifest: dict[str, Any], prov: dict[str, Any]) -> str:
-        """Stage the reference to write (committed at teardown if the test passes); return the staging folder."""
-        try:
-            return str(stage_reference(target, record, manifest, prov))
-        except OSError as exc:
-            shown = self._session.relative(target)
-            raise _stop(
-                Verdict.ERROR, f"cannot write {shown}: {exc}", messages.write_failed(self._nodeid, shown, exc)
-            ) from None
-
     # ------------------------------------------------------------------ teardown
 
     def finish(self, pytest_outcome: str, why: str) -> str | None:
@@ -242,6 +232,17 @@ class Repro:
     def properties(self) -> list[tuple[str, str]]:
         """The short JUnit properties of every check."""
         return junit_properties(self.outcomes)
+
+
+def _stage(
+    session: ReproSession, nodeid: str, target: Path, what: tuple[Record, dict[str, Any], dict[str, Any]]
+) -> str:
+    """Stage the reference to write (committed at teardown if the test passes); return the staging folder."""
+    try:
+        return str(stage_reference(target, *what))
+    except OSError as exc:
+        shown = session.relative(target)
+        raise _stop(Verdict.ERROR, f"cannot write {shown}: {exc}", messages.write_failed(nodeid, shown, exc)) from None
 
 
 def _bad_call(nodeid: str, name: Any, nproc: Any, taken: bool) -> Decision | None:
