@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._exec.procs import kill_group
 from .git import ENV_DROP
 
 GOOD, BAD, SKIP, DIVERGED = "good", "bad", "skip", "diverged"
@@ -167,11 +168,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _kill_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def _snapshot(folder: Path) -> list[tuple[str, int, int]]:
     """Path, size and mtime of every file: enough to notice a step that wrote into the reference copy."""
     return sorted(
@@ -232,7 +228,7 @@ class Runner:
             except subprocess.TimeoutExpired:
                 return None
             finally:
-                _kill_group(self.proc.pid)  # the run's job processes too
+                kill_group(self.proc.pid)  # the run's job processes too
                 self.proc.wait()
                 self.proc = None
 
@@ -308,6 +304,6 @@ class Runner:
     def kill(self) -> None:
         """Kill a running step (and its job processes)."""
         if self.proc is not None:
-            _kill_group(self.proc.pid)
+            kill_group(self.proc.pid)
             with contextlib.suppress(Exception):
                 self.proc.wait(timeout=30)
