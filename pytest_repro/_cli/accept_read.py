@@ -16,19 +16,15 @@ from typing import IO, Any
 
 from .._publish.bundle import INDEX_FILE, OUTCOME_FILE, SUFFIXES, BundleError
 from .._publish.bundle.verify import verify
+from ..errors import FixableError
 from ..record import RECORD_FILE
 from ..storage import PLUGIN_FILES, safe_name
 
 REFERENCE = "reference/"  # the bundle's folder of reference files
 
 
-class AcceptError(Exception):
+class AcceptError(FixableError):
     """A usage error of ``pytest-repro accept`` (no bundle given, a path that does not exist): problem and fix."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}; {fix}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .._exec.procs import kill_group
+from ..errors import FixableError
 from .git import ENV_DROP
 
 GOOD, BAD, SKIP, DIVERGED = "good", "bad", "skip", "diverged"
@@ -55,14 +56,12 @@ def pytest_cmdline_main(config):
 """
 
 
-class BisectError(Exception):
+class BisectError(FixableError):
     """Bisect cannot start or go on: ``problem`` and its ``fix``, and pytest's last output lines if any."""
 
     def __init__(self, problem: str, fix: str, output: Sequence[str] = ()) -> None:
-        self.problem = problem
-        self.fix = fix
+        super().__init__(problem, fix)
         self.output = list(output)
-        super().__init__(f"{problem}; {fix}")
 
 
 @dataclass(frozen=True)

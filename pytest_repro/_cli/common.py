@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import FixableError
 
-class CliError(Exception):
+
+class CliError(FixableError):
     """A user error: printed as one line ``pytest-repro <command>: <problem>; <fix>``, exit code 2."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}; {fix}")
 
 
 def where(exc: Exception) -> str:

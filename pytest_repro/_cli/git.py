@@ -15,19 +15,16 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import FixableError
+
 OWNER_FILE = "owner.pid"
 # Set by git for hooks and aliases: they would point this process's git at another repository or index
 ENV_DROP = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX", "GIT_OBJECT_DIRECTORY")
 _CANNOT_BISECT = ("We cannot bisect more", "only 'skip'ped commits left")
 
 
-class GitError(Exception):
+class GitError(FixableError):
     """A git command failed: ``problem`` (the command and git's message) and its ``fix``."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}; {fix}")
 
 
 def git(args: Sequence[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from ...errors import FixableError
 from ...storage import parse_yaml, read_yaml_text, safe_name
 from ...tensorfile import sha256_file
 
@@ -32,13 +33,8 @@ BUNDLE_VERSION = 1
 SUFFIXES = (".tar.gz", ".tgz", ".zip")
 
 
-class BundleError(Exception):
+class BundleError(FixableError):
     """A bundle that cannot be written or read at all: ``problem`` and the ``fix``."""
-
-    def __init__(self, problem: str, fix: str) -> None:
-        self.problem = problem
-        self.fix = fix
-        super().__init__(f"{problem}; {fix}")
 
 
 @dataclass
