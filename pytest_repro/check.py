@@ -8,7 +8,7 @@ judging (e.g. against a measured noise floor) is one new class here, not branche
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -163,18 +163,7 @@ class Notes:
 
 def outcome_of(nodeid: str, name: str | None, seed: int, notes: Notes, decision: Decision | None) -> CheckOutcome:
     """The check's outcome: its notes and its decision (none: the check did not finish, an ERROR)."""
-    observed: dict[str, Any] = {
-        "seed": seed,
-        "path": notes.path,
-        "device": notes.device,
-        "seconds": notes.seconds,
-        "warnings": notes.warnings,
-        "curves": notes.curves,
-        "env_key": notes.env_key,
-        "statistical": notes.statistical,
-        "effective_config": notes.effective_config,
-        "staged": notes.staged,
-    }
+    observed: dict[str, Any] = {"seed": seed, **{f.name: getattr(notes, f.name) for f in fields(Notes)}}
     if decision is None:
         return CheckOutcome(nodeid, name, **observed)
     d = decision
@@ -184,20 +173,11 @@ def outcome_of(nodeid: str, name: str | None, seed: int, notes: Notes, decision:
         observed["curves"] = {**notes.curves, "reference": d.reference_losses}
     if notes.statistical is not None:
         observed["statistical"] = {**notes.statistical, "reference": d.reference_statistical}
-    return CheckOutcome(
-        nodeid,
-        name,
-        verdict=d.verdict,
-        detail=d.detail,
-        message=d.message,
-        details=d.details,
-        differences=d.differences,
-        context=d.context,
-        drift=d.drift,
-        compared_with=d.compared_with,
-        max_abs=d.max_abs,
-        **observed,
-    )
+    decided = {f.name: getattr(d, f.name) for f in fields(Decision) if f.name in _OUTCOME_FIELDS}
+    return CheckOutcome(nodeid, name, **decided, **observed)
+
+
+_OUTCOME_FIELDS = frozenset(f.name for f in fields(CheckOutcome))
 
 
 def finish(
