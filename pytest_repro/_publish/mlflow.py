@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from .trackers import (
     drift_text,
     effective_config,
     experiment_name,
+    quiet_loggers,
     relative,
     safe_key,
 )
@@ -181,20 +182,9 @@ def _write_check_html(path: Path, o: Mapping[str, Any], rootdir: Path) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
+def quiet() -> contextlib.AbstractContextManager[None]:
     """Raise MLflow's and Alembic's loggers to WARNING for a while (store creation logs INFO lines)."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in ("mlflow", "alembic")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    return quiet_loggers("mlflow", "alembic")
 
 
 def log_session(

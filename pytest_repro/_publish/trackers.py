@@ -5,6 +5,7 @@ Nothing here imports a tracker's library.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -158,3 +159,19 @@ def common_tags(run: Publication) -> dict[str, str]:
             "repro.command": clip(" ".join(session.invocation), TAG_LIMIT),
         }
     return run.tags
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the named loggers to WARNING for a while (a tracker's INFO lines are not the user's)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

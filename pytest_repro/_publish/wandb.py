@@ -31,6 +31,7 @@ from .trackers import (
     drift_text,
     effective_config,
     experiment_name,
+    quiet_loggers,
     relative,
 )
 
@@ -274,18 +275,11 @@ class _Logger:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Raise wandb's logger to WARNING and hide its warnings for a while (they are not the user's)."""
-    import logging
     import warnings
 
-    logger = logging.getLogger("wandb")
-    level = logger.level
-    logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    with quiet_loggers("wandb"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def log_session(
