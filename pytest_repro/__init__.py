@@ -11,13 +11,14 @@ __all__ = [
     "__version__",
     "collect_manifest",
     "diff_manifests",
+    "noise",
     "seed_everything",
     "statistical",
 ]
 
 if TYPE_CHECKING:
     from ._judge.drift import diff_manifests
-    from ._judge.tolerances import statistical
+    from ._judge.tolerances import noise, statistical
     from .context import JobContext
     from .manifest import collect_manifest
     from .record import Record
@@ -30,6 +31,7 @@ _LAZY = {
     "Record": "record",
     "JobContext": "context",
     "statistical": "_judge.tolerances",
+    "noise": "_judge.tolerances",
 }
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._judge import messages, policy, statistical
+from ._judge.noise import NoiseFloor
 from ._judge.policy import Decision, Match
-from ._judge.tolerances import Statistical, ToleranceSpec
+from ._judge.tolerances import Noise, Statistical, ToleranceSpec
 from ._judge.verdict import CheckOutcome, Verdict, reconcile
 from .record import Record
 from .seeding import derive_seed
@@ -64,11 +65,16 @@ class Strategy(Protocol):
         ...
 
 
+# Measures the check's noise floor from the given number of perturbed runs (Runs.floor), on demand.
+FloorSource = Callable[[int], NoiseFloor]
+
+
 @dataclass(frozen=True)
 class ValueByValue:
     """The default: N runs with the test's seed, compared value by value under the tolerance spec."""
 
     spec: ToleranceSpec
+    floor: FloorSource | None = None
 
     def seeds(self, seed: int, runs: int) -> list[int]:
         """The test's seed, once per run."""
@@ -93,9 +99,64 @@ class ValueByValue:
         return policy.match_values(stored, record, self.spec, label)
 
     def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
-        """The cross-environment tolerance, widened for half-precision models."""
-        spec, described = policy.cross_env_spec(cross_env, record)
-        return strategy_for(spec), described
+        """The cross-environment tolerance: noise-aware, or close widened for half-precision models."""
+        return _across(cross_env, record, self.floor)
+
+
+def _across(cross_env: ToleranceSpec, record: Record, floor: FloorSource | None) -> tuple[Strategy, str]:
+    """The strategy for another environment's reference: noise-aware by default, else the given tolerance."""
+    if cross_env.noise is not None:
+        return NoiseAware(cross_env, floor), cross_env.noise.describe()
+    spec, described = policy.cross_env_spec(cross_env, record)
+    return strategy_for(spec, floor), described
+
+
+@dataclass(frozen=True)
+class NoiseAware:
+    """A noise tolerance: runs may differ by their own noise; a reference must lie within k x the measured floor.
+
+    The floor (``_judge/noise.py``) is measured only when a reference is compared: extra runs of the job
+    under perturbed rounding and random streams, plus the spread of the check's own runs.
+    """
+
+    spec: ToleranceSpec
+    floor: FloorSource | None = None
+
+    @property
+    def noise(self) -> Noise:
+        """The noise tolerance."""
+        assert self.spec.noise is not None
+        return self.spec.noise
+
+    def seeds(self, seed: int, runs: int) -> list[int]:
+        """The test's seed, once per run."""
+        return [seed] * runs
+
+    def run_label(self, index: int, seed: int) -> str:
+        """'run 1', 'run 2', …"""
+        return f"run {index + 1}"
+
+    def summarize(self, records: Sequence[Record]) -> dict[str, Any] | None:
+        """Nothing beyond the records themselves."""
+        return None
+
+    def between_runs(
+        self, records: Sequence[Record], nodeid: str, deterministic: bool, diagnose: Callable[[], str] | None
+    ) -> Decision | None:
+        """Runs may differ (nondeterminism): their spread becomes part of the floor, judged with the reference."""
+        return None
+
+    def against(self, stored: Record, record: Record, label: str, nodeid: str) -> Match | Decision:
+        """Each value within k x its measured noise floor (structure exactly the same)."""
+        from ._judge.noise_verdict import match_noise
+
+        if self.floor is None:
+            raise RuntimeError("a noise-aware comparison was asked for without a way to measure the floor")
+        return match_noise(stored, record, self.noise, self.floor(self.noise.runs), label)
+
+    def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
+        """The cross-environment tolerance, as for value-by-value checks."""
+        return _across(cross_env, record, self.floor)
 
 
 @dataclass(frozen=True)
@@ -141,9 +202,11 @@ class StatisticalCheck:
         return self, self.stat.describe()
 
 
-def strategy_for(spec: ToleranceSpec) -> Strategy:
-    """The strategy a tolerance spec asks for."""
-    return ValueByValue(spec) if spec.statistical is None else StatisticalCheck(spec)
+def strategy_for(spec: ToleranceSpec, floor: FloorSource | None = None) -> Strategy:
+    """The strategy a tolerance spec asks for (``floor`` measures a noise floor when one is needed)."""
+    if spec.statistical is not None:
+        return StatisticalCheck(spec)
+    return NoiseAware(spec, floor) if spec.noise is not None else ValueByValue(spec, floor)
 
 
 @dataclass

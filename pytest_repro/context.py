@@ -78,6 +78,7 @@ class RunSpec:
     stop_at: int | None = None
     resume_from: str | None = None
     nproc: int = 1
+    perturb: int | None = None  # a noise-floor run: the seed of its perturbation (_exec/perturb.py)
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""

@@ -169,7 +169,8 @@ class Repro:
                 Verdict.ERROR, "the requested GPU is not available", messages.usage(self._nodeid, str(exc))
             ) from None
         s, nodeid = self._settings, self._nodeid
-        strategy, runs = strategy_for(s.tolerance), self._runs(ref, cfg, config_dir, nproc)
+        runs = self._runs(ref, cfg, config_dir, nproc)
+        strategy = strategy_for(s.tolerance, runs.floor)
         records, manifest = runs.run_all(self.seed, strategy, notes)
         found = policy.invalid_results(records, s.tolerance, nodeid)
         if found is None and s.cross_env is not self._session.settings.cross_env:  # the marker's
@@ -181,6 +182,8 @@ class Repro:
         if diverged is not None:
             raise Stop(diverged)
         notes.warnings += policy.replicas_disagree(records[0])
+        if not s.tolerance.is_bitwise:  # runs may differ: how far is part of a noise floor
+            runs.keep_spread()
         for other in records[1:]:  # compared: close their files, keep the scalars for the reports
             close_record(other)
         audit = audit_findings(records[0]) if s.config_audit != "off" else []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -16,12 +17,13 @@ from ._exec.child import RECORD_DIR, RUN_MANIFEST_FILE
 from ._exec.distributed import rank_dir
 from ._exec.runner import RunOutcome
 from ._judge import messages, policy, runfail
+from ._judge.noise import Floor, NoiseFloor
 from ._judge.policy import Decision
 from ._judge.resume import resume
 from ._judge.verdict import Verdict
 from .check import Notes, Stop, Strategy
 from .context import JobRef, RunSpec
-from .record import CorruptRecordError, Record, load_record
+from .record import CorruptRecordError, Record, close_record, load_record
 from .session import ReproSession
 from .settings import Settings
 
@@ -42,6 +44,9 @@ class Runs:
         self._session, self._settings, self._nodeid, self._test_dir = session, settings, nodeid, test_dir
         self._device, self._nproc = device, nproc
         self._ref, self._cfg, self._config_dir = job
+        self._checked: tuple[int, list[Record]] | None = None  # the seed and records of run_all
+        self._floors: dict[int, NoiseFloor] = {}
+        self._spread: Floor | None = None
 
     def spec(self, seed: int, index: int, diagnose: bool = False) -> RunSpec:
         """The spec of run ``index`` (0-based; run 1 writes the manifest), or of a traced run with ``diagnose``."""
@@ -81,7 +86,51 @@ class Runs:
                 manifest = _read_manifest(result.workdir)
         if len(records) < len(seeds):  # run_many stops early only after a failed run, which raised above
             raise RuntimeError(f"only {len(records)} of {len(seeds)} runs came back")
+        self._checked = (seed, records)
         return records, manifest
+
+    def keep_spread(self) -> None:
+        """Keep how far the check's own runs moved from run 1 (before their files are closed), for the floor."""
+        from ._judge.noise import spread
+
+        if self._checked is not None:
+            self._spread = spread(self._checked[1])
+
+    def floor(self, count: int) -> NoiseFloor:
+        """The noise floor of run 1: ``count`` perturbed runs of the job, and the spread of the check's own runs."""
+        if count in self._floors:
+            return self._floors[count]
+        if self._checked is None:
+            raise RuntimeError("the noise floor is measured after the check's runs")
+        from ._judge.noise import measure
+        from .seeding import derive_seed
+
+        seed, records = self._checked
+        specs = [
+            replace(
+                self.spec(seed, 0),
+                perturb=derive_seed(seed, f"perturb-{i}"),
+                manifest=False,
+                workdir=str(self._session.next_workdir(f"noise{i + 1}")),
+            )
+            for i in range(count)
+        ]
+        started = time.perf_counter()
+        results = self._run_specs(specs)
+        perturbed = [self.record_of(result, len(records) + i + 1) for i, result in enumerate(results)]
+        seconds = time.perf_counter() - started
+        if len(perturbed) < count:
+            raise RuntimeError(f"only {len(perturbed)} of {count} perturbed runs came back")
+        counts = [r.meta.get("perturbation") or {} for r in perturbed]
+        parts = [
+            name
+            for name, key in (("rounding", "rounding"), ("random streams", "streams"))
+            if any(c.get(key, 0) for c in counts)
+        ]
+        self._floors[count] = measure(records[0], perturbed, self._spread, parts, seconds)
+        for record in perturbed:
+            close_record(record)
+        return self._floors[count]
 
     def _run_specs(self, specs: list[RunSpec]) -> list[RunOutcome]:
         """Preload what the job imports, then run the specs, side by side where repro_parallel_runs allows.

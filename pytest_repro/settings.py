@@ -89,8 +89,9 @@ class Settings:
         None, "how close the runs and the reference must be", read.marker_tolerance, marker="tolerance"
     )
     cross_env: ToleranceSpec = option(
-        "close",
-        "tolerance against a reference from another environment: close, bitwise or a YAML map",
+        "noise",
+        "tolerance against a reference from another environment: noise (within k x the measured noise floor), "
+        "close, bitwise or a YAML map",
         read.tolerance,
         ini="repro_cross_env_tolerance",
         marker="cross_env",

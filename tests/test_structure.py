@@ -29,6 +29,7 @@ JOB_SIDE_MAY_IMPORT = (
     "pytest_repro._exec.procs",
     "pytest_repro._exec.protocol",
     "pytest_repro._exec.trace",
+    "pytest_repro._exec.perturb",  # noise-floor runs: perturbed rounding and random streams
     "pytest_repro._exec.distributed",
 )
 

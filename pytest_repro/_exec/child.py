@@ -135,6 +135,11 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
 
                 group = stack.enter_context(process_group(spec, rank))
                 ctx.rank, ctx.local_rank, ctx.world_size, ctx.device = rank, rank, spec.nproc, group["device"]
+            perturbation: dict[str, int] | None = None
+            if spec.perturb is not None:
+                from .perturb import perturbed
+
+                perturbation = stack.enter_context(perturbed(spec.perturb))
             started = time.perf_counter()
             result = job(ctx)
             wall = time.perf_counter() - started
@@ -154,6 +159,8 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
             "flags": flags,
             "wall_s": round(wall, 4),
         }
+        if perturbation is not None:
+            meta["perturbation"] = perturbation
         if rank is not None:
             meta["distributed"] = {"rank": rank, "world_size": spec.nproc, "backend": group["backend"]}
         torch = sys.modules.get("torch")

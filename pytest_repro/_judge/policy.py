@@ -42,6 +42,7 @@ class Decision:
     reference_losses: list[float] | None = None
     reference_statistical: dict[str, Any] | None = None
     max_abs: dict[str, float] = field(default_factory=dict)
+    noise: dict[str, Any] | None = None  # a noise-aware comparison: k, the floor, ratios, resolution
 
 
 @dataclass
@@ -259,6 +260,7 @@ class Match:
     where: str
     lines: list[str]
     differences: list[dict[str, Any]] = field(default_factory=list)
+    noise: dict[str, Any] | None = None  # a noise-aware comparison's figures (noise_verdict.summary)
 
 
 def match_values(stored: Record, record: Record, spec: ToleranceSpec, label: str) -> Match:
@@ -297,6 +299,7 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
         "differences": m.differences,
         "reference_losses": stored.record.losses,
         "reference_statistical": stored.record.meta.get("statistical"),
+        "noise": m.noise,
     }
     if regen == "all" and not m.ok:
         return Decision(Verdict.WRITTEN, f"reference updated ({m.where})", write=True, **common)
@@ -349,6 +352,8 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
         f"no reference for environment {found.env_key!r}; compared with the one recorded in {other_key!r} "
         f"under the cross-environment tolerance ({described}), not bitwise"
     )
+    if m.ok and m.noise is not None:
+        note += f"; {m.lines[0]}; detects a change of {', '.join(m.noise['resolution'])}"
     common: dict[str, Any] = {
         "reference": stored.path,
         "max_abs": section_max_abs(stored.record, record),
@@ -358,6 +363,7 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
         "details": m.lines,
         "reference_losses": stored.record.losses,
         "reference_statistical": stored.record.meta.get("statistical"),
+        "noise": m.noise,
     }
     if m.ok:
         return Decision(Verdict.PASSED_CROSS_ENV, note, **common)

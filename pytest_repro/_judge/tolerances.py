@@ -24,7 +24,7 @@ _CLOSE_DEFAULTS: dict[str, tuple[float, float]] = {
 SCALAR_DTYPE = "float32"
 
 ACCEPTED_FORMS = (
-    '"bitwise", "close", {"atol": A, "rtol": R} (either may be omitted, meaning 0), '
+    '"bitwise", "close", "noise", {"atol": A, "rtol": R} (either may be omitted, meaning 0), '
     "or a map from section (losses/weights/metrics/outputs/default) to one of those "
     "or to a map from key (glob patterns allowed) to one of those"
 )
@@ -104,6 +104,43 @@ class Statistical:
         return f"statistical: {self.seeds} {kind}, margin {margin}, confidence {self.confidence:g}"
 
 
+@dataclass(frozen=True)
+class Noise:
+    """Noise-aware: each difference within ``k`` x this environment's measured noise floor (``_judge/noise.py``)."""
+
+    k: float = 6.0  # noise.DEFAULT_K
+    runs: int = 2  # perturbed runs that measure the floor (noise.DEFAULT_RUNS)
+
+    def describe(self) -> str:
+        """Return a short human-readable form."""
+        return f"noise-aware: within {self.k:g} x the measured noise floor ({self.runs} perturbed runs)"
+
+
+_NOISE_KEYS = {"mode", "k", "runs"}
+
+
+def noise(k: float = 6.0, runs: int = 2) -> dict[str, Any]:
+    """Return a noise-aware tolerance for ``@pytest.mark.reproducible(tolerance=...)`` or ``cross_env=``."""
+    return {"mode": "noise", "k": k, "runs": runs}
+
+
+def _parse_noise(value: Mapping[str, Any], where: str) -> Noise:
+    unknown = sorted(set(value) - _NOISE_KEYS)
+    if unknown:
+        raise ToleranceError(f"{where}: unknown key(s) {unknown} for mode noise; allowed: {sorted(_NOISE_KEYS)}")
+    k, runs = value.get("k", Noise.k), value.get("runs", Noise.runs)
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < math.inf:
+        raise ToleranceError(
+            f"{where}.k: expected a finite number > 0 (how many noise floors a difference may be), got {k!r}"
+        )
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
+        raise ToleranceError(
+            f"{where}.runs: a noise floor needs at least 2 perturbed runs (one can land on the reference by chance), "
+            f"got {runs!r}"
+        )
+    return Noise(float(k), runs)
+
+
 _STAT_KEYS = {"mode", "metrics", "seeds", "margin", "relative", "confidence", "losses", "same_seed"}
 
 
@@ -167,6 +204,7 @@ class ToleranceSpec:
     default: Tolerance = BITWISE
     sections: tuple[tuple[str, SectionTolerance], ...] = field(default=())
     statistical: Statistical | None = None
+    noise: Noise | None = None
 
     def for_key(self, section: str, key: str | None = None) -> Tolerance:
         """Return the tolerance that applies to ``key`` in ``section``."""
@@ -244,9 +282,17 @@ def parse_tolerance(value: Any, where: str = "tolerance") -> ToleranceSpec:
         return value
     if isinstance(value, Statistical):
         return ToleranceSpec(statistical=value)
+    if isinstance(value, Noise):
+        return ToleranceSpec(default=CLOSE, noise=value)
+    if value == "noise":
+        return ToleranceSpec(default=CLOSE, noise=Noise())
     if isinstance(value, Mapping) and value.get("mode") is not None:
+        if value["mode"] == "noise":
+            return ToleranceSpec(default=CLOSE, noise=_parse_noise(value, where))
         if value["mode"] != "statistical":
-            raise ToleranceError(f"{where}.mode: unknown mode {value['mode']!r}; the only mode is 'statistical'")
+            raise ToleranceError(
+                f"{where}.mode: unknown mode {value['mode']!r}; the modes are 'statistical' and 'noise'"
+            )
         return ToleranceSpec(statistical=_parse_statistical(value, where))
     single = _parse_single(value, where)
     if single is not None:

@@ -91,6 +91,7 @@ class CheckOutcome:
     differences: list[dict[str, Any]] = field(default_factory=list)
     max_abs: dict[str, float] = field(default_factory=dict)
     statistical: dict[str, Any] | None = None
+    noise: dict[str, Any] | None = None  # noise-aware comparisons: k, the measured floor, ratios, resolution
     effective_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # this run's, with provenance
     test_outcome: str = "failed"  # pytest's outcome of the test, filled in when the test has ended
     message: str = ""  # the full failure text (not in reports: pytest shows it)
