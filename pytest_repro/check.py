@@ -65,8 +65,8 @@ class Strategy(Protocol):
         ...
 
 
-# Measures the check's noise floor from the given number of perturbed runs (Runs.floor), on demand.
-FloorSource = Callable[[int], NoiseFloor]
+# Measures the check's noise floor on demand (Runs.floor): so many perturbed runs, random streams too or not.
+FloorSource = Callable[[int, bool], NoiseFloor]
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,11 @@ class ValueByValue:
     def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
         """The cross-environment tolerance: noise-aware, or close widened for half-precision models."""
         return _across(cross_env, record, self.floor)
+
+
+def _device_type(record: Record) -> str:
+    """'cpu', 'cuda', … of the device a record was made on."""
+    return str(record.meta.get("device") or "cpu").partition(":")[0]
 
 
 def _across(cross_env: ToleranceSpec, record: Record, floor: FloorSource | None) -> tuple[Strategy, str]:
@@ -152,7 +157,8 @@ class NoiseAware:
 
         if self.floor is None:
             raise RuntimeError("a noise-aware comparison was asked for without a way to measure the floor")
-        return match_noise(stored, record, self.noise, self.floor(self.noise.runs), label)
+        streams = _device_type(stored) != _device_type(record)  # another device's generators: other masks
+        return match_noise(stored, record, self.noise, self.floor(self.noise.runs, streams), label)
 
     def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
         """The cross-environment tolerance, as for value-by-value checks."""

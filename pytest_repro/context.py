@@ -79,6 +79,7 @@ class RunSpec:
     resume_from: str | None = None
     nproc: int = 1
     perturb: int | None = None  # a noise-floor run: the seed of its perturbation (_exec/perturb.py)
+    perturb_parts: tuple[str, ...] = ("rounding", "streams")
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""
@@ -92,6 +93,8 @@ class RunSpec:
         job["preload"] = tuple(job.get("preload", ()))
         d["sys_path"] = tuple(d.get("sys_path", ()))
         d["manifest_packages"] = tuple(d.get("manifest_packages", ()))
+        if "perturb_parts" in d:
+            d["perturb_parts"] = tuple(d["perturb_parts"])
         return cls(job=JobRef(**job), **d)
 
 

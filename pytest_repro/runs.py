@@ -45,7 +45,7 @@ class Runs:
         self._device, self._nproc = device, nproc
         self._ref, self._cfg, self._config_dir = job
         self._checked: tuple[int, list[Record]] | None = None  # the seed and records of run_all
-        self._floors: dict[int, NoiseFloor] = {}
+        self._floors: dict[tuple[int, bool], NoiseFloor] = {}
         self._spread: Floor | None = None
 
     def spec(self, seed: int, index: int, diagnose: bool = False) -> RunSpec:
@@ -96,10 +96,15 @@ class Runs:
         if self._checked is not None:
             self._spread = spread(self._checked[1])
 
-    def floor(self, count: int) -> NoiseFloor:
-        """The noise floor of run 1: ``count`` perturbed runs of the job, and the spread of the check's own runs."""
-        if count in self._floors:
-            return self._floors[count]
+    def floor(self, count: int, streams: bool) -> NoiseFloor:
+        """The noise floor of run 1: ``count`` perturbed runs of the job, and the spread of the check's own runs.
+
+        ``streams``: perturb the random streams too (the reference comes from another kind of device, whose
+        generators draw other dropout masks from the same seed); else rounding only.
+        """
+        key = (count, streams)
+        if key in self._floors:
+            return self._floors[key]
         if self._checked is None:
             raise RuntimeError("the noise floor is measured after the check's runs")
         from ._judge.noise import measure
@@ -110,6 +115,7 @@ class Runs:
             replace(
                 self.spec(seed, 0),
                 perturb=derive_seed(seed, f"perturb-{i}"),
+                perturb_parts=("rounding", "streams") if streams else ("rounding",),
                 manifest=False,
                 workdir=str(self._session.next_workdir(f"noise{i + 1}")),
             )
@@ -124,13 +130,13 @@ class Runs:
         counts = [r.meta.get("perturbation") or {} for r in perturbed]
         parts = [
             name
-            for name, key in (("rounding", "rounding"), ("random streams", "streams"))
-            if any(c.get(key, 0) for c in counts)
+            for name, part in (("rounding", "rounding"), ("random streams", "streams"))
+            if any(c.get(part, 0) for c in counts)
         ]
-        self._floors[count] = measure(records[0], perturbed, self._spread, parts, seconds)
+        self._floors[key] = measure(records[0], perturbed, self._spread, parts, seconds)
         for record in perturbed:
             close_record(record)
-        return self._floors[count]
+        return self._floors[key]
 
     def _run_specs(self, specs: list[RunSpec]) -> list[RunOutcome]:
         """Preload what the job imports, then run the specs, side by side where repro_parallel_runs allows.

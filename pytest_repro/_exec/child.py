@@ -139,7 +139,7 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
             if spec.perturb is not None:
                 from .perturb import perturbed
 
-                perturbation = stack.enter_context(perturbed(spec.perturb))
+                perturbation = stack.enter_context(perturbed(spec.perturb, spec.perturb_parts))
             started = time.perf_counter()
             result = job(ctx)
             wall = time.perf_counter() - started

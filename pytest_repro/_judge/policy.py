@@ -354,6 +354,9 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     )
     if m.ok and m.noise is not None:
         note += f"; {m.lines[0]}; detects a change of {', '.join(m.noise['resolution'])}"
+        moved = [line for line in changes(stored, record, facts.effective, {}) if line.startswith("config ")]
+        if moved:  # a pass within the noise says nothing about a change smaller than the resolution
+            note += f"; the config differs from the reference's ({'; '.join(moved)}): a change below the resolution"
     common: dict[str, Any] = {
         "reference": stored.path,
         "max_abs": section_max_abs(stored.record, record),

@@ -1,0 +1,141 @@
+"""Noise-aware verdicts end to end: real H200 references on this CPU, real changes, default-mode nondeterminism."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+CUDA_REFS = Path(__file__).parent / "data" / "cuda-refs.tgz"  # recorded on an H200 (../shared/gpu-evidence)
+
+
+def gpu_project(pytester: pytest.Pytester) -> None:
+    """This repo's reproducibility tests in a project whose only references are the H200's."""
+    shutil.copytree(REPO / "fixtures", pytester.path / "fixtures")
+    (pytester.path / "reference_outputs").mkdir()
+    with tarfile.open(CUDA_REFS) as tar:
+        tar.extractall(pytester.path / "reference_outputs", filter="data")
+    (pytester.path / "tests").mkdir()
+    shutil.copy(REPO / "tests" / "test_reproducible.py", pytester.path / "tests" / "test_reproducible.py")
+    pytester.makeini("[pytest]\nrepro_timeout = 300\n")
+
+
+def test_the_h200_references_pass_cross_env_under_the_measured_floor(
+    heavy_modules: None, pytester: pytest.Pytester
+) -> None:
+    gpu_project(pytester)
+    # a subprocess: this process has imported the repo's own tests/test_reproducible.py already
+    result = pytester.runpytest_subprocess("--repro", "tests", "-v", "--repro-report=r.json")
+    out = result.stdout.str()
+    assert result.ret == 0, out
+    report = json.loads((pytester.path / "r.json").read_text())
+    checks = [t for t in report["tests"] if not (t["name"] or "").startswith("resume@")]
+    assert len(checks) == 6 and {t["verdict"] for t in checks} == {"passed-cross-env"}, out
+    for t in checks:
+        assert t["compared_with"] == "cuda-sm90" and t["env_key"].startswith("cpu-")
+        n = t["noise"]
+        # another kind of device: its generators draw other dropout masks, so both parts are measured
+        assert n["floor"]["parts"] == ["rounding", "random streams"] and n["floor"]["runs"] == 2
+        assert 0 < n["largest"]["ratio"] <= n["k"] == 6 and n["first_beyond"] is None
+        assert n["floor"]["seconds"] > 0 and len(n["floor"]["losses"]) == 32
+        assert all(x > 0 for x in n["floor"]["losses"])
+        assert n["resolution"][0].startswith("eval_loss above ")
+    result.stdout.fnmatch_lines(
+        [
+            "CROSS-ENV*test_lora_is_reproducible (cpu-*): no reference for environment*compared with the one "
+            "recorded in 'cuda-sm90' under the cross-environment tolerance (noise-aware: within 6 x the measured "
+            "noise floor (2 perturbed runs)), not bitwise; largest difference * x the noise floor, *; detects a "
+            "change of eval_loss above *, perplexity above *, the step-1 loss above *",
+            "*noise floor: rounding + random streams, 2 perturbed runs (*s), measured in this environment",
+            "*resolution: this comparison detects a change of eval_loss above *",
+        ]
+    )
+
+    # A real change of the job (a 50 % larger learning rate) moves it clearly beyond the noise
+    config = pytester.path / "fixtures" / "tiny_lora.yaml"
+    config.write_text(config.read_text().replace("lr: 0.002", "lr: 0.003"))
+    result = pytester.runpytest_subprocess("--repro", "tests", "-k", "test_lora_is_reproducible")
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(
+        [
+            "*compared with the one recorded in 'cuda-sm90' under the cross-environment tolerance (noise-aware*"
+            "not bitwise, and it differs.",
+            "*config train.lr: reference 0.002, this run 0.003*",
+            "What differs:",
+            "at step *: differs by * = * x the noise floor * (limit 6 x)",
+            "* of * compared values are beyond 6 x their noise floor; the largest is *",
+            "noise floor: rounding + random streams, 2 perturbed runs*",
+            "Fix: record a reference for this environment with: pytest --repro --repro-regen=missing "
+            "tests/test_reproducible.py::test_lora_is_reproducible",
+        ]
+    )
+    result.stdout.fnmatch_lines(["DIFFERS*test_lora_is_reproducible (cpu-*): differs from the cuda-sm90 reference*"])
+
+
+NONDETERMINISTIC = """
+import os
+
+import pytest
+import torch
+
+def train(ctx):
+    torch.manual_seed(ctx.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    x = torch.randn(64, 8)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    opt = torch.optim.Adam(model.parameters(), lr=ctx.config["lr"])
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        # an op made nondeterministic on purpose: like float atomics, its result depends on the order
+        # of accumulation, which changes from run to run (here: a last-bits change drawn from the OS)
+        for p in model.parameters():
+            jitter = (int.from_bytes(os.urandom(2), "little") - 32768) / 32768
+            p.grad.mul_(1 + jitter * 2e-7)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    with torch.no_grad():
+        err = float(torch.nn.functional.mse_loss(model(x), y))
+    return {"losses": losses, "weights": dict(model.state_dict()), "metrics": {"eval_mse": err}}
+
+@pytest.mark.reproducible(tolerance="noise")
+def test_nondeterministic(repro):
+    repro.check(train, config={"lr": LR})
+"""
+
+
+def test_default_mode_nondeterminism_passes_under_its_floor_and_a_real_change_fails(
+    heavy_modules: None, pytester: pytest.Pytester
+) -> None:
+    pytester.makeini("[pytest]\nrepro_timeout = 120\n")
+    pytester.makepyfile(test_nd=NONDETERMINISTIC.replace("LR", "0.01"))
+    bitwise = pytester.runpytest("--repro", "--repro-regen", "-p", "no:cacheprovider")
+    bitwise.assert_outcomes(passed=1)  # tolerance noise: runs that differ are not DIVERGED
+    result = pytester.runpytest("--repro", "--repro-report=r.json")
+    result.assert_outcomes(passed=1)
+    check = json.loads((pytester.path / "r.json").read_text())["tests"][0]
+    assert check["verdict"] == "passed"
+    assert "run-to-run" in check["noise"]["floor"]["parts"]  # the runs' own spread is part of the floor
+    assert "random streams" not in check["noise"]["floor"]["parts"]  # same kind of device: rounding only
+    assert check["max_abs"]["losses"] > 0, "the runs must really differ, or this test proves nothing"
+    assert check["noise"]["largest"]["ratio"] <= 6
+
+    pytester.makepyfile(test_nd=NONDETERMINISTIC.replace("LR", "0.012"))  # a 20 % larger learning rate
+    result = pytester.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_nondeterministic differs from its reference *",
+            "*config lr: reference 0.01, this run 0.012*",
+            "* x the noise floor * (limit 6 x)",
+            "If the change is intended, regenerate the reference with: pytest --repro --repro-regen *",
+        ]
+    )
