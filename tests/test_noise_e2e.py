@@ -31,7 +31,7 @@ def test_the_h200_references_pass_cross_env_under_the_measured_floor(
 ) -> None:
     gpu_project(pytester)
     # a subprocess: this process has imported the repo's own tests/test_reproducible.py already
-    result = pytester.runpytest_subprocess("--repro", "tests", "-v", "--repro-report=r.json")
+    result = pytester.runpytest_subprocess("--repro", "tests", "-v", "--repro-report=r.json", "--repro-html=r.html")
     out = result.stdout.str()
     assert result.ret == 0, out
     report = json.loads((pytester.path / "r.json").read_text())
@@ -46,6 +46,11 @@ def test_the_h200_references_pass_cross_env_under_the_measured_floor(
         assert n["floor"]["seconds"] > 0 and len(n["floor"]["losses"]) == 32
         assert all(x > 0 for x in n["floor"]["losses"])
         assert n["resolution"][0].startswith("eval_loss above ")
+    page = (pytester.path / "r.html").read_text()
+    assert page.count("resolution: this comparison detects a change of eval_loss above") == 6
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "pytest_repro" / "report.schema.json").read_text())
+    jsonschema.validate(report, schema)
     result.stdout.fnmatch_lines(
         [
             "CROSS-ENV*test_lora_is_reproducible (cpu-*): no reference for environment*compared with the one "

@@ -51,10 +51,27 @@ def _mark_step(ax: Any, step: int, text: str) -> None:
     )
 
 
-def loss_plot_png(curves: Mapping[str, Sequence[float | None]], divergence: int | None, title: str) -> bytes:
-    """Plot each run's and the reference's loss per step, marking the first divergent step."""
+def loss_plot_png(
+    curves: Mapping[str, Sequence[float | None]],
+    divergence: int | None,
+    title: str,
+    band: tuple[float, Sequence[float]] | None = None,
+) -> bytes:
+    """Plot each run's and the reference's loss per step, marking the first divergent step.
+
+    ``band``: (k, noise floor per step) of a noise-aware check, drawn as reference ± k x floor.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.2), dpi=110)
+    reference = curves.get("reference")
+    if band is not None and reference:
+        k, floor = band
+        n = min(len(reference), len(floor))
+        ref = [math.nan if v is None else v for v in reference[:n]]
+        width = [k * f for f in floor[:n]]
+        lower = [r - w for r, w in zip(ref, width, strict=True)]
+        upper = [r + w for r, w in zip(ref, width, strict=True)]
+        ax.fill_between(range(n), lower, upper, color=GRAY, alpha=0.25, label=f"reference ± {k:g} x noise floor")
     for name, values in curves.items():
         ys = [math.nan if v is None else v for v in values]
         style = {"color": "black", "linewidth": 2.2, "alpha": 0.55} if name == "reference" else {"linewidth": 1.2}
@@ -209,7 +226,11 @@ def _draw_plots(test: Mapping[str, Any], name: str) -> list[str]:
     parts = []
     curves = {**_runs(test), **_references(test)}
     if any(curves.values()):
-        parts.append(_img(loss_plot_png(curves, _divergence(test), name), "loss", f"loss curves of {name}"))
+        noise = test.get("noise") or {}
+        floor = (noise.get("floor") or {}).get("losses")
+        band = (float(noise["k"]), [math.nan if f is None else f for f in floor]) if floor and noise.get("k") else None
+        png = loss_plot_png(curves, _divergence(test), name, band)
+        parts.append(_img(png, "loss", f"loss curves of {name}"))
     series, against = _diff_series(test)
     series = {k: v for k, v in series.items() if v}
     if not series or all(math.isnan(v) for vs in series.values() for v in vs):
