@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._judge import messages, policy, statistical
-from ._judge.noise import NoiseFloor
+from ._judge.noise import NoiseFloor, with_stored
 from ._judge.policy import Decision, Match
 from ._judge.tolerances import Noise, Statistical, ToleranceSpec
 from ._judge.verdict import CheckOutcome, Verdict, reconcile
@@ -64,6 +64,20 @@ class Strategy(Protocol):
         """The strategy for another environment's reference (given the cross-env tolerance), and its description."""
         ...
 
+    @property
+    def uses_spread(self) -> bool:
+        """Whether the runs may differ and their spread is part of a noise floor (kept before they are closed)."""
+        ...
+
+    @property
+    def judges_by_floor(self) -> bool:
+        """Whether it judges against a noise floor (then a floor stored beside the reference is read, and checked)."""
+        ...
+
+    def with_stored_floor(self, floor: NoiseFloor) -> Strategy:
+        """This strategy, judging with the noise floor stored beside the reference too (where it measures one)."""
+        ...
+
 
 # Measures the check's noise floor on demand (Runs.floor): so many perturbed runs, random streams too or not.
 FloorSource = Callable[[int, bool], NoiseFloor]
@@ -75,6 +89,20 @@ class ValueByValue:
 
     spec: ToleranceSpec
     floor: FloorSource | None = None
+
+    @property
+    def uses_spread(self) -> bool:
+        """Runs that agree within a non-bitwise tolerance may still differ."""
+        return not self.spec.is_bitwise
+
+    def with_stored_floor(self, floor: NoiseFloor) -> Strategy:
+        """Unchanged: values are compared under the tolerance, not against a floor."""
+        return self
+
+    @property
+    def judges_by_floor(self) -> bool:
+        """No: values are compared under the tolerance."""
+        return False
 
     def seeds(self, seed: int, runs: int) -> list[int]:
         """The test's seed, once per run."""
@@ -126,12 +154,27 @@ class NoiseAware:
 
     spec: ToleranceSpec
     floor: FloorSource | None = None
+    stored: NoiseFloor | None = None  # the recording machine's floor, stored beside the reference
 
     @property
     def noise(self) -> Noise:
         """The noise tolerance."""
         assert self.spec.noise is not None
         return self.spec.noise
+
+    @property
+    def uses_spread(self) -> bool:
+        """Always: the runs' own nondeterminism is part of the floor."""
+        return True
+
+    def with_stored_floor(self, floor: NoiseFloor) -> Strategy:
+        """Judge with the larger of the floor measured here and the recording machine's, value by value."""
+        return replace(self, stored=floor)
+
+    @property
+    def judges_by_floor(self) -> bool:
+        """Yes: every value within k x its floor."""
+        return True
 
     def seeds(self, seed: int, runs: int) -> list[int]:
         """The test's seed, once per run."""
@@ -158,7 +201,10 @@ class NoiseAware:
         if self.floor is None:
             raise RuntimeError("a noise-aware comparison was asked for without a way to measure the floor")
         streams = _device_type(stored) != _device_type(record)  # another device's generators: other masks
-        return match_noise(stored, record, self.noise, self.floor(self.noise.runs, streams), label)
+        floor = self.floor(self.noise.runs, streams)
+        if self.stored is not None:
+            floor = with_stored(floor, self.stored)
+        return match_noise(stored, record, self.noise, floor, label)
 
     def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
         """The cross-environment tolerance, as for value-by-value checks."""
@@ -167,15 +213,34 @@ class NoiseAware:
 
 @dataclass(frozen=True)
 class StatisticalCheck:
-    """``statistical(...)``: runs over several seeds, equivalence (TOST) with the reference's per-seed values."""
+    """``statistical(...)``: runs over several seeds, equivalence (TOST) with the reference's per-seed values.
+
+    Without ``margin=``, each value's margin is k x its noise floor, measured when a reference is compared
+    (with ``same_seed``, the runs' own spread joins it: natural nondeterminism).
+    """
 
     spec: ToleranceSpec
+    floor: FloorSource | None = None
 
     @property
     def stat(self) -> Statistical:
         """The statistical tolerance."""
         assert self.spec.statistical is not None
         return self.spec.statistical
+
+    @property
+    def uses_spread(self) -> bool:
+        """Same-seed runs without a given margin: their spread is the natural noise floor."""
+        return self.stat.same_seed and self.stat.margin is None
+
+    def with_stored_floor(self, floor: NoiseFloor) -> Strategy:
+        """Unchanged (its measured margins come from this environment's floor)."""
+        return self
+
+    @property
+    def judges_by_floor(self) -> bool:
+        """No: its measured margins come from this environment's floor only."""
+        return False
 
     def seeds(self, seed: int, runs: int) -> list[int]:
         """``seeds`` different seeds (the test's first), or the test's seed that often with ``same_seed``."""
@@ -201,7 +266,12 @@ class StatisticalCheck:
 
     def against(self, stored: Record, record: Record, label: str, nodeid: str) -> Match | Decision:
         """Equivalence of each metric (and the loss band) with the reference's seeds."""
-        return statistical.match_statistical(stored, record, self.stat, label, nodeid)
+        floor = None
+        if self.stat.margin is None:
+            if self.floor is None:
+                raise RuntimeError("a measured margin was asked for without a way to measure the floor")
+            floor = self.floor(2, _device_type(stored) != _device_type(record))
+        return statistical.match_statistical(stored, record, self.stat, label, nodeid, floor)
 
     def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
         """The same statistical test: it already allows for run-to-run noise."""
@@ -211,7 +281,7 @@ class StatisticalCheck:
 def strategy_for(spec: ToleranceSpec, floor: FloorSource | None = None) -> Strategy:
     """The strategy a tolerance spec asks for (``floor`` measures a noise floor when one is needed)."""
     if spec.statistical is not None:
-        return StatisticalCheck(spec)
+        return StatisticalCheck(spec, floor)
     return NoiseAware(spec, floor) if spec.noise is not None else ValueByValue(spec, floor)
 
 
@@ -228,6 +298,7 @@ class Notes:
     statistical: dict[str, Any] | None = None
     effective_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     staged: str | None = None
+    calibration: dict[str, Any] | None = None  # --repro-calibrate: the floor per value, what it resolves
 
 
 def outcome_of(nodeid: str, name: str | None, seed: int, notes: Notes, decision: Decision | None) -> CheckOutcome:

@@ -33,6 +33,7 @@ COMMANDS = (
     ("verify", "check every hash in a bundle; exit 1 when anything is inconsistent"),
     ("accept", "install references from bundles recorded on another runner, after showing what they change"),
     ("history", "a check's verdicts, environments and final losses across logged runs"),
+    ("calibrate", "measure a test's noise floor per value (perturbed runs); --store keeps it beside the reference"),
     ("bisect", "the first commit whose results differ from --good's reference (exit 0 found, 1 not narrowed to one)"),
 )
 

@@ -182,7 +182,7 @@ class Repro:
         if diverged is not None:
             raise Stop(diverged)
         notes.warnings += policy.replicas_disagree(records[0])
-        if not s.tolerance.is_bitwise:  # runs may differ: how far is part of a noise floor
+        if strategy.uses_spread:  # runs may differ: how far is part of a noise floor
             runs.keep_spread()
         for other in records[1:]:  # compared: close their files, keep the scalars for the reports
             close_record(other)
@@ -210,6 +210,12 @@ class Repro:
                 nodeid, ref.name, self.seed, self.device, env_key, s, used, self._session.invocation, wall_s
             )
             notes.staged = _stage(self._session, nodeid, decision.reference, (records[0], manifest, prov))
+        if s.calibrate is not None:
+            from .calibration import calibrate
+
+            here = found_refs.here.path if found_refs.here is not None else None
+            floor = runs.floor(s.calibrate, True)
+            notes.calibration = calibrate(floor, decision, here, notes.staged, s.calibrate_store)
         release_record(records[0])  # the test may keep it: no open file per kept record
         return records[0], decision
 

@@ -25,8 +25,13 @@ from .tensorfile import (
 if TYPE_CHECKING:
     import torch
 
+# The recording machine's noise floor beside a reference (pytest-repro calibrate --store); a regeneration
+# drops it, as it no longer describes the new reference.
+NOISE_FILE = "noise_floor.json"
+
 __all__ = [
     "JOB_KEYS",
+    "NOISE_FILE",
     "OPTIONAL_JOB_KEYS",
     "RECORD_FILE",
     "RECORD_SCHEMA",

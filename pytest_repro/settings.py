@@ -57,6 +57,22 @@ class Settings:
         flag="--repro-diagnose",
         flag_kwargs={"action": "store_true", "default": False},
     )
+    calibrate: int | None = option(
+        None,
+        "measure each check's noise floor with N perturbed runs and print it per value, with the tolerances "
+        "it resolves (pytest-repro calibrate)",
+        read.optional_int(2),
+        flag="--repro-calibrate",
+        flag_kwargs={"metavar": "N"},
+    )
+    calibrate_store: bool = option(
+        False,
+        "with --repro-calibrate: store the floor beside this environment's reference (noise_floor.json), for "
+        "later cross-environment checks",
+        read.present,
+        flag="--repro-calibrate-store",
+        flag_kwargs={"action": "store_true", "default": False},
+    )
     report: str | None = option(
         None,
         "write every reproducibility check's outcome as JSON (schema: pytest_repro/report.schema.json)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .record import RECORD_FILE, CorruptRecordError, Record, load_record
+from .record import NOISE_FILE, RECORD_FILE, CorruptRecordError, Record, load_record
 
 if TYPE_CHECKING:
     from ._judge.policy import Found
@@ -71,6 +72,8 @@ class Reference:
     manifest: dict[str, Any]
     provenance: dict[str, Any]
     manifest_problem: str | None = None  # why manifest.yaml could not be used (then ``manifest`` is {})
+    floor: Any = None  # NOISE_FILE's JSON as read (judged, never trusted, by _judge); None: none stored
+    floor_problem: str | None = None  # why NOISE_FILE could not be read as JSON
 
 
 # A manifest or provenance file is a few KiB; the limit keeps a hostile one from filling memory.
@@ -149,7 +152,9 @@ class ReferenceBlockedError(OSError):
         super().__init__(f"{path}: {detail}")
 
 
-PLUGIN_FILES = frozenset({RECORD_FILE, "weights.safetensors", "outputs.safetensors", MANIFEST_FILE, PROVENANCE_FILE})
+PLUGIN_FILES = frozenset(
+    {RECORD_FILE, "weights.safetensors", "outputs.safetensors", MANIFEST_FILE, PROVENANCE_FILE, NOISE_FILE}
+)
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)-(?P<pid>\d+)$")
 
 
@@ -296,7 +301,20 @@ def load_reference(path: Path, root: Path | None = None) -> Reference:
             raise MissingReferenceError(str(path))
         record = load_record(path)
         manifest, problem = read_manifest(path / MANIFEST_FILE)
-        return Reference(path, record, manifest, _load_yaml(path / PROVENANCE_FILE), problem)
+        floor, floor_problem = _read_floor(path / NOISE_FILE)
+        return Reference(path, record, manifest, _load_yaml(path / PROVENANCE_FILE), problem, floor, floor_problem)
+
+
+def _read_floor(path: Path) -> tuple[Any, str | None]:
+    """A stored noise floor's JSON (None when there is none), or why it cannot be read."""
+    try:
+        if not path.exists():
+            return None, None
+        if path.stat().st_size > YAML_MAX_BYTES:
+            return None, f"{path.name} is larger than {YAML_MAX_BYTES} bytes"
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable ({type(exc).__name__}: {exc})"
 
 
 def find_references(test_dir: Path, env_key: str, root: Path) -> tuple[Found, list[str]]:

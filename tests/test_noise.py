@@ -179,3 +179,23 @@ def test_draws_from_the_jobs_own_generators_are_left_alone() -> None:
     with perturbed(3) as counts:
         got = torch.bernoulli(torch.full((64,), 0.5), generator=gen)
     assert torch.equal(got, expected) and counts["streams"] == 0
+
+
+def test_statistical_without_a_margin_takes_k_times_the_measured_floor() -> None:
+    from pytest_repro import statistical
+    from pytest_repro._judge.stats import compare_statistical
+
+    stat = parse_tolerance(statistical(seeds=3)).statistical
+    assert stat is not None and stat.margin is None and "measured" in stat.describe()
+    ref = {"seeds": [1, 2, 3], "metrics": {"m": [1.0, 1.1, 0.9]}, "losses": [[2.0, 1.0]] * 3}
+    new = {"seeds": [1, 2, 3], "metrics": {"m": [1.01, 1.11, 0.91]}, "losses": [[2.0, 1.0]] * 3}
+    with pytest.raises(KeyError, match="no measured noise floor"):
+        compare_statistical(ref, new, stat)
+    (wide,), band = compare_statistical(ref, new, stat, ({"m": 0.05}, [1e-3, 1e-3]))
+    assert wide.margin == 0.05 and wide.equivalent and band is None
+    (narrow,), _ = compare_statistical(ref, new, stat, ({"m": 0.001}, [1e-3, 1e-3]))
+    assert narrow.margin == 0.001 and not narrow.equivalent
+    given = parse_tolerance(statistical(seeds=3, margin=0.2)).statistical
+    assert given is not None
+    (hand,), _ = compare_statistical(ref, new, given, ({"m": 0.001}, [1e-3, 1e-3]))
+    assert hand.margin == 0.2  # a hand-given margin wins

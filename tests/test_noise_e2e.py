@@ -88,6 +88,7 @@ import os
 
 import pytest
 import torch
+from pytest_repro import statistical
 
 def train(ctx):
     torch.manual_seed(ctx.seed)
@@ -111,17 +112,21 @@ def train(ctx):
         err = float(torch.nn.functional.mse_loss(model(x), y))
     return {"losses": losses, "weights": dict(model.state_dict()), "metrics": {"eval_mse": err}}
 
-@pytest.mark.reproducible(tolerance="noise")
+@pytest.mark.reproducible(tolerance=TOLERANCE)
 def test_nondeterministic(repro):
     repro.check(train, config={"lr": LR})
 """
+
+
+def nondeterministic(lr: float, tolerance: str = '"noise"') -> str:
+    return NONDETERMINISTIC.replace("LR", str(lr)).replace("TOLERANCE", tolerance)
 
 
 def test_default_mode_nondeterminism_passes_under_its_floor_and_a_real_change_fails(
     heavy_modules: None, pytester: pytest.Pytester
 ) -> None:
     pytester.makeini("[pytest]\nrepro_timeout = 120\n")
-    pytester.makepyfile(test_nd=NONDETERMINISTIC.replace("LR", "0.01"))
+    pytester.makepyfile(test_nd=nondeterministic(0.01))
     bitwise = pytester.runpytest("--repro", "--repro-regen", "-p", "no:cacheprovider")
     bitwise.assert_outcomes(passed=1)  # tolerance noise: runs that differ are not DIVERGED
     result = pytester.runpytest("--repro", "--repro-report=r.json")
@@ -133,7 +138,7 @@ def test_default_mode_nondeterminism_passes_under_its_floor_and_a_real_change_fa
     assert check["max_abs"]["losses"] > 0, "the runs must really differ, or this test proves nothing"
     assert check["noise"]["largest"]["ratio"] <= 6
 
-    pytester.makepyfile(test_nd=NONDETERMINISTIC.replace("LR", "0.012"))  # a 20 % larger learning rate
+    pytester.makepyfile(test_nd=nondeterministic(0.012))  # a 20 % larger learning rate
     result = pytester.runpytest("--repro")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
@@ -144,3 +149,112 @@ def test_default_mode_nondeterminism_passes_under_its_floor_and_a_real_change_fa
             "If the change is intended, regenerate the reference with: pytest --repro --repro-regen *",
         ]
     )
+
+
+def test_statistical_same_seed_takes_its_margins_from_the_natural_spread(
+    heavy_modules: None, pytester: pytest.Pytester
+) -> None:
+    pytester.makeini("[pytest]\nrepro_timeout = 120\n")
+    same_seed = "statistical(seeds=4, same_seed=True)"  # no margin=: k x the measured noise floor
+    pytester.makepyfile(test_nd=nondeterministic(0.01, same_seed))
+    pytester.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    result = pytester.runpytest("--repro", "-v", "--repro-report=r.json")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*eval_mse: reference mean * (n=4), this run mean * (n=4), diff *, margin ±* -> equivalent*",
+            "*margins: 6 x the noise floor of each value (rounding + run-to-run, 2 perturbed runs*",
+        ]
+    )
+    pytester.makepyfile(test_nd=nondeterministic(0.012, same_seed))
+    result = pytester.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*eval_mse: *-> NOT equivalent*"])
+
+
+DROPOUT_JOB = """
+import pytest
+import torch
+
+def train(ctx):
+    torch.manual_seed(ctx.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.2), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    x = torch.randn(64, 8)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for _ in range(12):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        err = float(torch.nn.functional.mse_loss(model(x), y))
+    return {"losses": losses, "weights": dict(model.state_dict()), "metrics": {"eval_mse": err}}
+
+@pytest.mark.reproducible
+def test_dropout(repro):
+    repro.check(train)
+"""
+
+
+def test_calibrate_stores_the_floor_and_a_later_cross_env_check_uses_it(
+    heavy_modules: None, pytester: pytest.Pytester
+) -> None:
+    import sys
+
+    pytester.makeini("[pytest]\nrepro_timeout = 120\n")
+    pytester.makepyfile(test_drop=DROPOUT_JOB)
+    pytester.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    (here,) = (pytester.path / "reference_outputs" / "test_drop" / "test_dropout").iterdir()
+
+    cli = [sys.executable, "-m", "pytest_repro.cli", "calibrate", "test_drop.py::test_dropout"]
+    refused = pytester.run(*cli, "--runs", "1")
+    assert refused.ret == 2
+    refused.stderr.fnmatch_lines(["pytest-repro calibrate: --runs 1: a noise floor needs at least 2 perturbed runs*"])
+    done = pytester.run(*cli, "--runs", "2", "--store")
+    assert done.ret == 0, done.stdout.str()
+    done.stdout.fnmatch_lines(
+        [
+            "noise floor of test_drop.py::test_dropout: rounding + random streams, 2 perturbed runs (*s)",
+            "  loss step 0 *",
+            "  metrics?'eval_mse'? *",
+            "  explicit tolerances this floor resolves: {'losses': {'atol': *}, 'metrics': {'eval_mse': {'atol': *}}}*",
+            f"  stored: {here / 'noise_floor.json'}",
+        ]
+    )
+    stored = json.loads((here / "noise_floor.json").read_text())
+    assert stored["runs"] == 2 and len(stored["losses"]) == 12 and stored["metrics"]["eval_mse"] > 0
+
+    # The same reference, seen from another environment: its floor is used beside the one measured there
+    other = here.with_name("cuda-sm90")
+    here.rename(other)
+    result = pytester.runpytest("--repro", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "CROSS-ENV*test_drop.py::test_dropout*compared with the one recorded in 'cuda-sm90'*",
+            "*noise floor: rounding + random streams, 2 perturbed runs (*s), measured in this environment, and the "
+            "one stored beside the cuda-sm90 reference (2 runs): the larger of the two per value",
+        ]
+    )
+    stored["metrics"]["eval_mse"] = float("nan")  # crafted: never trusted
+    (other / "noise_floor.json").write_text(json.dumps(stored).replace("NaN", "-1"))
+    result = pytester.runpytest("--repro")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the noise floor stored beside its reference, reference_outputs/test_drop/test_dropout/cuda-sm90/"
+            "noise_floor.json, cannot be used: it is not a noise floor (metrics?'eval_mse'?: expected a finite "
+            "number >= 0, got -1*",
+            "Fix: measure and store it again with: pytest-repro calibrate test_drop.py::test_dropout --store*",
+        ]
+    )
+
+    # A regeneration that rewrites the reference drops the stored floor: it no longer describes it
+    other.rename(here)
+    pytester.makepyfile(test_drop=DROPOUT_JOB.replace("lr=0.01", "lr=0.02"))
+    pytester.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    assert not (here / "noise_floor.json").exists()

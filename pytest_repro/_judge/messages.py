@@ -413,3 +413,12 @@ def resume_no_checkpoint(nodeid: str, at: int) -> str:
         f"{nodeid}: the run told to stop after step {at} wrote nothing into ctx.checkpoint_dir. "
         "Fix: when ctx.stop_at is set, call pytest_repro.checkpoint.save(ctx.checkpoint_dir, step=ctx.stop_at, ...)."
     )
+
+
+def stored_floor_unusable(nodeid: str, where: str, problem: str) -> str:
+    """A noise floor stored beside a reference that cannot be used: never silently ignored."""
+    return (
+        f"{nodeid}: the noise floor stored beside its reference, {where}, cannot be used: {problem}.\n"
+        f"Fix: measure and store it again with: pytest-repro calibrate {nodeid} --store "
+        f"(on the machine that recorded the reference), or delete {where}."
+    )

@@ -230,6 +230,14 @@ def measure(
     return NoiseFloor(tuple(names), len(perturbed), seconds, floor, ranks)
 
 
+def with_stored(measured: NoiseFloor, stored: NoiseFloor) -> NoiseFloor:
+    """Value by value the larger of this environment's floor and the one stored beside the reference."""
+    parts = tuple(dict.fromkeys([*measured.parts, *stored.parts]))
+    ranks = {r: _larger(f, stored.ranks[r]) if r in stored.ranks else f for r, f in measured.ranks.items()}
+    source = f"{measured.source}, and the one {stored.source} ({stored.runs} runs): the larger of the two per value"
+    return NoiseFloor(parts, measured.runs, measured.seconds, _larger(measured.floor, stored.floor), ranks, source)
+
+
 def differs(a: Record, b: Record) -> bool:
     """Whether two records differ at all (bitwise)."""
     from .compare import compare_records

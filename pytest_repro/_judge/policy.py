@@ -288,7 +288,10 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
         if regen in ("all", "missing"):
             return Decision(Verdict.WRITTEN, f"environment {found.env_key}", reference=target, write=True)
         return _cross_env(found, record, facts)
-    m = facts.strategy.against(stored.record, record, "reference", nodeid)
+    strategy = _with_stored_floor(facts.strategy, stored, found.env_key, nodeid, facts.shown)
+    if isinstance(strategy, Decision):
+        return strategy
+    m = strategy.against(stored.record, record, "reference", nodeid)
     if isinstance(m, Decision):
         if regen == "all":
             return Decision(Verdict.WRITTEN, f"reference updated ({m.detail})", reference=target, write=True)
@@ -343,6 +346,9 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
 
     other_key, stored = min(found.others, key=distance)
     strategy, described = facts.strategy.across_environments(facts.cross_env, record)
+    strategy = _with_stored_floor(strategy, stored, other_key, nodeid, facts.shown)
+    if isinstance(strategy, Decision):
+        return strategy
     m = strategy.against(stored.record, record, f"reference ({other_key})", nodeid)
     if isinstance(m, Decision):
         m.compared_with, m.reference = other_key, stored.path
@@ -376,6 +382,30 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     )
     return Decision(
         Verdict.DIFFERS, f"differs from the {other_key} reference {m.where}", text, context=context, **common
+    )
+
+
+def _with_stored_floor(strategy: Any, stored: Any, env_key: str, nodeid: str, shown: Callable[[Path], str]) -> Any:
+    """The strategy, given the noise floor stored beside the reference (if any); a Decision when it is unusable."""
+    from .noise import NoiseFloor
+
+    problem: str | None = getattr(stored, "floor_problem", None)
+    data: Any = getattr(stored, "floor", None)
+    if not strategy.judges_by_floor or (problem is None and data is None):
+        return strategy
+    if problem is None:
+        try:
+            return strategy.with_stored_floor(NoiseFloor.from_dict(data, f"stored beside the {env_key} reference"))
+        except (ValueError, TypeError) as exc:
+            problem = f"it is not a noise floor ({exc})"
+    from ..record import NOISE_FILE
+
+    where = shown(stored.path / NOISE_FILE)
+    return Decision(
+        Verdict.ERROR,
+        f"the stored noise floor {where} is unusable",
+        messages.stored_floor_unusable(nodeid, where, problem),
+        reference=stored.path,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..record import Record
 from . import messages
+from .noise import DEFAULT_K, NoiseFloor
 from .policy import Decision, Match
 from .tolerances import Statistical
 from .verdict import Verdict
@@ -24,7 +25,12 @@ def per_seed(records: Sequence[Record]) -> dict[str, Any]:
 
 
 def same_seed_spread(records: Sequence[Record], stat: Statistical, nodeid: str) -> Decision | None:
-    """With ``same_seed``: the spread of each metric and loss step across runs must stay within the margin."""
+    """With ``same_seed``: the spread of each metric and loss step across runs must stay within the margin.
+
+    Without a given margin the runs' spread is itself the noise floor the reference is judged against.
+    """
+    if stat.margin is None:
+        return None
     values_of = per_seed(records)["metrics"]
     problems = []
     for name, values in values_of.items():
@@ -53,8 +59,18 @@ def same_seed_spread(records: Sequence[Record], stat: Statistical, nodeid: str) 
     )
 
 
-def match_statistical(stored: Record, record: Record, stat: Statistical, label: str, nodeid: str) -> Match | Decision:
-    """Compare a run's per-seed values with a stored reference's (TOST); a Decision when that is impossible."""
+def match_statistical(
+    stored: Record,
+    record: Record,
+    stat: Statistical,
+    label: str,
+    nodeid: str,
+    floor: NoiseFloor | None = None,
+) -> Match | Decision:
+    """Compare a run's per-seed values with a stored reference's (TOST); a Decision when that is impossible.
+
+    Without a given margin, each metric's and loss step's margin is k x its measured noise ``floor``.
+    """
     from .stats import TooFewSeedsError, compare_statistical
 
     ref_stats, new_stats = stored.meta.get("statistical"), record.meta.get("statistical")
@@ -63,11 +79,17 @@ def match_statistical(stored: Record, record: Record, stat: Statistical, label: 
             Verdict.ERROR, f"the {label} holds no per-seed values", messages.no_per_seed_values(nodeid, label)
         )
     try:
-        results, band = compare_statistical(ref_stats, new_stats, stat)
+        measured = None
+        if floor is not None:
+            f = floor.floor
+            measured = ({k: DEFAULT_K * v for k, v in f.metrics.items()}, [DEFAULT_K * v for v in f.losses])
+        results, band = compare_statistical(ref_stats, new_stats, stat, measured)
     except (TooFewSeedsError, KeyError) as exc:
         problem = str(exc).strip("'\"")
         return Decision(Verdict.ERROR, problem, messages.statistical_problem(nodeid, problem))
     lines = [f"  {r.describe()}" for r in results]
+    if floor is not None:
+        lines.append(f"  margins: {DEFAULT_K:g} x the noise floor of each value ({floor.describe()})")
     if band is not None:
         lines.append(f"  {band.describe()}")
     unresolved = [r for r in results if r.unresolved]

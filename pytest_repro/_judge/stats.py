@@ -186,9 +186,15 @@ class BandExit:
 
 
 def loss_band_exit(
-    reference: Sequence[Sequence[float]], new: Sequence[Sequence[float]], spec: Statistical
+    reference: Sequence[Sequence[float]],
+    new: Sequence[Sequence[float]],
+    spec: Statistical,
+    margins: Sequence[float] | None = None,
 ) -> BandExit | None:
-    """Compare per-step mean loss across seeds with the reference band (mean ± margin ± t·SE)."""
+    """Compare per-step mean loss across seeds with the reference band (mean ± margin ± t·SE).
+
+    ``margins``: a measured margin per step (when the tolerance gives none).
+    """
     from scipy import stats
 
     steps = min(min(len(t) for t in reference), min(len(t) for t in new))
@@ -199,7 +205,8 @@ def loss_band_exit(
         m_ref, m_new = statistics.fmean(ref), statistics.fmean(cur)
         se = math.sqrt(statistics.variance(ref) / len(ref) + statistics.variance(cur) / len(cur))
         t_crit = float(stats.t.ppf(1 - alpha, len(ref) + len(cur) - 2)) if se > 0 else 0.0
-        half = spec.margin_for(m_ref) + t_crit * se
+        margin = margins[step] if margins is not None and step < len(margins) else spec.margin_for(m_ref)
+        half = margin + t_crit * se
         if not m_ref - half <= m_new <= m_ref + half:
             return BandExit(step, m_new, m_ref - half, m_ref + half)
     return None
@@ -218,9 +225,15 @@ def _common_seeds(ref_seeds: object, new_seeds: object) -> tuple[list[int], list
 
 
 def compare_statistical(
-    reference: Mapping[str, object], new: Mapping[str, object], spec: Statistical
+    reference: Mapping[str, object],
+    new: Mapping[str, object],
+    spec: Statistical,
+    measured: tuple[Mapping[str, float], Sequence[float]] | None = None,
 ) -> tuple[list[Equivalence], BandExit | None]:
-    """Compare per-seed metrics ({"metrics": {name: [values]}, "losses": [[...]]}) of reference and new runs."""
+    """Compare per-seed metrics ({"metrics": {name: [values]}, "losses": [[...]]}) of reference and new runs.
+
+    ``measured``: margins per metric and per loss step from the noise floor, used where the spec gives none.
+    """
     ref_metrics: Mapping[str, Sequence[float]] = reference.get("metrics", {})  # type: ignore[assignment]
     new_metrics: Mapping[str, Sequence[float]] = new.get("metrics", {})  # type: ignore[assignment]
     names = spec.metrics or tuple(sorted(ref_metrics))
@@ -230,7 +243,12 @@ def compare_statistical(
         if name not in ref_metrics or name not in new_metrics:
             raise KeyError(f"metric {name!r} is missing from the {'reference' if name not in ref_metrics else 'runs'}")
         ref_values, new_values = ref_metrics[name], new_metrics[name]
-        margin = spec.margin_for(statistics.fmean(ref_values))
+        if spec.margin is None:
+            if measured is None or name not in measured[0]:
+                raise KeyError(f"metric {name!r} has no measured noise floor to take its margin from")
+            margin = measured[0][name]
+        else:
+            margin = spec.margin_for(statistics.fmean(ref_values))
         if pairs is not None and max(pairs[0]) < len(ref_values) and max(pairs[1]) < len(new_values):
             ref_pairs, new_pairs = [ref_values[i] for i in pairs[0]], [new_values[j] for j in pairs[1]]
             results.append(tost(name, ref_pairs, new_pairs, margin, spec.confidence, paired=True))
@@ -240,5 +258,10 @@ def compare_statistical(
     ref_losses: Sequence[Sequence[float]] = reference.get("losses", [])  # type: ignore[assignment]
     new_losses: Sequence[Sequence[float]] = new.get("losses", [])  # type: ignore[assignment]
     if spec.losses and ref_losses and new_losses and all(ref_losses) and all(new_losses):
-        band = loss_band_exit(ref_losses, new_losses, spec)
+        loss_margins = None
+        if spec.margin is None:
+            if measured is None:
+                raise KeyError("the loss trace has no measured noise floor to take its margins from")
+            loss_margins = measured[1]
+        band = loss_band_exit(ref_losses, new_losses, spec, loss_margins)
     return results, band

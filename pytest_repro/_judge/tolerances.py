@@ -87,19 +87,24 @@ class Statistical:
 
     metrics: tuple[str, ...] = ()  # empty: every metric
     seeds: int = 5
-    margin: float = 0.0
+    margin: float | None = None  # None: k x the measured noise floor of each metric and loss step
     relative: bool = False  # margin is a fraction of |reference mean|
     confidence: float = 0.95
     losses: bool = True  # also compare the per-step loss band
     same_seed: bool = False  # N runs with the same seed: their spread must stay within the margin
 
     def margin_for(self, reference_mean: float) -> float:
-        """Return the absolute equivalence margin around a reference mean."""
+        """Return the absolute equivalence margin around a reference mean (a given margin only)."""
+        if self.margin is None:
+            raise ValueError("this statistical tolerance takes its margins from the measured noise floor")
         return self.margin * abs(reference_mean) if self.relative else self.margin
 
     def describe(self) -> str:
         """Return a short human-readable form."""
-        margin = f"{self.margin:g} relative" if self.relative else f"±{self.margin:g}"
+        if self.margin is None:
+            margin = "measured (6 x the noise floor of each value)"
+        else:
+            margin = f"{self.margin:g} relative" if self.relative else f"±{self.margin:g}"
         kind = "same seed" if self.same_seed else "seeds"
         return f"statistical: {self.seeds} {kind}, margin {margin}, confidence {self.confidence:g}"
 
@@ -147,7 +152,7 @@ _STAT_KEYS = {"mode", "metrics", "seeds", "margin", "relative", "confidence", "l
 def statistical(
     metrics: tuple[str, ...] | list[str] = (),
     seeds: int = 5,
-    margin: float = 0.0,
+    margin: float | None = None,
     relative: bool = False,
     confidence: float = 0.95,
     losses: bool = True,
@@ -172,14 +177,18 @@ def _parse_statistical(value: Mapping[str, Any], where: str) -> Statistical:
         raise ToleranceError(f"{where}: unknown key(s) {unknown} for mode statistical; allowed: {sorted(_STAT_KEYS)}")
     metrics = value.get("metrics", ())
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
-    seeds, margin, confidence = value.get("seeds", 5), value.get("margin", 0.0), value.get("confidence", 0.95)
+    seeds, margin, confidence = value.get("seeds", 5), value.get("margin"), value.get("confidence", 0.95)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 2:
         raise ToleranceError(
             f"{where}.seeds: statistical mode needs at least 2 runs to estimate a spread, got {seeds!r} "
             "(use 5 or more for a 95% confidence level to mean much)"
         )
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
-        raise ToleranceError(f"{where}.margin: expected a finite number >= 0, got {margin!r}")
+    if margin is not None and (
+        isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf
+    ):
+        raise ToleranceError(
+            f"{where}.margin: expected a finite number >= 0, or none for k x the measured noise floor, got {margin!r}"
+        )
     if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 < confidence < 1:
         raise ToleranceError(f"{where}.confidence: expected a number between 0.5 and 1, got {confidence!r}")
     flags = {k: value.get(k, d) for k, d in (("relative", False), ("losses", True), ("same_seed", False))}
@@ -189,7 +198,7 @@ def _parse_statistical(value: Mapping[str, Any], where: str) -> Statistical:
     return Statistical(
         tuple(str(m) for m in metrics),
         seeds,
-        float(margin),
+        None if margin is None else float(margin),
         flags["relative"],
         float(confidence),
         flags["losses"],

@@ -90,6 +90,10 @@ def write_summary(tr: Writer, session: ReproSession) -> None:
                 tr.write_line(f"{'':<{width}} max abs diff vs reference (largest over each section): {figures}")
             for line in o["details"]:
                 tr.write_line(f"{'':<{width}} {line.strip()}")
+    for o in outcomes:
+        if o.get("calibration"):
+            for line in calibration_lines(o):
+                tr.write_line(line)
     written = [o for o in outcomes if o["verdict"] == Verdict.WRITTEN.value]
     if written:
         tr.write_line(f"references written ({len(written)}):")
@@ -262,3 +266,28 @@ def finite(data: Any) -> Any:
     if isinstance(data, (list, tuple)):
         return [finite(v) for v in data]
     return data
+
+
+def calibration_lines(o: Mapping[str, Any]) -> list[str]:
+    """The noise floor of a calibrated check, per value, with what k x it resolves and where it was stored."""
+    c = o["calibration"]
+    f = c["floor"]
+    parts = " + ".join(f["parts"]) or "none"
+    lines = [f"noise floor of {o['nodeid']}: {parts}, {f['runs']} perturbed runs ({f['seconds']:.1f} s)"]
+    rows = [(f"loss step {t}", v) for t, v in enumerate(f["losses"])]
+    rows += [
+        (f"{section}[{k!r}]" + (" (norm)" if section in ("weights", "outputs") else ""), v)
+        for section in ("metrics", "weights", "outputs")
+        for k, v in f[section].items()
+    ]
+    width = max(len(name) for name, _ in rows) if rows else 0
+    lines.append(f"  {'value':<{width}}  {'floor':>10}  {'resolution (' + format(c['k'], 'g') + ' x)':>16}")
+    for name, v in rows:
+        lines.append(f"  {name:<{width}}  {_g(v):>10}  {_g(None if v is None else c['k'] * v):>16}")
+    if c["suggested"]:
+        lines.append(f"  explicit tolerances this floor resolves: {c['suggested']} (or keep cross_env='noise')")
+    if c["stored"]:
+        lines.append(f"  stored: {c['stored']}")
+    elif c["not_stored"]:
+        lines.append(f"  not stored: {c['not_stored']}")
+    return lines

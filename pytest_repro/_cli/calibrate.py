@@ -1,0 +1,36 @@
+"""``pytest-repro calibrate NODEID``: a test's noise floor per value, from N perturbed runs; ``--store`` writes it
+beside this environment's reference, so that later cross-environment checks use the recording machine's floor too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+from .common import CliError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the command's arguments (its one-line help is its row in ``cli.COMMANDS``)."""
+    parser.description = (
+        "Run the test's checks (pytest --repro) and measure each one's noise floor with --runs perturbed runs "
+        "(rounding and random streams): a table per value, what 6 x the floor resolves, and explicit tolerances."
+    )
+    parser.add_argument("nodeid", nargs="+", help="the test(s), as pytest names them (path::test)")
+    parser.add_argument("--runs", type=int, default=5, help="perturbed runs per check (default 5, at least 2)")
+    parser.add_argument(
+        "--store",
+        action="store_true",
+        help="write the floor beside this environment's reference (noise_floor.json; commit it with the reference)",
+    )
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run pytest on the node ids with --repro-calibrate; return pytest's exit code."""
+    if args.runs < 2:
+        raise CliError(f"--runs {args.runs}: a noise floor needs at least 2 perturbed runs", "use --runs 2 or more")
+    cmd = [sys.executable, "-m", "pytest", "--repro", f"--repro-calibrate={args.runs}", "-p", "no:cacheprovider"]
+    if args.store:
+        cmd.append("--repro-calibrate-store")
+    return subprocess.call([*cmd, *args.nodeid])
