@@ -258,3 +258,54 @@ def test_calibrate_stores_the_floor_and_a_later_cross_env_check_uses_it(
     pytester.makepyfile(test_drop=DROPOUT_JOB.replace("lr=0.01", "lr=0.02"))
     pytester.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
     assert not (here / "noise_floor.json").exists()
+
+
+PICKY_JOB = """
+import pytest
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+def train(ctx):
+    torch.manual_seed(ctx.seed)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+    loss = model(x).pow(2).mean()
+    if _get_current_dispatch_mode() is not None:  # like a job that cannot run under a dispatch mode
+        raise RuntimeError("this job refuses dispatch modes")
+    return {"losses": [loss.item()], "weights": dict(model.state_dict())}
+
+@pytest.mark.reproducible
+def test_picky(repro):
+    repro.check(train)
+"""
+
+
+def test_a_failing_noise_floor_run_says_so_and_how_to_do_without(
+    heavy_modules: None, pytester: pytest.Pytester
+) -> None:
+    pytester.makeini("[pytest]\nrepro_timeout = 120\n")
+    pytester.makepyfile(test_picky=PICKY_JOB)
+    pytester.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
+    (here,) = (pytester.path / "reference_outputs" / "test_picky" / "test_picky").iterdir()
+    meta = json.loads((here / "record.json").read_text())
+    meta["meta"]["device"] = "cuda"  # another kind of device: the floor perturbs the random streams too
+    (here / "record.json").write_text(json.dumps(meta))
+    here.rename(here.with_name("cuda-sm90"))
+    result = pytester.runpytest("--repro", "--repro-report=r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_picky: a run that measures the noise floor failed (the job ran with its module outputs moved by "
+            "one ulp and other dropout masks; its own runs passed):",
+            "*this job refuses dispatch modes*",
+            "Fix: make the job run under a TorchDispatchMode and a global forward hook, or compare without a noise "
+            'floor: @pytest.mark.reproducible(cross_env="close")*',
+        ]
+    )
+    check = json.loads((pytester.path / "r.json").read_text())["tests"][0]
+    assert check["verdict"] == "error" and check["detail"].startswith("a noise-floor run: run 3")
+    close = PICKY_JOB.replace("@pytest.mark.reproducible\n", '@pytest.mark.reproducible(cross_env="close")\n')
+    pytester.makepyfile(test_picky=close)
+    result = pytester.runpytest("--repro")  # no floor needed: compared under close
+    result.assert_outcomes(passed=1)
+    assert "a run that measures the noise floor failed" not in result.stdout.str()

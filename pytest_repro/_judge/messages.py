@@ -422,3 +422,15 @@ def stored_floor_unusable(nodeid: str, where: str, problem: str) -> str:
         f"Fix: measure and store it again with: pytest-repro calibrate {nodeid} --store "
         f"(on the machine that recorded the reference), or delete {where}."
     )
+
+
+def floor_run_failed(nodeid: str, failure: str) -> str:
+    """A run that measures the noise floor failed, while the check's own runs passed."""
+    return (
+        f"{nodeid}: a run that measures the noise floor failed (the job ran with its module outputs moved by one "
+        "ulp and other dropout masks; its own runs passed):\n"
+        f"{failure}\n"
+        "Fix: make the job run under a TorchDispatchMode and a global forward hook, or compare without a noise "
+        'floor: @pytest.mark.reproducible(cross_env="close") (or an explicit tolerance), or record a reference '
+        "for this environment with --repro-regen=missing."
+    )
