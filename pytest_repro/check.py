@@ -145,15 +145,14 @@ def _across(cross_env: ToleranceSpec, record: Record, floor: FloorSource | None)
 
 
 @dataclass(frozen=True)
-class NoiseAware:
+class NoiseAware(ValueByValue):
     """A noise tolerance: runs may differ by their own noise; a reference must lie within k x the measured floor.
 
     The floor (``_judge/noise.py``) is measured only when a reference is compared: extra runs of the job
-    under perturbed rounding and random streams, plus the spread of the check's own runs.
+    under perturbed rounding and random streams, plus the spread of the check's own runs. Seeds and run
+    labels are the value-by-value ones.
     """
 
-    spec: ToleranceSpec
-    floor: FloorSource | None = None
     stored: NoiseFloor | None = None  # the recording machine's floor, stored beside the reference
 
     @property
@@ -176,18 +175,6 @@ class NoiseAware:
         """Yes: every value within k x its floor."""
         return True
 
-    def seeds(self, seed: int, runs: int) -> list[int]:
-        """The test's seed, once per run."""
-        return [seed] * runs
-
-    def run_label(self, index: int, seed: int) -> str:
-        """'run 1', 'run 2', …"""
-        return f"run {index + 1}"
-
-    def summarize(self, records: Sequence[Record]) -> dict[str, Any] | None:
-        """Nothing beyond the records themselves."""
-        return None
-
     def between_runs(
         self, records: Sequence[Record], nodeid: str, deterministic: bool, diagnose: Callable[[], str] | None
     ) -> Decision | None:
@@ -205,10 +192,6 @@ class NoiseAware:
         if self.stored is not None:
             floor = with_stored(floor, self.stored)
         return match_noise(stored, record, self.noise, floor, label)
-
-    def across_environments(self, cross_env: ToleranceSpec, record: Record) -> tuple[Strategy, str]:
-        """The cross-environment tolerance, as for value-by-value checks."""
-        return _across(cross_env, record, self.floor)
 
 
 @dataclass(frozen=True)
