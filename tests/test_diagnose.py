@@ -144,6 +144,45 @@ def test_unseeded_init_names_the_parameter_not_the_loss(tmp_path: Path) -> None:
     assert message.startswith("first divergence at step 0, `weight` value before the optimizer step, 1 of 8 elements")
 
 
+class Jitter(torch.nn.Module):
+    """A custom layer that adds unseeded noise from ``start`` on (issue 21's first case)."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__()
+        self.start, self.calls = start, 0
+
+    def forward(self, x: Any) -> Any:
+        self.calls += 1
+        return x + _noise() if self.calls > self.start else x
+
+
+def _sequential_run(folder: Path, start: int = 3) -> None:
+    torch.manual_seed(0)
+    tracer = StepTracer().install()
+    try:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), Jitter(start), torch.nn.Linear(8, 1)
+        )
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(6):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        tracer.uninstall()
+    tracer.save(folder)
+
+
+def test_unseeded_noise_in_one_module_names_that_module_not_a_gradient_downstream(tmp_path: Path) -> None:
+    message = _twice(tmp_path, _sequential_run, start=3)
+    assert message == (
+        "module `3` output at step 3 differs while its inputs matched: this module computes nondeterministically "
+        "or draws unseeded randomness (seed what it draws from ctx.seed, or find its nondeterministic op with "
+        "torch.use_deterministic_algorithms(True))"
+    )
+
+
 def test_identical_runs_agree(tmp_path: Path) -> None:
     assert _twice(tmp_path, _plain_run) is None
 
@@ -175,7 +214,12 @@ def test_trace_holds_top_level_inputs_losses_then_parameters(tmp_path: Path) -> 
         (0, "input", "extras['a']"),
         (0, "input", "extras['b'][0]"),
         (0, "input", "extras['b'][1][0]"),
+        (0, "module", "inner.0"),  # every module call, leaves first, named as in model.named_modules()
+        (0, "module", "inner.1"),
+        (0, "module", "inner"),
+        (0, "module", "(model)"),
         (0, "loss", "loss"),
+        (0, "module", "(MSELoss)"),  # not part of the model: named by its class
         (0, "loss", "backward"),
         (0, "value", "inner.0.weight"),
         (0, "grad", "inner.0.weight"),
@@ -195,5 +239,10 @@ def test_loss_backward_on_the_output_loss_is_recorded_once(tmp_path: Path) -> No
     assert [(e["kind"], e["name"]) for e in tracer.entries] == [
         ("input", "features"),
         ("input", "labels"),
+        ("module", "body.0"),
+        ("module", "body.1"),
+        ("module", "body.2"),
+        ("module", "body"),
+        ("module", "(model)"),
         ("loss", "loss"),
     ]

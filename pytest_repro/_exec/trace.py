@@ -26,6 +26,7 @@ TENSORS_FILE = "diagnose.safetensors"
 TENSOR_BUDGET_BYTES = 64 * 2**20  # keep full tensors (for element-level figures) up to this size per run
 MAX_INPUT_TENSORS = 64  # per forward call of the model
 MAX_INPUT_DEPTH = 4  # nesting of lists/tuples/dicts searched for input tensors
+MAX_MODULE_ENTRIES = 2_000_000  # module-call digests per run (a trace line each)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -47,6 +48,7 @@ class StepTracer:
         self._in_backward = False
         self._forward_names: dict[type, tuple[str, ...]] = {}
         self._last_loss: weakref.ref[Any] | None = None
+        self._module_names: dict[int, str] = {}
 
     def install(self) -> StepTracer:
         """Wrap ``Module.__call__`` and ``torch.autograd.backward`` and register the optimizer-step hook."""
@@ -65,11 +67,14 @@ class StepTracer:
             top = self._depth == 0 and next(module.parameters(), None) is not None
             if top:
                 self._on_model_inputs(module, args, kwargs)
+            own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+            inputs = _digest((*args, own), kwargs)  # what it computes from: its arguments and its own state
             self._depth += 1
             try:
                 output = module_call(module, *args, **kwargs)
             finally:
                 self._depth -= 1
+            self._on_module(module, inputs, output)
             if top:
                 self._on_model_output(output)
             return output
@@ -126,6 +131,26 @@ class StepTracer:
                 names = ()
             self._forward_names[cls] = names
         return names
+
+    def _on_module(self, module: Any, inputs: str | None, output: Any) -> None:
+        """One module call: digests of its inputs and of its output (entries in completion order: leaves first)."""
+        if inputs is None or len(self.entries) >= MAX_MODULE_ENTRIES:
+            return
+        plain = vars(output) if hasattr(output, "__dict__") and not hasattr(output, "shape") else None
+        out = _digest((output if plain is None else plain,), {})  # an output object's tensors, too
+        if out is None:
+            return
+        name = self._module_names.get(id(module))
+        if name is None:  # not part of the model seen so far (re-read it: the job may have built it since)
+            self._module_names = {id(m): n or "(model)" for root in self._roots() for n, m in root.named_modules()}
+            name = self._module_names.setdefault(id(module), f"({type(module).__name__})")
+        key = f"{len(self.entries)}/{self._step()}/{name}/module"
+        self.entries.append(
+            {"step": self._step(), "name": name, "kind": "module", "sha256": out, "in": inputs, "key": key}
+        )
+
+    def _roots(self) -> list[Any]:
+        return [m for m in (r() for r in self._modules) if m is not None]
 
     def _on_model_output(self, output: Any) -> None:
         import torch
@@ -208,6 +233,26 @@ def _find_tensors(label: str, value: Any, found: list[tuple[str, Any]], depth: i
     elif depth < MAX_INPUT_DEPTH and isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _find_tensors(f"{label}[{i}]", item, found, depth + 1)
+
+
+def _digest(args: Any, kwargs: Mapping[str, Any]) -> str | None:
+    """One sha256 over every tensor in a call's arguments (or an output), in order; None when there is none."""
+    found: list[tuple[str, Any]] = []
+    for i, value in enumerate(args):
+        _find_tensors(f"args[{i}]", value, found, 0)
+    for key, value in kwargs.items():
+        _find_tensors(key, value, found, 0)
+    if not found:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for label, tensor in found:
+            data = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{label}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.reshape(-1).view(_bytes_dtype()).numpy().data)
+    except Exception:  # an exotic tensor (sparse, nested, meta...) is left out rather than breaking the job
+        return None
+    return digest.hexdigest()
 
 
 def _bytes_dtype() -> Any:

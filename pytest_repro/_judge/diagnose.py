@@ -22,7 +22,7 @@ class FirstDivergence:
 
     step: int
     name: str
-    kind: str  # "input", "loss", "value" (a parameter before the optimizer step) or "grad"
+    kind: str  # "input", "module" (a module's output), "loss", "value" (a parameter before the step) or "grad"
     detail: str  # value/grad: element-level figures when both tensors were kept; input/loss: what differs
     context: str = ""  # input/loss: what was identical
     same_path: bool = True  # False when the runs recorded different entries here
@@ -33,6 +33,12 @@ class FirstDivergence:
             return (
                 f"the input batch at step {self.step} differs ({self.detail}){self.context}: "
                 f"the data pipeline is nondeterministic ({DATA_FIX})"
+            )
+        if self.kind == "module" and self.same_path:
+            return (
+                f"module `{self.name}` output at step {self.step} differs while its inputs matched: this module "
+                "computes nondeterministically or draws unseeded randomness (seed what it draws from ctx.seed, or "
+                "find its nondeterministic op with torch.use_deterministic_algorithms(True))"
             )
         if self.kind == "loss" and self.same_path:
             where = "the forward pass" if self.name == "loss" else "the forward pass or the loss computation"
@@ -74,12 +80,18 @@ def first_divergence(run_a: Path, run_b: Path) -> FirstDivergence | None:
     trace_a = json.loads((run_a / TRACE_FILE).read_text(encoding="utf-8"))
     trace_b = json.loads((run_b / TRACE_FILE).read_text(encoding="utf-8"))
     tensors = _Tensors(run_a, run_b)
+    modules = True  # module outputs decide until the first that differs (leaves complete before their parents)
     for i, (a, b) in enumerate(zip(trace_a, trace_b, strict=False)):
         if (a["step"], a["name"], a["kind"]) != (b["step"], b["name"], b["kind"]):
             return FirstDivergence(
                 a["step"], a["name"], a["kind"], " (the runs took different paths here)", same_path=False
             )
         if a["sha256"] == b["sha256"]:
+            continue
+        if a["kind"] == "module":
+            if modules and a.get("in") == b.get("in"):  # its output differs while its inputs and state matched
+                return FirstDivergence(a["step"], a["name"], "module", "")
+            modules = False  # it passes on a difference of its inputs or parameters: that is found below
             continue
         if a["kind"] == "input":
             return _input_divergence(trace_a, trace_b, i, tensors)
