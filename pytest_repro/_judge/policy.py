@@ -191,13 +191,13 @@ def run_to_run(
         head = headline(cmp, f"runs 1 and {k} diverge")
         if diagnose is not None:
             diagnosis = (
-                "Diagnosis (two more runs, tracing the model's inputs, the loss, every parameter and gradient): "
+                "Diagnosis (two more runs, tracing the model's inputs, every module's inputs and output, the loss, every parameter and gradient): "
                 f"{diagnose()}\n"
             )
         else:
             diagnosis = (
-                "Rerun with --repro-diagnose to find the first step and tensor (input batch, loss, parameter or "
-                "gradient) that diverge.\n"
+                "Rerun with --repro-diagnose to find the first step and tensor (input batch, module, loss, "
+                "parameter or gradient) that diverge.\n"
             )
         text = messages.diverged(
             nodeid,
