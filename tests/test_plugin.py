@@ -375,14 +375,18 @@ def test_diagnose_names_the_first_diverging_tensor(userjobs: pytest.Pytester) ->
     result = userjobs.runpytest("--repro")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
-        ["*Rerun with --repro-diagnose to find the first step and tensor (input batch, module, loss, parameter or gradient)*"]
+        [
+            "*Rerun with --repro-diagnose to find the first step and tensor (input batch, module, loss, parameter or "
+            "gradient)*"
+        ]
     )
     result = userjobs.runpytest("--repro", "--repro-diagnose")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
             "*runs 1 and 2 diverge at step 4*",
-            "Diagnosis (two more runs, tracing the model's inputs, every module's inputs and output, the loss, every parameter and gradient): "
+            "Diagnosis (two more runs, tracing the model's inputs, every module's inputs and output, the loss, "
+            "every parameter and gradient): "
             "first divergence at step 3, `weight` grad, 1 of 8 elements, max abs diff *",
         ]
     )

@@ -191,7 +191,8 @@ def run_to_run(
         head = headline(cmp, f"runs 1 and {k} diverge")
         if diagnose is not None:
             diagnosis = (
-                "Diagnosis (two more runs, tracing the model's inputs, every module's inputs and output, the loss, every parameter and gradient): "
+                "Diagnosis (two more runs, tracing the model's inputs, every module's inputs and output, the loss, "
+                "every parameter and gradient): "
                 f"{diagnose()}\n"
             )
         else:
