@@ -80,6 +80,7 @@ class RunSpec:
     nproc: int = 1
     perturb: int | None = None  # a noise-floor run: the seed of its perturbation (_exec/perturb.py)
     perturb_parts: tuple[str, ...] = ("rounding", "streams")
+    probe_resume_at: int | None = None  # a traced run that also hashes the training state (resume probe)
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""

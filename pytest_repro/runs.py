@@ -231,7 +231,7 @@ class Runs:
         if bad is not None:
             raise Stop(bad)
         notes.curves = {"uninterrupted": full.losses, f"stopped at {at} + resumed": stopped.losses + resumed.losses}
-        return resume(
+        decided = resume(
             full,
             stopped,
             resumed,
@@ -241,6 +241,27 @@ class Runs:
             given(ckpt) if (ckpt / STATE_FILE).is_file() else None,
             lightning=(ckpt / LIGHTNING_CHECKPOINT).is_file(),
         )
+        if decided.verdict is not Verdict.DIFFERS or len(stopped.losses) != at:
+            return decided
+        finding = self._probe_resume(seed, at, ckpt)
+        head, _, rest = decided.message.partition("\n")
+        return replace(decided, message=f"{head}\n{finding}\n{rest}", details=[finding])
+
+    def _probe_resume(self, seed: int, at: int, ckpt: Path) -> str:
+        """Trace the uninterrupted run and a resume from ``ckpt`` again; say what differs at the boundary."""
+        from ._judge.resume_probe import boundary
+
+        full = replace(self.spec(seed, 0, diagnose=True), probe_resume_at=at)
+        again = replace(
+            self.spec(seed, 1, diagnose=True), probe_resume_at=at, resume_from=str(ckpt), run_index=1, manifest=False
+        )
+        folders = []
+        for spec in (full, again):
+            result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+            if result.status != "ok":
+                return f"The resume boundary could not be probed: a traced run did not finish ({result.status})."
+            folders.append(result.workdir)
+        return boundary(folders[0], folders[1], at)
 
 
 def _read_manifest(workdir: Path) -> dict[str, Any]:

@@ -127,10 +127,91 @@ def test_resume_that_forgets_the_optimizer_names_the_first_step_and_what_was_not
     # step 3 is computed with the restored model before the first update: the lost optimizer state shows at 4
     assert "first step after the resume that differs: step 4 (uninterrupted " in out
     assert "checkpoint.save was not given: optimizer, scheduler, scaler" in out
+    # the probe names what the checkpoint did not bring back, and what it did
+    assert (
+        "At the resume boundary (step 3, before its first update), resumed vs uninterrupted: parameters, "
+        "torch RNG, NumPy RNG and Python RNG match; optimizer state and learning rate differ; the input batch at "
+        "step 3 matches: the checkpoint does not restore the optimizer state (save and load optimizer.state_dict())."
+    ) in out
     assert "A checkpoint must restore the optimizer state, the LR scheduler, the RNG states" in out
     result.stdout.fnmatch_lines(["DIFFERS*test_r.py::test_resume [[]resume@3]: resume mismatch at step 4*"])
     # the uninterrupted check passed, but the test failed: its reference was not written
     assert not [p for p in (resumejobs.path / "reference_outputs").rglob("*")]
+
+
+NANOGPT = """
+import pytest
+import torch
+
+
+def train(ctx):
+    # karpathy/nanoGPT's way: batches drawn from torch's global RNG, a checkpoint of model, optimizer and
+    # iter_num written with torch.save, and no RNG state
+    torch.manual_seed(ctx.seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(32, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.randint(0, 32, (256, 9), generator=torch.Generator().manual_seed(0))
+    iter_num = 0
+    if ctx.resume_from is not None:
+        ckpt = torch.load(ctx.resume_from / "ckpt.pt")
+        model.load_state_dict(ckpt["model"])
+        if "optimizer" in ckpt:
+            opt.load_state_dict(ckpt["optimizer"])
+        iter_num = ckpt["iter_num"]
+    end = ctx.stop_at if ctx.stop_at is not None else 8
+    losses = []
+    while iter_num < end:
+        ix = torch.randint(len(data), (16,))  # the global RNG: not in the checkpoint
+        x, y = data[ix, :8], data[ix, 8]
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        iter_num += 1
+    if ctx.stop_at is not None:
+        saved = {"model": model.state_dict(), "iter_num": iter_num}
+        if not ctx.config.get("forget_optimizer"):
+            saved["optimizer"] = opt.state_dict()
+        torch.save(saved, ctx.checkpoint_dir / "ckpt.pt")
+    return {"losses": losses, "weights": dict(model.state_dict())}
+
+
+@pytest.mark.reproducible
+def test_nanogpt(repro):
+    repro.check_resume(train, config=CONFIG, at=4)
+"""
+
+
+@pytest.mark.slow
+def test_a_nanogpt_style_resume_that_forgets_the_rng_names_the_rng_and_the_batch(resumejobs: pytest.Pytester) -> None:
+    resumejobs.makepyfile(test_nano=NANOGPT.replace("CONFIG", "{}"))
+    result = resumejobs.runpytest("--repro", "--repro-regen")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*resume mismatch: stopping after step 4 and resuming in a fresh process does not give the uninterrupted "
+            "run: first step after the resume that differs: step 4 *",
+            "At the resume boundary (step 4, before its first update), resumed vs uninterrupted: parameters, "
+            "optimizer state, learning rate, NumPy RNG and Python RNG match; torch RNG differs; the input batch at "
+            "step 4 differs (input): the checkpoint does not restore the torch RNG state, so the batch drawn at "
+            "step 4 differs (save and restore the RNG states, as pytest_repro.checkpoint.save does).",
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_a_nanogpt_style_resume_that_forgets_the_optimizer_names_the_optimizer(resumejobs: pytest.Pytester) -> None:
+    resumejobs.makepyfile(test_nano=NANOGPT.replace("CONFIG", '{"forget_optimizer": True}'))
+    result = resumejobs.runpytest("--repro", "--repro-regen")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "At the resume boundary (step 4, *; optimizer state and torch RNG differ; *: the checkpoint does not "
+            "restore the optimizer state (save and load optimizer.state_dict()); the checkpoint does not restore the "
+            "torch RNG state, so the batch drawn at step 4 differs*"
+        ]
+    )
 
 
 @pytest.mark.slow

@@ -127,7 +127,9 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         if spec.diagnose:
             from .trace import StepTracer
 
-            tracer = StepTracer().install()
+            tracer = StepTracer(resumed_at=spec.probe_resume_at if spec.resume_from else None).install()
+            if spec.probe_resume_at is not None:
+                tracer.probe = True  # the uninterrupted run of a probe: the state too, steps from 0
         stage = "job"
         with contextlib.ExitStack() as stack:
             if rank is not None:

@@ -33,8 +33,12 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 class StepTracer:
     """Global torch hooks that hash, in execution order, model inputs, losses, parameters and gradients."""
 
-    def __init__(self, budget: int = TENSOR_BUDGET_BYTES) -> None:
+    def __init__(self, budget: int = TENSOR_BUDGET_BYTES, resumed_at: int | None = None) -> None:
         self.entries: list[dict[str, Any]] = []
+        # A resume probe: also hash the training state (optimizer, LR, RNGs) before each update; a resumed run
+        # counts its steps from ``resumed_at``.
+        self.probe = resumed_at is not None
+        self._offset = resumed_at or 0
         self.tensors: dict[str, torch.Tensor] = {}
         self.budget = budget
         self._used = 0
@@ -104,8 +108,8 @@ class StepTracer:
         self._restore, self._handles = [], []
 
     def _step(self) -> int:
-        """The current step: how many steps the first optimizer seen has taken."""
-        return next(iter(self._steps.values()), 0)
+        """The current step: how many steps the first optimizer seen has taken (a resumed run: since the resume)."""
+        return self._offset + next(iter(self._steps.values()), 0)
 
     def _on_model_inputs(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if len(self._modules) < 10_000 and not any(r() is module for r in self._modules):
@@ -180,8 +184,12 @@ class StepTracer:
         return {id(p): name for name, p in root.named_parameters()}
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        step = self._steps.get(id(optimizer), 0)
-        self._steps[id(optimizer)] = step + 1
+        step = self._offset + self._steps.get(id(optimizer), 0)
+        self._steps[id(optimizer)] = self._steps.get(id(optimizer), 0) + 1
+        if self.probe:
+            for name, digest in training_state(optimizer).items():
+                key = f"{len(self.entries)}/{step}/{name}/state"
+                self.entries.append({"step": step, "name": name, "kind": "state", "sha256": digest, "key": key})
         names = self._names()
         for g, group in enumerate(optimizer.param_groups):
             for i, param in enumerate(group["params"]):
@@ -233,6 +241,43 @@ def _find_tensors(label: str, value: Any, found: list[tuple[str, Any]], depth: i
     elif depth < MAX_INPUT_DEPTH and isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             _find_tensors(f"{label}[{i}]", item, found, depth + 1)
+
+
+def training_state(optimizer: Any) -> dict[str, str]:
+    """Digests of what a resume must restore besides the parameters: optimizer state, LR, every RNG."""
+    import random
+    import sys
+
+    import torch
+
+    def sha(*parts: Any) -> str:
+        digest = hashlib.sha256()
+        for part in parts:
+            if isinstance(part, torch.Tensor):
+                digest.update(part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                digest.update(repr(part).encode())
+        return digest.hexdigest()
+
+    state = optimizer.state_dict()
+    flat = [
+        (i, k, v)
+        for i, per in sorted(state["state"].items(), key=lambda kv: str(kv[0]))
+        for k, v in sorted(per.items())
+    ]
+    out = {
+        "optimizer state": sha(*(x for entry in flat for x in entry)),
+        "learning rate": sha([g.get("lr") for g in optimizer.param_groups]),
+        "torch RNG": sha(torch.get_rng_state()),
+        "Python RNG": sha(random.getstate()),
+    }
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, gauss, cached = np.random.get_state()
+        out["NumPy RNG"] = sha(kind, keys.tobytes(), pos, gauss, cached)
+    if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        out["CUDA RNG"] = sha(*torch.cuda.get_rng_state_all())
+    return out
 
 
 def _digest(args: Any, kwargs: Mapping[str, Any]) -> str | None:
