@@ -81,6 +81,7 @@ class RunSpec:
     perturb: int | None = None  # a noise-floor run: the seed of its perturbation (_exec/perturb.py)
     perturb_parts: tuple[str, ...] = ("rounding", "streams")
     probe_resume_at: int | None = None  # a traced run that also hashes the training state (resume probe)
+    digest_steps: int | None = None  # record module digests of the first steps (a reference's digests.json)
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""

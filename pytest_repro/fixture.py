@@ -190,9 +190,11 @@ class Repro:
         if audit and s.config_audit == "fail":
             raise _stop(Verdict.ERROR, "config audit failed", messages.audit_failed(nodeid, audit))
         notes.warnings += [f"config audit: {a}" for a in audit]
+        digests = runs.digests() if s.regen else None
         facts = policy.Facts(
             nodeid, s.regen, strategy, s.cross_env, cfg, effective, manifest, audit, self._session.relative
         )
+        facts.digests = digests is not None
         from .manifest import environment_key
 
         env_key = environment_key(manifest, self.device, s.env_key_fields)
@@ -200,6 +202,8 @@ class Repro:
         notes.warnings += cleaned
         notes.env_key = env_key
         decision = policy.against_reference(found_refs, records[0], facts)
+        if decision.verdict is Verdict.DIFFERS and decision.compared_with is None and found_refs.here is not None:
+            decision = runs.located(decision, found_refs.here, self.seed)
         for stored in [found_refs.here, *(r for _, r in found_refs.others)]:
             if stored is not None:  # decided: the reference's files are not read again
                 close_record(stored.record)
@@ -209,7 +213,8 @@ class Repro:
             prov = provenance(
                 nodeid, ref.name, self.seed, self.device, env_key, s, used, self._session.invocation, wall_s
             )
-            notes.staged = _stage(self._session, nodeid, decision.reference, (records[0], manifest, prov))
+            staged = (records[0], manifest, prov, digests)
+            notes.staged = _stage(self._session, nodeid, decision.reference, staged)
         if s.calibrate is not None:
             from .calibration import calibrate
 
@@ -244,7 +249,10 @@ class Repro:
 
 
 def _stage(
-    session: ReproSession, nodeid: str, target: Path, what: tuple[Record, dict[str, Any], dict[str, Any]]
+    session: ReproSession,
+    nodeid: str,
+    target: Path,
+    what: tuple[Record, dict[str, Any], dict[str, Any], list[dict[str, Any]] | None],
 ) -> str:
     """Stage the reference to write (committed at teardown if the test passes); return the staging folder."""
     try:

@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 # The recording machine's noise floor beside a reference (pytest-repro calibrate --store); a regeneration
 # drops it, as it no longer describes the new reference.
 NOISE_FILE = "noise_floor.json"
+# Module digests of the reference run's first steps (written at regen): where a later difference starts.
+DIGESTS_FILE = "digests.json"
 
 __all__ = [
+    "DIGESTS_FILE",
     "JOB_KEYS",
     "NOISE_FILE",
     "OPTIONAL_JOB_KEYS",

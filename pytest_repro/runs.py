@@ -27,6 +27,8 @@ from .record import CorruptRecordError, Record, close_record, load_record
 from .session import ReproSession
 from .settings import Settings
 
+DIGEST_STEPS = 2  # the first steps whose module digests a reference keeps
+
 
 class Runs:
     """The runs of one check: one job and config, on one device, each run on ``nproc`` ranks."""
@@ -47,6 +49,7 @@ class Runs:
         self._checked: tuple[int, list[Record]] | None = None  # the seed and records of run_all
         self._floors: dict[tuple[int, bool], NoiseFloor] = {}
         self._spread: Floor | None = None
+        self._run1: Path | None = None
 
     def spec(self, seed: int, index: int, diagnose: bool = False) -> RunSpec:
         """The spec of run ``index`` (0-based; run 1 writes the manifest), or of a traced run with ``diagnose``."""
@@ -67,6 +70,8 @@ class Runs:
             identity=s.identity,
             diagnose=diagnose,
             nproc=self._nproc,
+            # a regeneration's run 1 records where the reference's first steps start (digests.json)
+            digest_steps=DIGEST_STEPS if index == 0 and not diagnose and s.regen else None,
         )
 
     def run_all(self, seed: int, strategy: Strategy, notes: Notes) -> tuple[list[Record], dict[str, Any]]:
@@ -84,10 +89,49 @@ class Runs:
             notes.curves[strategy.run_label(i, run_seed)] = records[-1].losses
             if i == 0:
                 manifest = _read_manifest(result.workdir)
+                self._run1 = result.workdir
         if len(records) < len(seeds):  # run_many stops early only after a failed run, which raised above
             raise RuntimeError(f"only {len(records)} of {len(seeds)} runs came back")
         self._checked = (seed, records)
         return records, manifest
+
+    def digests(self) -> list[dict[str, Any]] | None:
+        """Run 1's module digests (recorded when regenerating), compacted for the reference; None if not recorded."""
+        from ._exec.trace import DIGESTS_FILE
+        from ._judge.locate import compact
+
+        if self._run1 is None or not (self._run1 / DIGESTS_FILE).is_file():
+            return None
+        try:
+            return compact(json.loads((self._run1 / DIGESTS_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+
+    def locate(self, seed: int, stored: Any) -> str:
+        """Trace one more run's first steps and say where it starts to differ from the reference's digests."""
+        from ._exec.trace import DIGESTS_FILE
+        from ._judge.locate import where_it_starts
+
+        spec = replace(self.spec(seed, 0), digest_steps=DIGEST_STEPS, manifest=False)
+        spec = replace(spec, workdir=str(self._session.next_workdir("locate")))
+        result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+        try:
+            traced = json.loads((result.workdir / DIGESTS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return f"where it starts is unknown: the traced run did not finish ({result.status})"
+        return where_it_starts(stored, traced)
+
+    def located(self, decision: Decision, stored: Any, seed: int) -> Decision:
+        """A DIFFERS against this environment's reference, with where it starts (when the reference has digests)."""
+        if stored.digests_problem is not None:
+            finding = f"where it starts is unknown: the reference's {stored.digests_problem}"
+        elif stored.digests is None:
+            return decision
+        else:
+            finding = self.locate(seed, stored.digests)
+        line = f"Where it starts (this run's first {DIGEST_STEPS} steps against the reference's module digests): "
+        before, sep, after = decision.message.partition("\nIf the change is intended")
+        return replace(decision, message=f"{before}\n{line}{finding}{sep}{after}", details=[*decision.details, finding])
 
     def keep_spread(self) -> None:
         """Keep how far the check's own runs moved from run 1 (before their files are closed), for the floor."""

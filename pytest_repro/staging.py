@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .record import Record, load_record, save_record, write_text_atomic
+from .record import DIGESTS_FILE, Record, dump_json, load_record, save_record, write_text_atomic
 from .storage import MANIFEST_FILE, PLUGIN_FILES, PROVENANCE_FILE, locked, removal_fix, remove_tree
 
 # Run details that change on every run and so do not belong in a diffable reference record.
@@ -48,8 +48,17 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_PlainDumper, sort_keys=True, default_flow_style=False, allow_unicode=True)
 
 
-def stage_reference(path: Path, record: Record, manifest: dict[str, Any], provenance: dict[str, Any]) -> Path:
-    """Write a complete, verified reference beside ``path`` (hidden); return the staging folder."""
+def stage_reference(
+    path: Path,
+    record: Record,
+    manifest: dict[str, Any],
+    provenance: dict[str, Any],
+    digests: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write a complete, verified reference beside ``path`` (hidden); return the staging folder.
+
+    ``digests``: run 1's module digests of its first steps (``digests.json``), where later differences start.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.new-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -58,6 +67,8 @@ def stage_reference(path: Path, record: Record, manifest: dict[str, Any], proven
         save_record(stable, staging)
         write_text_atomic(staging / MANIFEST_FILE, dump_yaml(manifest))
         write_text_atomic(staging / PROVENANCE_FILE, dump_yaml(provenance))
+        if digests is not None:
+            write_text_atomic(staging / DIGESTS_FILE, dump_json(digests))
         load_record(staging)  # verify what we are about to publish
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

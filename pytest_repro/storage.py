@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .record import NOISE_FILE, RECORD_FILE, CorruptRecordError, Record, load_record
+from .record import DIGESTS_FILE, NOISE_FILE, RECORD_FILE, CorruptRecordError, Record, load_record
 
 if TYPE_CHECKING:
     from ._judge.policy import Found
@@ -74,6 +74,8 @@ class Reference:
     manifest_problem: str | None = None  # why manifest.yaml could not be used (then ``manifest`` is {})
     floor: Any = None  # NOISE_FILE's JSON as read (judged, never trusted, by _judge); None: none stored
     floor_problem: str | None = None  # why NOISE_FILE could not be read as JSON
+    digests: Any = None  # DIGESTS_FILE's JSON as read (None: none recorded, or unreadable: see digests_problem)
+    digests_problem: str | None = None
 
 
 # A manifest or provenance file is a few KiB; the limit keeps a hostile one from filling memory.
@@ -153,7 +155,15 @@ class ReferenceBlockedError(OSError):
 
 
 PLUGIN_FILES = frozenset(
-    {RECORD_FILE, "weights.safetensors", "outputs.safetensors", MANIFEST_FILE, PROVENANCE_FILE, NOISE_FILE}
+    {
+        RECORD_FILE,
+        "weights.safetensors",
+        "outputs.safetensors",
+        MANIFEST_FILE,
+        PROVENANCE_FILE,
+        NOISE_FILE,
+        DIGESTS_FILE,
+    }
 )
 _STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)-(?P<pid>\d+)$")
 
@@ -301,12 +311,23 @@ def load_reference(path: Path, root: Path | None = None) -> Reference:
             raise MissingReferenceError(str(path))
         record = load_record(path)
         manifest, problem = read_manifest(path / MANIFEST_FILE)
-        floor, floor_problem = _read_floor(path / NOISE_FILE)
-        return Reference(path, record, manifest, _load_yaml(path / PROVENANCE_FILE), problem, floor, floor_problem)
+        floor, floor_problem = _read_json(path / NOISE_FILE)
+        digests, digests_problem = _read_json(path / DIGESTS_FILE)
+        return Reference(
+            path,
+            record,
+            manifest,
+            _load_yaml(path / PROVENANCE_FILE),
+            problem,
+            floor,
+            floor_problem,
+            digests,
+            digests_problem,
+        )
 
 
-def _read_floor(path: Path) -> tuple[Any, str | None]:
-    """A stored noise floor's JSON (None when there is none), or why it cannot be read."""
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """A small JSON file beside a reference (None when there is none), or why it cannot be read."""
     try:
         if not path.exists():
             return None, None

@@ -124,6 +124,10 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         ctx.workdir.mkdir(exist_ok=True)
         ctx.checkpoint_dir.mkdir(exist_ok=True)  # type: ignore[union-attr]
         tracer = None
+        if spec.digest_steps and not spec.diagnose:
+            from .trace import StepTracer
+
+            tracer = StepTracer(digest_steps=spec.digest_steps).install()
         if spec.diagnose:
             from .trace import StepTracer
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 TRACE_FILE = "diagnose.json"
 TENSORS_FILE = "diagnose.safetensors"
+DIGESTS_FILE = "digests.json"  # a run's module digests of its first steps (also the file beside a reference)
 TENSOR_BUDGET_BYTES = 64 * 2**20  # keep full tensors (for element-level figures) up to this size per run
 MAX_INPUT_TENSORS = 64  # per forward call of the model
 MAX_INPUT_DEPTH = 4  # nesting of lists/tuples/dicts searched for input tensors
@@ -33,8 +34,13 @@ _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_O
 class StepTracer:
     """Global torch hooks that hash, in execution order, model inputs, losses, parameters and gradients."""
 
-    def __init__(self, budget: int = TENSOR_BUDGET_BYTES, resumed_at: int | None = None) -> None:
+    def __init__(
+        self, budget: int = TENSOR_BUDGET_BYTES, resumed_at: int | None = None, digest_steps: int | None = None
+    ) -> None:
         self.entries: list[dict[str, Any]] = []
+        # Digests only (a reference's record of where it starts): module calls of the first ``digest_steps``
+        # steps and the parameters at initialisation; no inputs, losses, gradients or kept tensors.
+        self.digest_steps = digest_steps
         # A resume probe: also hash the training state (optimizer, LR, RNGs) before each update; a resumed run
         # counts its steps from ``resumed_at``.
         self.probe = resumed_at is not None
@@ -71,20 +77,23 @@ class StepTracer:
             top = self._depth == 0 and next(module.parameters(), None) is not None
             if top:
                 self._on_model_inputs(module, args, kwargs)
-            own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
-            inputs = _digest((*args, own), kwargs)  # what it computes from: its arguments and its own state
+            recording = self.digest_steps is None or self._step() < self.digest_steps
+            if recording:  # what it computes from: its arguments and its own parameters and buffers
+                own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
+                inputs = (_digest(args, kwargs), _digest((own,), {}))
             self._depth += 1
             try:
                 output = module_call(module, *args, **kwargs)
             finally:
                 self._depth -= 1
-            self._on_module(module, inputs, output)
-            if top:
+            if recording:
+                self._on_module(module, inputs, output)
+            if top and self.digest_steps is None:
                 self._on_model_output(output)
             return output
 
         def traced_backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._in_backward or get_ident() != self._thread or compiling():
+            if self._in_backward or get_ident() != self._thread or compiling() or self.digest_steps is not None:
                 return backward(tensors, *args, **kwargs)
             self._in_backward = True  # a backward inside backward (reentrant checkpointing) is not a loss
             try:
@@ -114,6 +123,8 @@ class StepTracer:
     def _on_model_inputs(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if len(self._modules) < 10_000 and not any(r() is module for r in self._modules):
             self._modules.append(weakref.ref(module))
+        if self.digest_steps is not None:  # digests only: the model is known (for names), its inputs not recorded
+            return
         self._calls += 1
         names = self._positional_names(type(module))
         found: list[tuple[str, Any]] = []
@@ -136,9 +147,9 @@ class StepTracer:
             self._forward_names[cls] = names
         return names
 
-    def _on_module(self, module: Any, inputs: str | None, output: Any) -> None:
-        """One module call: digests of its inputs and of its output (entries in completion order: leaves first)."""
-        if inputs is None or len(self.entries) >= MAX_MODULE_ENTRIES:
+    def _on_module(self, module: Any, inputs: tuple[str | None, str | None], output: Any) -> None:
+        """One module call: digests of its arguments, its own state and its output (completion order: leaves first)."""
+        if inputs == (None, None) or len(self.entries) >= MAX_MODULE_ENTRIES:
             return
         plain = vars(output) if hasattr(output, "__dict__") and not hasattr(output, "shape") else None
         out = _digest((output if plain is None else plain,), {})  # an output object's tensors, too
@@ -149,9 +160,9 @@ class StepTracer:
             self._module_names = {id(m): n or "(model)" for root in self._roots() for n, m in root.named_modules()}
             name = self._module_names.setdefault(id(module), f"({type(module).__name__})")
         key = f"{len(self.entries)}/{self._step()}/{name}/module"
-        self.entries.append(
-            {"step": self._step(), "name": name, "kind": "module", "sha256": out, "in": inputs, "key": key}
-        )
+        args, own = inputs
+        entry = {"step": self._step(), "name": name, "kind": "module", "sha256": out, "key": key}
+        self.entries.append({**entry, "in": f"{args}:{own}", "args": args, "own": own})
 
     def _roots(self) -> list[Any]:
         return [m for m in (r() for r in self._modules) if m is not None]
@@ -186,6 +197,13 @@ class StepTracer:
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         step = self._offset + self._steps.get(id(optimizer), 0)
         self._steps[id(optimizer)] = self._steps.get(id(optimizer), 0) + 1
+        if self.digest_steps is not None:  # the parameters at initialisation, by digest
+            if step == 0:
+                names = self._names()
+                for g, group in enumerate(optimizer.param_groups):
+                    for i, param in enumerate(group["params"]):
+                        self._record(step, names.get(id(param), f"param_groups[{g}][{i}]"), "value", param.detach())
+            return
         if self.probe:
             for name, digest in training_state(optimizer).items():
                 key = f"{len(self.entries)}/{step}/{name}/state"
@@ -214,7 +232,7 @@ class StepTracer:
             entry["call"] = call
         self.entries.append(entry)
         size = data.numel() * data.element_size()
-        if self._used + size <= self.budget:
+        if self.digest_steps is None and self._used + size <= self.budget:
             self.tensors[key] = data.clone()
             self._used += size
 
@@ -223,6 +241,9 @@ class StepTracer:
         from safetensors.torch import save_file
 
         self.uninstall()
+        if self.digest_steps is not None:
+            (folder / DIGESTS_FILE).write_text(json.dumps(self.entries), encoding="utf-8")
+            return
         (folder / TRACE_FILE).write_text(json.dumps(self.entries), encoding="utf-8")
         save_file(self.tensors, str(folder / TENSORS_FILE))
 

@@ -70,6 +70,7 @@ class Facts:
     manifest: dict[str, Any]
     audit: list[str] = field(default_factory=list)
     shown: Callable[[Path], str] = str
+    digests: bool = False  # run 1 recorded module digests (a regeneration writes them beside the reference)
 
 
 def cross_env_spec(spec: ToleranceSpec, record: Record) -> tuple[ToleranceSpec, str]:
@@ -309,6 +310,9 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
         return Decision(Verdict.WRITTEN, f"reference updated ({m.where})", write=True, **common)
     if regen == "all" and stored.manifest_problem:
         why = f"same values; manifest.yaml rewritten (it was unreadable: {stored.manifest_problem})"
+        return Decision(Verdict.WRITTEN, why, write=True, **common)
+    if regen == "all" and facts.digests and getattr(stored, "digests", None) is None:
+        why = "same values; digests.json recorded (module digests of the first steps: where a later change starts)"
         return Decision(Verdict.WRITTEN, why, write=True, **common)
     if regen == "all" and stored.provenance.get("config") != facts.config:
         return Decision(Verdict.WRITTEN, "same values; provenance updated for the changed config", write=True, **common)
