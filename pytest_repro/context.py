@@ -82,6 +82,7 @@ class RunSpec:
     perturb_parts: tuple[str, ...] = ("rounding", "streams")
     probe_resume_at: int | None = None  # a traced run that also hashes the training state (resume probe)
     digest_steps: int | None = None  # record module digests of the first steps (a reference's digests.json)
+    ops_step: int | None = None  # a diagnosis run that also hashes every aten op of this step
 
     def to_json(self) -> str:
         """Serialize for the worker protocol."""

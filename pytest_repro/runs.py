@@ -251,9 +251,25 @@ class Runs:
                     "the two traced runs agreed at every forward, loss and optimizer step (the divergence is "
                     "outside the training steps, e.g. in evaluation or in what the job returns)"
                 )
-            return found.describe()
+            if found.kind == "input":
+                return found.describe()
+            return found.describe() + self._first_op(seed, found.step)
 
         return diagnose
+
+    def _first_op(self, seed: int, step: int) -> str:
+        """Two more traced runs that hash every aten op of ``step``: '; the first op whose output differs ...'."""
+        from ._judge.diagnose import first_op
+
+        folders = []
+        for i in range(2):
+            spec = replace(self.spec(seed, i, diagnose=True), ops_step=step)
+            result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+            if result.status != "ok":
+                return f"; the op-level runs did not finish ({result.status})"
+            folders.append(result.workdir)
+        found = first_op(folders[0], folders[1])
+        return "" if found is None else f"; {found.describe()}"
 
     def resume(self, seed: int, full: Record, at: int, notes: Notes) -> Decision:
         """Stop a run after ``at`` steps, resume it in a fresh process, and decide whether it is the ``full`` run."""

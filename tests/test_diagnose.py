@@ -101,7 +101,7 @@ def _plain_run(folder: Path, loss_noise_at: int = -1, grad_noise_at: int = -1, u
 
 def _twice(tmp_path: Path, run: Any, **kwargs: Any) -> str | None:
     a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
+    a.mkdir(parents=True)
     b.mkdir()
     run(a, **kwargs)
     run(b, **kwargs)
@@ -181,6 +181,54 @@ def test_unseeded_noise_in_one_module_names_that_module_not_a_gradient_downstrea
         "or draws unseeded randomness (seed what it draws from ctx.seed, or find its nondeterministic op with "
         "torch.use_deterministic_algorithms(True))"
     )
+
+
+class Unseeded(torch.nn.Module):
+    """A custom layer that draws noise from an unseeded generator (a nondeterministic op, on purpose)."""
+
+    def forward(self, x: Any) -> Any:
+        g = torch.Generator()
+        g.seed()
+        return x + 1e-6 * torch.randn(x.shape, generator=g)
+
+
+def _op_run(folder: Path, ops_step: int | None = None) -> None:
+    torch.manual_seed(0)
+    tracer = StepTracer(ops_step=ops_step).install()
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), Unseeded(), torch.nn.Linear(8, 1))
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(3):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        tracer.uninstall()
+    tracer.save(folder)
+
+
+def test_the_first_nondeterministic_op_is_named_with_its_module_and_line(tmp_path: Path) -> None:
+    from pytest_repro._judge.diagnose import first_op
+
+    assert _twice(tmp_path / "modules", _op_run) == (
+        "module `2` output at step 0 differs while its inputs matched: this module computes nondeterministically "
+        "or draws unseeded randomness (seed what it draws from ctx.seed, or find its nondeterministic op with "
+        "torch.use_deterministic_algorithms(True))"
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        _op_run(folder, ops_step=0)
+    found = first_op(a, b)
+    assert found is not None
+    line = next(i for i, text in enumerate(Path(__file__).read_text().splitlines(), 1) if "1e-6 * torch.randn" in text)
+    assert found.describe() == (
+        f"the first op whose output differs while its inputs matched: aten.randn.generator in module `2` "
+        f"(test_diagnose.py:{line}) at step 0; it draws random numbers: seed its generator from ctx.seed"
+    )
+    ops = [e for e in json.loads((a / TRACE_FILE).read_text()) if e["kind"] == "op"]
+    assert ops and {e["step"] for e in ops} == {0}  # only the step asked for
 
 
 def test_identical_runs_agree(tmp_path: Path) -> None:

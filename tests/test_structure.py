@@ -30,6 +30,7 @@ JOB_SIDE_MAY_IMPORT = (
     "pytest_repro._exec.protocol",
     "pytest_repro._exec.trace",
     "pytest_repro._exec.perturb",  # noise-floor runs: perturbed rounding and random streams
+    "pytest_repro._exec.ops",  # diagnosis: the op tracer
     "pytest_repro._exec.distributed",
 )
 

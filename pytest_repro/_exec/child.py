@@ -131,7 +131,8 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         if spec.diagnose:
             from .trace import StepTracer
 
-            tracer = StepTracer(resumed_at=spec.probe_resume_at if spec.resume_from else None).install()
+            resumed_at = spec.probe_resume_at if spec.resume_from else None
+            tracer = StepTracer(resumed_at=resumed_at, ops_step=spec.ops_step).install()
             if spec.probe_resume_at is not None:
                 tracer.probe = True  # the uninterrupted run of a probe: the state too, steps from 0
         stage = "job"

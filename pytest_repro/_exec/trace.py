@@ -35,9 +35,16 @@ class StepTracer:
     """Global torch hooks that hash, in execution order, model inputs, losses, parameters and gradients."""
 
     def __init__(
-        self, budget: int = TENSOR_BUDGET_BYTES, resumed_at: int | None = None, digest_steps: int | None = None
+        self,
+        budget: int = TENSOR_BUDGET_BYTES,
+        resumed_at: int | None = None,
+        digest_steps: int | None = None,
+        ops_step: int | None = None,
     ) -> None:
         self.entries: list[dict[str, Any]] = []
+        self.ops_step = ops_step  # also record every aten op of this step (``_exec/ops.py``)
+        self.module_stack: list[str] = []  # names of the module calls under way (innermost last)
+        self._ops_mode: Any = None
         # Digests only (a reference's record of where it starts): module calls of the first ``digest_steps``
         # steps and the parameters at initialisation; no inputs, losses, gradients or kept tensors.
         self.digest_steps = digest_steps
@@ -82,10 +89,14 @@ class StepTracer:
                 own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
                 inputs = (_digest(args, kwargs), _digest((own,), {}))
             self._depth += 1
+            if self.ops_step is not None:
+                self.module_stack.append(self._name_of(module))
             try:
                 output = module_call(module, *args, **kwargs)
             finally:
                 self._depth -= 1
+                if self.ops_step is not None:
+                    self.module_stack.pop()
             if recording:
                 self._on_module(module, inputs, output)
             if top and self.digest_steps is None:
@@ -106,15 +117,35 @@ class StepTracer:
         torch.nn.Module.__call__ = traced_call  # type: ignore[method-assign]
         torch.autograd.backward = traced_backward
         self._handles = [register_optimizer_step_pre_hook(self._on_step)]
+        if self.ops_step is not None:
+            from .ops import op_mode
+
+            self._ops_mode = op_mode(self, self.ops_step)
+            self._ops_mode.__enter__()
         return self
 
     def uninstall(self) -> None:
         """Remove the hooks and wrappers (idempotent)."""
+        if self._ops_mode is not None:
+            self._ops_mode.__exit__(None, None, None)
+            self._ops_mode = None
         for owner, attr, original in reversed(self._restore):
             setattr(owner, attr, original)
         for handle in self._handles:
             handle.remove()
         self._restore, self._handles = [], []
+
+    def current_step(self) -> int:
+        """The step the job is in (optimizer updates so far)."""
+        return self._step()
+
+    def _name_of(self, module: Any) -> str:
+        """The module's name in the model (``named_modules()``), or its class for one outside it."""
+        name = self._module_names.get(id(module))
+        if name is None:  # not part of the model seen so far (re-read it: the job may have built it since)
+            self._module_names = {id(m): n or "(model)" for root in self._roots() for n, m in root.named_modules()}
+            name = self._module_names.setdefault(id(module), f"({type(module).__name__})")
+        return name
 
     def _step(self) -> int:
         """The current step: how many steps the first optimizer seen has taken (a resumed run: since the resume)."""
@@ -155,10 +186,7 @@ class StepTracer:
         out = _digest((output if plain is None else plain,), {})  # an output object's tensors, too
         if out is None:
             return
-        name = self._module_names.get(id(module))
-        if name is None:  # not part of the model seen so far (re-read it: the job may have built it since)
-            self._module_names = {id(m): n or "(model)" for root in self._roots() for n, m in root.named_modules()}
-            name = self._module_names.setdefault(id(module), f"({type(module).__name__})")
+        name = self._name_of(module)
         key = f"{len(self.entries)}/{self._step()}/{name}/module"
         args, own = inputs
         entry = {"step": self._step(), "name": name, "kind": "module", "sha256": out, "key": key}

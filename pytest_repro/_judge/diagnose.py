@@ -77,8 +77,7 @@ class _Tensors:
 
 def first_divergence(run_a: Path, run_b: Path) -> FirstDivergence | None:
     """Compare two traced runs entry by entry; return the first input, loss, parameter or gradient that differs."""
-    trace_a = json.loads((run_a / TRACE_FILE).read_text(encoding="utf-8"))
-    trace_b = json.loads((run_b / TRACE_FILE).read_text(encoding="utf-8"))
+    trace_a, trace_b = (_without_ops(run) for run in (run_a, run_b))
     tensors = _Tensors(run_a, run_b)
     modules = True  # module outputs decide until the first that differs (leaves complete before their parents)
     for i, (a, b) in enumerate(zip(trace_a, trace_b, strict=False)):
@@ -175,3 +174,77 @@ def _loss_divergence(trace_a: list[Any], trace_b: list[Any], i: int, tensors: _T
         (False, True): "parameters identical",
     }.get((inputs, traced), "")
     return FirstDivergence(a["step"], a["name"], "loss", detail, context)
+
+
+def _without_ops(run: Path) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads((run / TRACE_FILE).read_text(encoding="utf-8"))
+    return [e for e in entries if e["kind"] != "op"]
+
+
+# Ops with a nondeterministic default implementation on CUDA that deterministic mode replaces or refuses.
+DETERMINISTIC_ALTERNATIVE = (
+    "scatter_add",
+    "scatter_reduce",
+    "index_add",
+    "index_put",
+    "put_",
+    "index_copy",
+    "embedding_dense_backward",
+    "cumsum",
+    "bincount",
+    "histc",
+    "kthvalue",
+    "median",
+    "upsample",
+    "grid_sampler",
+    "ctc_loss",
+    "nll_loss2d",
+    "max_pool3d",
+    "avg_pool3d",
+    "adaptive_avg_pool",
+    "adaptive_max_pool",
+    "reflection_pad",
+    "replication_pad",
+)
+
+
+@dataclass(frozen=True)
+class FirstOp:
+    """The first aten op whose output differs while its inputs matched."""
+
+    name: str
+    module: str
+    where: str
+    step: int
+
+    def describe(self) -> str:
+        """One clause for the diagnosis."""
+        inside = f" in module `{self.module}`" if self.module else ""
+        hint = ""
+        if any(part in self.name for part in DETERMINISTIC_ALTERNATIVE):
+            hint = (
+                "; torch has a deterministic implementation of it: repro_deterministic = true "
+                "(torch.use_deterministic_algorithms(True)) uses it, or raises naming the op"
+            )
+        elif "generator" in self.name or any(r in self.name for r in ("rand", "bernoulli", "normal", "multinomial")):
+            hint = "; it draws random numbers: seed its generator from ctx.seed"
+        return (
+            f"the first op whose output differs while its inputs matched: {self.name}{inside} ({self.where}) at step "
+            f"{self.step}{hint}"
+        )
+
+
+def first_op(run_a: Path, run_b: Path) -> FirstOp | None:
+    """The first op entry of two op-traced runs whose output differs while its inputs matched (None: none)."""
+    ops = []
+    for run in (run_a, run_b):
+        entries = json.loads((run / TRACE_FILE).read_text(encoding="utf-8"))
+        ops.append([e for e in entries if e["kind"] == "op"])
+    for a, b in zip(ops[0], ops[1], strict=False):
+        if a["name"] != b["name"]:
+            return None  # the runs took different paths: no op-level answer
+        if "empty" in a["name"]:  # allocations: their contents are whatever memory held, never compared
+            continue
+        if a["sha256"] != b["sha256"] and a["in"] == b["in"]:
+            return FirstOp(a["name"], a.get("module", ""), a.get("where", "?"), a["step"])
+    return None
