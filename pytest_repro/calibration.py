@@ -40,6 +40,11 @@ def calibrate(
     }
     if not store:
         return result
+    try:
+        NoiseFloor.from_dict(floor.to_dict(), "check")  # what a later check would refuse is never stored
+    except ValueError as exc:
+        result["not_stored"] = f"the floor is not storable ({exc})"
+        return result
     data = dump_json({**floor.to_dict(), "source": "measured on the machine that recorded this reference"})
     if decision.write and staged is not None:  # a reference written now: the floor goes with it, if it lands
         write_text_atomic(Path(staged) / NOISE_FILE, data)

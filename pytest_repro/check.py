@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._judge import messages, policy, statistical
-from ._judge.noise import NoiseFloor, with_stored
+from ._judge.noise import NoiseFloor, implausible, with_stored
 from ._judge.policy import Decision, Match
 from ._judge.tolerances import Noise, Statistical, ToleranceSpec
 from ._judge.verdict import CheckOutcome, Verdict, reconcile
@@ -188,8 +188,17 @@ class NoiseAware(ValueByValue):
         if self.floor is None:
             raise RuntimeError("a noise-aware comparison was asked for without a way to measure the floor")
         streams = _device_type(stored) != _device_type(record)  # another device's generators: other masks
+        if self.stored is not None and "random streams" in self.stored.parts:
+            streams = True  # measured like the stored floor, so that the two are compared like for like
         floor = self.floor(self.noise.runs, streams)
         if self.stored is not None:
+            problem = implausible(self.stored, floor)
+            if problem is not None:  # never silently trusted: a floor that large hides every change
+                return Decision(
+                    Verdict.ERROR,
+                    f"the stored noise floor is implausible: {problem}",
+                    messages.stored_floor_unusable(nodeid, f"noise_floor.json beside the {label}", problem),
+                )
             floor = with_stored(floor, self.stored)
         return match_noise(stored, record, self.noise, floor, label)
 

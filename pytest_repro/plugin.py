@@ -81,6 +81,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _start_session(config: pytest.Config, regen: str | None) -> ReproSession:
     """The run's settings and session (--repro given), or a usage error naming the bad option."""
+    store = config.getoption("repro_calibrate_store")
+    if store and config.getoption("repro_calibrate") is None:
+        raise pytest.UsageError(
+            "pytest-repro: --repro-calibrate-store stores the floor that --repro-calibrate N measures: give both "
+            "(or run pytest-repro calibrate NODEID --store)"
+        )
+    if store and _ci_is_set() and not config.getoption("repro_regen_force"):
+        raise pytest.UsageError(
+            "pytest-repro refuses to store a noise floor beside a reference because the CI environment variable is "
+            f"set (CI={os.environ.get('CI')!r}): it changes later verdicts, so it changes in a reviewed commit. "
+            "Calibrate locally, or add --repro-regen-force to do it here anyway."
+        )
     if regen and _ci_is_set() and not config.getoption("repro_regen_force"):
         raise pytest.UsageError(
             "pytest-repro refuses to regenerate references because the CI environment variable is set "

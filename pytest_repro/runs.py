@@ -28,6 +28,7 @@ from .session import ReproSession
 from .settings import Settings
 
 DIGEST_STEPS = 2  # the first steps whose module digests a reference keeps
+FLOOR_TIMEOUT_FACTOR = 5  # a noise-floor run's time limit, in units of repro_timeout (measured: up to 13x slower)
 
 
 class Runs:
@@ -151,7 +152,7 @@ class Runs:
             return self._floors[key]
         if self._checked is None:
             raise RuntimeError("the noise floor is measured after the check's runs")
-        from ._judge.noise import measure
+        from ._judge.noise import floor_run_problem, measure
         from .seeding import derive_seed
 
         seed, records = self._checked
@@ -166,7 +167,8 @@ class Runs:
             for i in range(count)
         ]
         started = time.perf_counter()
-        results = self._run_specs(specs)
+        # under the dispatch mode and the ulp hook a run trains several times slower than the job's own runs
+        results = self._run_specs(specs, timeout=self._settings.timeout * FLOOR_TIMEOUT_FACTOR)
         try:
             perturbed = [self.record_of(result, len(records) + i + 1) for i, result in enumerate(results)]
         except Stop as stop:  # the job's own runs passed: say that this one ran perturbed, and the way out
@@ -182,12 +184,17 @@ class Runs:
             for name, part in (("rounding", "rounding"), ("random streams", "streams"))
             if any(c.get(part, 0) for c in counts)
         ]
-        self._floors[key] = measure(records[0], perturbed, self._spread, parts, seconds)
+        measured = measure(records[0], perturbed, self._spread, parts, seconds)
+        problem = floor_run_problem(records[0], perturbed, measured.floor)
         for record in perturbed:
             close_record(record)
-        return self._floors[key]
+        if problem is not None:
+            text = messages.floor_run_failed(self._nodeid, problem)
+            raise Stop(Decision(Verdict.ERROR, f"a noise-floor run: {problem}", text))
+        self._floors[key] = measured
+        return measured
 
-    def _run_specs(self, specs: list[RunSpec]) -> list[RunOutcome]:
+    def _run_specs(self, specs: list[RunSpec], timeout: float | None = None) -> list[RunOutcome]:
         """Preload what the job imports, then run the specs, side by side where repro_parallel_runs allows.
 
         Stops after the first run that fails (the list is then shorter, ending with that run).
@@ -199,7 +206,7 @@ class Runs:
         parallel = parallel_runs(s.parallel_runs, len(specs), self._device, s.threads)
         if any(getattr(spec, "nproc", 1) > 1 for spec in specs):
             parallel = 1  # each run already uses several processes
-        return self._session.runner.run_many(specs, s.timeout, s.base_seed, parallel)
+        return self._session.runner.run_many(specs, timeout or s.timeout, s.base_seed, parallel)
 
     def run_one(self, spec: RunSpec, run: int, notes: Notes) -> Record:
         """Run one extra run (outside the check's N runs) and return its record."""

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_repro._judge import noise
-from pytest_repro._judge.noise import NoiseFloor, floor_of, judge
+from pytest_repro._judge.noise import Floor, NoiseFloor, floor_of, judge
 from pytest_repro._judge.noise_verdict import match_noise
 from pytest_repro._judge.tolerances import Noise, ToleranceError, parse_tolerance
 from pytest_repro.record import Record
@@ -120,7 +120,7 @@ def test_noise_tolerances_parse_and_bad_ones_say_why() -> None:
     assert parse_tolerance({"mode": "noise", "k": 3, "runs": 4}).noise == Noise(3.0, 4)
     for bad, why in (
         ({"mode": "noise", "k": 0}, "k: expected a finite number > 0"),
-        ({"mode": "noise", "runs": 1}, "at least 2 perturbed runs"),
+        ({"mode": "noise", "runs": 1}, "2 to 100 perturbed runs"),
         ({"mode": "noise", "kk": 1}, "unknown key(s) ['kk']"),
         ({"mode": "nois"}, "the modes are 'statistical' and 'noise'"),
     ):
@@ -199,3 +199,60 @@ def test_statistical_without_a_margin_takes_k_times_the_measured_floor() -> None
     assert given is not None
     (hand,), _ = compare_statistical(ref, new, given, ({"m": 0.001}, [1e-3, 1e-3]))
     assert hand.margin == 0.2  # a hand-given margin wins
+
+
+def test_every_bernoulli_overload_is_replaced_and_infinities_stay_infinite() -> None:
+    from pytest_repro._exec.perturb import perturbed
+
+    def draws() -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        probs = torch.bernoulli(torch.full((64,), 0.3))  # bernoulli(probs): the overload a hand-made mask uses
+        torch.bernoulli(torch.ones(4), 0.5)
+        torch.full((4,), 0.5).bernoulli_(torch.full((4,), 0.2))
+        return probs, torch.randn(3)  # what the job draws next from the global generator
+
+    plain, after_plain = draws()
+    with perturbed(7) as counts:
+        probs, after = draws()
+        out = torch.nn.Linear(2, 2)(torch.tensor([[float("-inf"), 1.0]]))
+    assert counts["streams"] == 3 and not torch.equal(probs, plain)
+    assert torch.equal(after, after_plain)  # the global stream advanced exactly as without the perturbation
+    assert not out.isnan().any()  # an infinite output is left as it is, not nudged into NaN
+
+
+def test_perturbed_runs_that_break_are_named_not_measured() -> None:
+    base = record([2.0, 1.0], metric=0.5)
+    cases = {
+        "another structure than run 1: losses": record([2.0]),
+        "loss at step 1 is not finite": record([2.0, math.nan], metric=0.5),
+        "metrics['m'] is not finite": record([2.0, 1.0], metric=math.nan),
+    }
+    for why, run in cases.items():
+        problem = noise.floor_run_problem(base, [run], floor_of(base, [run]) if len(run.losses) == 2 else Floor())
+        assert problem is not None and why in problem, problem
+    fine = shifted(base, [1e-3, 1e-3])
+    assert noise.floor_run_problem(base, [fine], floor_of(base, [fine])) is None
+
+
+def test_a_stored_floor_must_fit_its_reference_and_be_plausible() -> None:
+    base = record([2.0, 1.0], metric=0.5)
+    here = NoiseFloor(("rounding",), 2, 0.1, floor_of(base, [shifted(base, [1e-3, 1e-3], metric_by=1e-3)]))
+    assert noise.stored_floor_problem(here, base) is None and noise.implausible(here, here) is None
+    longer = NoiseFloor(("rounding",), 2, 0.1, Floor((1.0, 1.0, 1.0), {"m": 1.0}, {"w": 1.0}, {}))
+    assert "3 loss steps, the reference has 2" in str(noise.stored_floor_problem(longer, base))
+    other_keys = NoiseFloor(("rounding",), 2, 0.1, Floor((1.0, 1.0), {"x": 1.0}, {"w": 1.0}, {}))
+    assert "metrics are not the reference's" in str(noise.stored_floor_problem(other_keys, base))
+    huge = NoiseFloor(("rounding",), 2, 0.1, Floor((1e300, 1e300), {"m": 1e300}, {"w": 1e300}, {}))
+    assert "x the" in str(noise.implausible(huge, here))
+    with pytest.raises(ValueError, match="at least 2 perturbed runs"):
+        NoiseFloor.from_dict({**here.to_dict(), "runs": 1}, "crafted")
+
+
+def test_noise_is_a_whole_record_tolerance_and_its_options_are_bounded() -> None:
+    with pytest.raises(ToleranceError, match="'noise' judges the whole record"):
+        parse_tolerance({"metrics": "noise"})
+    with pytest.raises(ToleranceError, match="2 to 100 perturbed runs"):
+        parse_tolerance({"mode": "noise", "runs": 10**9})
+    assert parse_tolerance({"mode": "noise", "k": "1e-3"}).noise == Noise(1e-3, 2)  # YAML 1.1 reads 1e-3 as text
+    with pytest.raises(ToleranceError, match="k: expected a number"):
+        parse_tolerance({"mode": "noise", "k": "six"})

@@ -201,16 +201,28 @@ def test_dropout(repro):
 
 
 def test_calibrate_stores_the_floor_and_a_later_cross_env_check_uses_it(
-    heavy_modules: None, pytester: pytest.Pytester
+    heavy_modules: None, pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import sys
 
     pytester.makeini("[pytest]\nrepro_timeout = 120\n")
     pytester.makepyfile(test_drop=DROPOUT_JOB)
+    pytester.makepyfile(plain_case="def test_plain():\n    pass\n")  # collected only when named
+    alone = pytester.runpytest("--repro", "--repro-calibrate-store")
+    assert alone.ret == pytest.ExitCode.USAGE_ERROR
+    alone.stderr.fnmatch_lines(["*--repro-calibrate-store stores the floor that --repro-calibrate N measures*"])
+    monkeypatch.setenv("CI", "true")
+    in_ci = pytester.runpytest("--repro", "--repro-calibrate=2", "--repro-calibrate-store")
+    assert in_ci.ret == pytest.ExitCode.USAGE_ERROR
+    in_ci.stderr.fnmatch_lines(["*refuses to store a noise floor beside a reference because the CI environment*"])
+    monkeypatch.delenv("CI")
     pytester.runpytest("--repro", "--repro-regen").assert_outcomes(passed=1)
     (here,) = (pytester.path / "reference_outputs" / "test_drop" / "test_dropout").iterdir()
 
     cli = [sys.executable, "-m", "pytest_repro.cli", "calibrate", "test_drop.py::test_dropout"]
+    nothing = pytester.run(sys.executable, "-m", "pytest_repro.cli", "calibrate", "plain_case.py::test_plain")
+    assert nothing.ret == 1
+    nothing.stderr.fnmatch_lines(["pytest-repro calibrate: no reproducible check ran, so nothing was calibrated*"])
     refused = pytester.run(*cli, "--runs", "1")
     assert refused.ret == 2
     refused.stderr.fnmatch_lines(["pytest-repro calibrate: --runs 1: a noise floor needs at least 2 perturbed runs*"])
@@ -298,8 +310,10 @@ def test_a_failing_noise_floor_run_says_so_and_how_to_do_without(
             "*test_picky: a run that measures the noise floor failed (the job ran with its module outputs moved by "
             "one ulp and other dropout masks; its own runs passed):",
             "*this job refuses dispatch modes*",
-            "Fix: make the job run under a TorchDispatchMode and a global forward hook, or compare without a noise "
-            'floor: @pytest.mark.reproducible(cross_env="close")*',
+            "Fix: make the job run under a TorchDispatchMode and a global forward hook (with the same structure and "
+            "finite results there), or compare without a noise floor: an explicit tolerance, "
+            "@pytest.mark.reproducible(tolerance=...) for this environment's reference, "
+            'cross_env="close" (or a map) for another environment\'s.',
         ]
     )
     check = json.loads((pytester.path / "r.json").read_text())["tests"][0]

@@ -52,8 +52,8 @@ def _stream_mode(seed: int, counts: _Counts) -> Any:
 
     aten = torch.ops.aten
     private = _generators(seed)
-    in_place = {aten.bernoulli_.float, aten.bernoulli_.Tensor}
-    out_of_place = {aten.bernoulli.default, aten.bernoulli.p}
+    # every overload takes generator=: the same draw again from the private stream replaces the result
+    bernoulli = {aten.bernoulli_.float, aten.bernoulli_.Tensor, aten.bernoulli.default, aten.bernoulli.p}
 
     class Streams(TorchDispatchMode):  # type: ignore[no-untyped-call,misc]
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -61,14 +61,9 @@ def _stream_mode(seed: int, counts: _Counts) -> Any:
             out = func(*args, **kwargs)  # the default generator advances as in an unperturbed run
             if kwargs.get("generator") is not None:
                 return out
-            if func in in_place:
+            if func in bernoulli:
                 counts.streams += 1
-                p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-                return out.bernoulli_(p, generator=private(out.device))
-            if func in out_of_place:
-                counts.streams += 1
-                p = args[1] if len(args) > 1 else kwargs.get("p", args[0])
-                return torch.bernoulli(torch.empty_like(out), p, generator=private(out.device))
+                return func(*args, **{**kwargs, "generator": private(out.device)})
             if func is aten.native_dropout.default:
                 inp, p, train = args[0], args[1], args[2] if len(args) > 2 else kwargs.get("train")
                 if not train or not 0 < p < 1:
@@ -93,7 +88,8 @@ def _rounding_hook(seed: int, counts: _Counts) -> Any:
         base = t.detach()
         up = torch.randint(0, 2, base.shape, generator=private(base.device), device=base.device).bool()
         toward = torch.where(up, torch.full_like(base, float("inf")), torch.full_like(base, float("-inf")))
-        return t + (torch.nextafter(base, toward) - base)  # one ulp; the gradient of t is unchanged
+        step = torch.nextafter(base, toward) - base  # one ulp; the gradient of t is unchanged
+        return t + torch.where(torch.isfinite(base) & torch.isfinite(step), step, torch.zeros_like(step))
 
     def hook(module: Any, inputs: Any, output: Any) -> Any:
         if isinstance(output, torch.Tensor):

@@ -257,15 +257,27 @@ def differs_cross_env(
     audit: Sequence[str],
 ) -> str:
     """A result that differs from a reference recorded in another environment."""
+    config = [line for line in context if line.startswith("config ")]
+    if config:  # the user changed the job: that, more than the environment, explains a difference
+        why = (
+            "The config differs from the reference's (see below): that change, not only the environment, may be why.\n"
+        )
+        fix = (
+            f"Fix: if the change is intended, record a reference for this environment with: "
+            f"{regen_command(nodeid, 'missing')}\notherwise undo it."
+        )
+    else:
+        why = "The reference comes from another environment: this does not mean your change broke anything.\n"
+        fix = (
+            f"Fix: record a reference for this environment with: {regen_command(nodeid, 'missing')}\n"
+            "or loosen the cross-environment tolerance (@pytest.mark.reproducible(cross_env=...), "
+            "ini repro_cross_env_tolerance)."
+        )
     return (
         f"{nodeid}: no reference for environment {env_key!r}; compared with the one recorded in "
         f"{other_key!r} under the cross-environment tolerance ({tolerance}), not bitwise, and it differs.\n"
-        "The reference comes from another environment: this does not mean your change broke anything.\n"
-        f"{context_block(context)}{_audit(audit, context)}"
-        f"What differs:\n{described}\n"
-        f"Fix: record a reference for this environment with: {regen_command(nodeid, 'missing')}\n"
-        "or loosen the cross-environment tolerance (@pytest.mark.reproducible(cross_env=...), "
-        "ini repro_cross_env_tolerance)."
+        f"{why}{context_block(context)}{_audit(audit, context)}"
+        f"What differs:\n{described}\n{fix}"
     )
 
 
@@ -430,7 +442,8 @@ def floor_run_failed(nodeid: str, failure: str) -> str:
         f"{nodeid}: a run that measures the noise floor failed (the job ran with its module outputs moved by one "
         "ulp and other dropout masks; its own runs passed):\n"
         f"{failure}\n"
-        "Fix: make the job run under a TorchDispatchMode and a global forward hook, or compare without a noise "
-        'floor: @pytest.mark.reproducible(cross_env="close") (or an explicit tolerance), or record a reference '
-        "for this environment with --repro-regen=missing."
+        "Fix: make the job run under a TorchDispatchMode and a global forward hook (with the same structure and "
+        "finite results there), or compare without a noise floor: an explicit tolerance, "
+        "@pytest.mark.reproducible(tolerance=...) for this environment's reference, "
+        'cross_env="close" (or a map) for another environment\'s.'
     )

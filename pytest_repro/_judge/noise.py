@@ -4,7 +4,8 @@ The floor of a value is how far it moved in this environment under the differenc
 brings (rounding, other random streams; ``_exec/perturb.py``) and under the runs' own nondeterminism:
 per loss step (an envelope: noise grows with the steps and a single crossing must not make it zero),
 per metric, and per tensor as the norm of the difference (element-wise differences of trained weights
-reach 100 % across hardware; their norms do not). It never goes below a few ulps of the value.
+reach 100 % across hardware; their norms do not). It never goes below 4 ulps of a loss or metric
+(float32), nor below the norm of one ulp of every element of a tensor (in its dtype).
 A difference passes when it is within ``k`` times its floor; ``k`` times the floor is the resolution:
 the smallest change the comparison could have seen.
 """
@@ -113,8 +114,8 @@ class NoiseFloor:
         parts, runs = data.get("parts"), data.get("runs")
         if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
             raise ValueError("parts: expected a list of names")
-        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-            raise ValueError(f"runs: expected a number of runs >= 1, got {runs!r}")
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
+            raise ValueError(f"runs: a floor needs at least 2 perturbed runs, got {runs!r}")
         ranks_raw = data.get("ranks", {})
         if not isinstance(ranks_raw, Mapping):
             raise ValueError("ranks: expected a map")
@@ -185,7 +186,7 @@ def floor_of(base: Record, others: Sequence[Record], scalar_dtype: str | None = 
         out = {}
         for k, t in getattr(base, section).items():
             moved = [_norm_diff(t, getattr(o, section)[k]) if k in getattr(o, section) else math.nan for o in others]
-            out[k] = max(_rms(moved), MIN_ULPS * eps_of(_tensor_dtype(t)) * _norm(t))
+            out[k] = max(_rms(moved), eps_of(_tensor_dtype(t)) * _norm(t))  # an ulp of every element, in norm
         return out
 
     return Floor(losses, metrics, tensors("weights"), tensors("outputs"))
@@ -353,3 +354,53 @@ def resolution(floor: Floor, k: float, steps: Sequence[int] = (1,)) -> list[str]
             key = max(values, key=lambda name: values[name])
             parts.append(f"{section}[{key!r}] by a norm above {k * values[key]:.2g}")
     return parts
+
+
+def floor_run_problem(base: Record, perturbed: Sequence[Record], floor: Floor) -> str | None:
+    """Why perturbed runs cannot give a floor: another structure than run 1, or NaN/inf where run 1 is finite."""
+    from .compare import compare_records
+    from .tolerances import CLOSE, ToleranceSpec
+
+    for i, other in enumerate(perturbed, start=1):
+        for d in compare_records(base, other, ToleranceSpec(default=CLOSE)).differences:
+            if d.kind != "value":
+                return f"noise-floor run {i} returned another structure than run 1: {d.describe('run 1', f'run {i}')}"
+    for t, v in enumerate(floor.losses):
+        if math.isnan(v) and math.isfinite(base.losses[t]):
+            return f"a noise-floor run's loss at step {t} is not finite (run 1's is {base.losses[t]!r})"
+    for section in ("metrics", "weights", "outputs"):
+        for k, v in getattr(floor, section).items():
+            if math.isnan(v):
+                return f"a noise-floor run's {section}[{k!r}] is not finite where run 1's is (or cannot be compared)"
+    return None
+
+
+# A stored floor this many times the one measured here (the same parts) was not measured on this job: natural
+# spreads of default GPU modes measured ~10-100 x a rounding floor; a crafted one hides every change.
+IMPLAUSIBLE = 1000.0
+
+
+def stored_floor_problem(stored: NoiseFloor, record: Record) -> str | None:
+    """Why a stored floor does not describe ``record`` (the reference it is stored beside): its shape, per value."""
+    f = stored.floor
+    if len(f.losses) != len(record.losses):
+        return f"it has a floor for {len(f.losses)} loss steps, the reference has {len(record.losses)}"
+    for section in ("metrics", "weights", "outputs"):
+        mine, theirs = set(getattr(f, section)), set(getattr(record, section))
+        if mine != theirs:
+            extra, missing = sorted(mine - theirs), sorted(theirs - mine)
+            return f"its {section} are not the reference's (extra: {extra[:3]}, missing: {missing[:3]})"
+    return None
+
+
+def implausible(stored: NoiseFloor, measured: NoiseFloor) -> str | None:
+    """A stored value over IMPLAUSIBLE x the floor measured here for the same value (a crafted or foreign floor)."""
+    a, b = stored.floor, measured.floor
+    pairs = [(f"the step-{t} loss", x, y) for t, (x, y) in enumerate(zip(a.losses, b.losses, strict=False))]
+    for section in ("metrics", "weights", "outputs"):
+        mine, here = getattr(a, section), getattr(b, section)
+        pairs += [(f"{section}[{k!r}]", v, here[k]) for k, v in mine.items() if k in here]
+    for name, x, y in pairs:
+        if y > 0 and x > IMPLAUSIBLE * y:
+            return f"its floor of {name} is {x:.3g}, {x / y:.3g} x the {y:.3g} measured here"
+    return None

@@ -392,7 +392,7 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
 
 def _with_stored_floor(strategy: Any, stored: Any, env_key: str, nodeid: str, shown: Callable[[Path], str]) -> Any:
     """The strategy, given the noise floor stored beside the reference (if any); a Decision when it is unusable."""
-    from .noise import NoiseFloor
+    from .noise import NoiseFloor, stored_floor_problem
 
     problem: str | None = getattr(stored, "floor_problem", None)
     data: Any = getattr(stored, "floor", None)
@@ -400,7 +400,10 @@ def _with_stored_floor(strategy: Any, stored: Any, env_key: str, nodeid: str, sh
         return strategy
     if problem is None:
         try:
-            return strategy.with_stored_floor(NoiseFloor.from_dict(data, f"stored beside the {env_key} reference"))
+            floor = NoiseFloor.from_dict(data, f"stored beside the {env_key} reference")
+            problem = stored_floor_problem(floor, stored.record)
+            if problem is None:
+                return strategy.with_stored_floor(floor)
         except (ValueError, TypeError) as exc:
             problem = f"it is not a noise floor ({exc})"
     from ..record import NOISE_FILE

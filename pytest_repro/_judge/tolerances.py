@@ -24,9 +24,9 @@ _CLOSE_DEFAULTS: dict[str, tuple[float, float]] = {
 SCALAR_DTYPE = "float32"
 
 ACCEPTED_FORMS = (
-    '"bitwise", "close", "noise", {"atol": A, "rtol": R} (either may be omitted, meaning 0), '
+    '"bitwise", "close", {"atol": A, "rtol": R} (either may be omitted, meaning 0), '
     "or a map from section (losses/weights/metrics/outputs/default) to one of those "
-    "or to a map from key (glob patterns allowed) to one of those"
+    'or to a map from key (glob patterns allowed) to one of those; or, for the whole record, "noise"'
 )
 
 
@@ -122,6 +122,7 @@ class Noise:
 
 
 _NOISE_KEYS = {"mode", "k", "runs"}
+MAX_NOISE_RUNS = 100
 
 
 def noise(k: float = 6.0, runs: int = 2) -> dict[str, Any]:
@@ -134,14 +135,19 @@ def _parse_noise(value: Mapping[str, Any], where: str) -> Noise:
     if unknown:
         raise ToleranceError(f"{where}: unknown key(s) {unknown} for mode noise; allowed: {sorted(_NOISE_KEYS)}")
     k, runs = value.get("k", Noise.k), value.get("runs", Noise.runs)
+    if isinstance(k, str):  # an ini's YAML reads 1e-3 as text
+        try:
+            k = float(k)
+        except ValueError:
+            raise ToleranceError(f"{where}.k: expected a number, got {k!r}") from None
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < math.inf:
         raise ToleranceError(
             f"{where}.k: expected a finite number > 0 (how many noise floors a difference may be), got {k!r}"
         )
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
+    if isinstance(runs, bool) or not isinstance(runs, int) or not 2 <= runs <= MAX_NOISE_RUNS:
         raise ToleranceError(
-            f"{where}.runs: a noise floor needs at least 2 perturbed runs (one can land on the reference by chance), "
-            f"got {runs!r}"
+            f"{where}.runs: a noise floor needs 2 to {MAX_NOISE_RUNS} perturbed runs (one can land on the reference "
+            f"by chance), got {runs!r}"
         )
     return Noise(float(k), runs)
 
@@ -244,6 +250,11 @@ def _parse_single(value: Any, where: str) -> Tolerance | None:
             return BITWISE
         if value == "close":
             return CLOSE
+        if value == "noise":
+            raise ToleranceError(
+                f"{where}: 'noise' judges the whole record against one measured floor: give it as the whole "
+                "tolerance (tolerance='noise' or cross_env='noise', or pytest_repro.noise(k=...)), not per section"
+            )
         raise ToleranceError(f"{where}: unknown tolerance {value!r}; accepted: {ACCEPTED_FORMS}")
     if isinstance(value, Mapping):
         keys = set(value)

@@ -69,6 +69,9 @@ def write_summary(tr: Writer, session: ReproSession) -> None:
     counts = verdict_counts(outcomes)
     tally = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
     if tr.verbosity < 0:
+        for o in outcomes:  # asked for explicitly: shown even with -q
+            for line in calibration_lines(o) if o.get("calibration") else []:
+                tr.write_line(line)
         tr.write_line(f"reproducibility: {tally}")
         for line in notes:
             tr.write_line(f"reproducibility: {line}" if not line.startswith(" ") else line)
