@@ -46,13 +46,19 @@ def calibrate(
         result["not_stored"] = f"the floor is not storable ({exc})"
         return result
     data = dump_json({**floor.to_dict(), "source": "measured on the machine that recorded this reference"})
-    if decision.write and staged is not None:  # a reference written now: the floor goes with it, if it lands
-        write_text_atomic(Path(staged) / NOISE_FILE, data)
-        result["stored"] = str(Path(str(decision.reference)) / NOISE_FILE)
-    elif here is not None and decision.verdict.ok and decision.compared_with is None:
-        write_text_atomic(here / NOISE_FILE, data)
-        result["stored"] = str(here / NOISE_FILE)
-    elif here is None:
+    try:
+        if decision.write and staged is not None:  # a reference written now: the floor goes with it, if it lands
+            write_text_atomic(Path(staged) / NOISE_FILE, data)
+            result["stored"] = str(Path(str(decision.reference)) / NOISE_FILE) + " (with the reference written now)"
+            return result
+        if here is not None and decision.verdict.ok and decision.compared_with is None:
+            write_text_atomic(here / NOISE_FILE, data)
+            result["stored"] = str(here / NOISE_FILE)
+            return result
+    except OSError as exc:
+        result["not_stored"] = f"it could not be written: {exc}"
+        return result
+    if here is None:
         result["not_stored"] = "there is no reference for this environment: record one with --repro-regen=missing"
     else:
         result["not_stored"] = f"the check did not match this environment's reference ({decision.verdict.label})"

@@ -28,7 +28,9 @@ from .session import ReproSession
 from .settings import Settings
 
 DIGEST_STEPS = 2  # the first steps whose module digests a reference keeps
-FLOOR_TIMEOUT_FACTOR = 5  # a noise-floor run's time limit, in units of repro_timeout (measured: up to 13x slower)
+# The time limit of a noise-floor, diagnosis, op-tracing or resume-probe run, in units of repro_timeout: they run
+# under hooks or a dispatch mode (noise-floor runs measured up to 13x slower than the job's own).
+FLOOR_TIMEOUT_FACTOR = 5
 
 
 class Runs:
@@ -71,8 +73,6 @@ class Runs:
             identity=s.identity,
             diagnose=diagnose,
             nproc=self._nproc,
-            # a regeneration's run 1 records where the reference's first steps start (digests.json)
-            digest_steps=DIGEST_STEPS if index == 0 and not diagnose and s.regen else None,
         )
 
     def run_all(self, seed: int, strategy: Strategy, notes: Notes) -> tuple[list[Record], dict[str, Any]]:
@@ -80,7 +80,10 @@ class Runs:
         records: list[Record] = []
         manifest: dict[str, Any] = {}
         seeds = strategy.seeds(seed, self._settings.runs)
-        results = self._run_specs([self.spec(run_seed, i) for i, run_seed in enumerate(seeds)])
+        specs = [self.spec(run_seed, i) for i, run_seed in enumerate(seeds)]
+        if self._settings.regen:  # a regeneration's run 1 records where the reference's first steps start
+            specs[0] = replace(specs[0], digest_steps=DIGEST_STEPS)
+        results = self._run_specs(specs)
         notes.warnings += self._session.runner.take_warnings()
         for i, (run_seed, result) in enumerate(zip(seeds, results, strict=False)):
             notes.seconds.append(result.wall_s)
@@ -95,6 +98,10 @@ class Runs:
             raise RuntimeError(f"only {len(records)} of {len(seeds)} runs came back")
         self._checked = (seed, records)
         return records, manifest
+
+    @property
+    def _traced_timeout(self) -> float:
+        return self._settings.timeout * FLOOR_TIMEOUT_FACTOR
 
     def digests(self) -> list[dict[str, Any]] | None:
         """Run 1's module digests (recorded when regenerating), compacted for the reference; None if not recorded."""
@@ -115,7 +122,7 @@ class Runs:
 
         spec = replace(self.spec(seed, 0), digest_steps=DIGEST_STEPS, manifest=False)
         spec = replace(spec, workdir=str(self._session.next_workdir("locate")))
-        result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+        result = self._session.runner.run(spec, self._traced_timeout, self._settings.base_seed)
         try:
             traced = json.loads((result.workdir / DIGESTS_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -124,9 +131,11 @@ class Runs:
 
     def located(self, decision: Decision, stored: Any, seed: int) -> Decision:
         """A DIFFERS against this environment's reference, with where it starts (when the reference has digests)."""
+        if not self._settings.tolerance.is_bitwise:  # noise would be named as the cause: bitwise checks only
+            return decision
         if stored.digests_problem is not None:
             finding = f"where it starts is unknown: the reference's {stored.digests_problem}"
-        elif stored.digests is None:
+        elif not stored.digests:
             return decision
         else:
             finding = self.locate(seed, stored.digests)
@@ -168,12 +177,12 @@ class Runs:
         ]
         started = time.perf_counter()
         # under the dispatch mode and the ulp hook a run trains several times slower than the job's own runs
-        results = self._run_specs(specs, timeout=self._settings.timeout * FLOOR_TIMEOUT_FACTOR)
+        results = self._run_specs(specs, timeout=self._traced_timeout)
         try:
             perturbed = [self.record_of(result, len(records) + i + 1) for i, result in enumerate(results)]
         except Stop as stop:  # the job's own runs passed: say that this one ran perturbed, and the way out
             d = stop.decision
-            text = messages.floor_run_failed(self._nodeid, d.message or d.detail)
+            text = messages.floor_run_failed(self._nodeid, d.message or d.detail, streams, d.verdict is Verdict.TIMEOUT)
             raise Stop(replace(d, detail=f"a noise-floor run: {d.detail}", message=text)) from None
         seconds = time.perf_counter() - started
         if len(perturbed) < count:
@@ -189,7 +198,7 @@ class Runs:
         for record in perturbed:
             close_record(record)
         if problem is not None:
-            text = messages.floor_run_failed(self._nodeid, problem)
+            text = messages.floor_run_failed(self._nodeid, problem, streams)
             raise Stop(Decision(Verdict.ERROR, f"a noise-floor run: {problem}", text))
         self._floors[key] = measured
         return measured
@@ -247,7 +256,7 @@ class Runs:
             folders = []
             for i in range(2):
                 result = self._session.runner.run(
-                    self.spec(seed, i, diagnose=True), self._settings.timeout, self._settings.base_seed
+                    self.spec(seed, i, diagnose=True), self._traced_timeout, self._settings.base_seed
                 )
                 if result.status != "ok":
                     return f"the traced run {i + 1} did not finish ({result.status}: {result.detail.splitlines()[-1:]})"
@@ -271,7 +280,7 @@ class Runs:
         folders = []
         for i in range(2):
             spec = replace(self.spec(seed, i, diagnose=True), ops_step=step)
-            result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+            result = self._session.runner.run(spec, self._traced_timeout, self._settings.base_seed)
             if result.status != "ok":
                 return f"; the op-level runs did not finish ({result.status})"
             folders.append(result.workdir)
@@ -308,8 +317,8 @@ class Runs:
             given(ckpt) if (ckpt / STATE_FILE).is_file() else None,
             lightning=(ckpt / LIGHTNING_CHECKPOINT).is_file(),
         )
-        if decided.verdict is not Verdict.DIFFERS or len(stopped.losses) != at:
-            return decided
+        if decided.verdict is not Verdict.DIFFERS or stopped.losses != full.losses[:at]:
+            return decided  # a difference before the checkpoint is not the resume's: nothing to probe
         finding = self._probe_resume(seed, at, ckpt)
         head, _, rest = decided.message.partition("\n")
         return replace(decided, message=f"{head}\n{finding}\n{rest}", details=[finding])
@@ -324,7 +333,7 @@ class Runs:
         )
         folders = []
         for spec in (full, again):
-            result = self._session.runner.run(spec, self._settings.timeout, self._settings.base_seed)
+            result = self._session.runner.run(spec, self._traced_timeout, self._settings.base_seed)
             if result.status != "ok":
                 return f"The resume boundary could not be probed: a traced run did not finish ({result.status})."
             folders.append(result.workdir)

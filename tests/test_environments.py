@@ -100,7 +100,7 @@ def test_references_per_environment_and_cross_environment_checks(
     result.stdout.fnmatch_lines(
         [
             "*compared with the one recorded in '*_OMP_NUM_THREADS-1'*, not bitwise, and it differs.",
-            "*Fix: record a reference for this environment with: "
+            "*Fix: if the change is intended, record a reference for this environment with: "
             "pytest --repro --repro-regen=missing test_env.py::test_train",
         ]
     )

@@ -71,13 +71,15 @@ def test_the_h200_references_pass_cross_env_under_the_measured_floor(
         [
             "*compared with the one recorded in 'cuda-sm90' under the cross-environment tolerance (noise-aware*"
             "not bitwise, and it differs.",
+            "The config differs from the reference's (see below): that change, not only the environment, may be why.",
             "*config train.lr: reference 0.002, this run 0.003*",
             "What differs:",
             "at step *: differs by * = * x the noise floor * (limit 6 x)",
             "* of * compared values are beyond 6 x their noise floor; the largest is *",
             "noise floor: rounding + random streams, 2 perturbed runs*",
-            "Fix: record a reference for this environment with: pytest --repro --repro-regen=missing "
-            "tests/test_reproducible.py::test_lora_is_reproducible",
+            "Fix: if the change is intended, record a reference for this environment with: pytest --repro "
+            "--repro-regen=missing tests/test_reproducible.py::test_lora_is_reproducible",
+            "otherwise undo it.",
         ]
     )
     result.stdout.fnmatch_lines(["DIFFERS*test_lora_is_reproducible (cpu-*): differs from the cuda-sm90 reference*"])
@@ -261,7 +263,9 @@ def test_calibrate_stores_the_floor_and_a_later_cross_env_check_uses_it(
             "*the noise floor stored beside its reference, reference_outputs/test_drop/test_dropout/cuda-sm90/"
             "noise_floor.json, cannot be used: it is not a noise floor (metrics?'eval_mse'?: expected a finite "
             "number >= 0, got -1*",
-            "Fix: measure and store it again with: pytest-repro calibrate test_drop.py::test_dropout --store*",
+            "Fix: delete reference_outputs/test_drop/test_dropout/cuda-sm90/noise_floor.json (then, on the machine "
+            "that recorded the reference, measure and store it again with: pytest-repro calibrate "
+            "test_drop.py::test_dropout --store).",
         ]
     )
 
@@ -310,10 +314,10 @@ def test_a_failing_noise_floor_run_says_so_and_how_to_do_without(
             "*test_picky: a run that measures the noise floor failed (the job ran with its module outputs moved by "
             "one ulp and other dropout masks; its own runs passed):",
             "*this job refuses dispatch modes*",
-            "Fix: make the job run under a TorchDispatchMode and a global forward hook (with the same structure and "
-            "finite results there), or compare without a noise floor: an explicit tolerance, "
-            "@pytest.mark.reproducible(tolerance=...) for this environment's reference, "
-            'cross_env="close" (or a map) for another environment\'s.',
+            "Fix: compare without a noise floor: an explicit tolerance, @pytest.mark.reproducible(tolerance=...) "
+            "for this environment's reference, cross_env=\"close\" (or a map) for another environment's; the job "
+            "must give the same structure and finite results under a global forward hook and a TorchDispatchMode "
+            "to be measured.",
         ]
     )
     check = json.loads((pytester.path / "r.json").read_text())["tests"][0]

@@ -65,7 +65,14 @@ def test_regen_writes_then_passes(userjobs: pytest.Pytester) -> None:
         ]
     )
     files = {f.name for f in ref_dir(userjobs).iterdir()}
-    assert files == {"record.json", "weights.safetensors", "outputs.safetensors", "manifest.yaml", "provenance.yaml"}
+    assert files == {
+        "record.json",
+        "weights.safetensors",
+        "outputs.safetensors",
+        "manifest.yaml",
+        "provenance.yaml",
+        "digests.json",  # where a later difference starts: module digests of the first steps
+    }
     assert not [f for f in (userjobs.path / "reference_outputs").rglob("*") if f.name.endswith(".pkl")]
     meta = json.loads((ref_dir(userjobs) / "record.json").read_text())["meta"]
     assert meta["torch_threads"] == 1, "jobs run with repro_threads (default 1) whatever the machine's cores"

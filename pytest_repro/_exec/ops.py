@@ -9,10 +9,22 @@ differs while its inputs matched is the nondeterministic one (``_judge.diagnose.
 from __future__ import annotations
 
 import sys
+import sysconfig
 from typing import Any
 
 MAX_OP_ENTRIES = 200_000  # per run: one step of a large model fits; beyond it the trace is cut, and says so
-_OURS = ("torch", "pytest_repro", "transformers", "peft", "accelerate", "lightning", "contextlib", "functools")
+# Library code between the job and the op (the job's own code may live in site-packages, or be a built-in job).
+_LIBRARIES = (
+    "/torch/",
+    "/pytest_repro/_",
+    "/transformers/",
+    "/peft/",
+    "/accelerate/",
+    "/lightning/",
+    "/pytorch_lightning/",
+    "/lightning_fabric/",
+)
+_STDLIB = sysconfig.get_paths()["stdlib"].replace("\\", "/")
 
 
 def _where() -> str:
@@ -20,7 +32,7 @@ def _where() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         path = frame.f_code.co_filename.replace("\\", "/")
-        if not any(f"/{part}/" in path for part in _OURS) and not path.startswith("<"):
+        if not any(part in path for part in _LIBRARIES) and not path.startswith(("<", _STDLIB)):
             return f"{path.rsplit('/', 1)[-1]}:{frame.f_lineno}"
         frame = frame.f_back  # type: ignore[assignment]
     return "?"
@@ -32,13 +44,21 @@ def op_mode(tracer: Any, step: int) -> Any:
 
     from .trace import _digest
 
+    recorded = [0]
+
     class Ops(TorchDispatchMode):  # type: ignore[misc,no-untyped-call]
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             inputs = _digest(args, kwargs) if tracer.current_step() == step else None
             out = func(*args, **kwargs)
-            if tracer.current_step() != step or len(tracer.entries) >= MAX_OP_ENTRIES:
+            if tracer.current_step() != step:
                 return out
+            if recorded[0] >= MAX_OP_ENTRIES:
+                if recorded[0] == MAX_OP_ENTRIES:  # the trace is cut here: first_op says so
+                    tracer.entries.append({"step": step, "kind": "op", "name": "(cut)", "sha256": "", "in": ""})
+                    recorded[0] += 1
+                return out
+            recorded[0] += 1
             entry = {
                 "step": step,
                 "kind": "op",

@@ -87,9 +87,13 @@ def _rounding_hook(seed: int, counts: _Counts) -> Any:
         counts.rounding += 1
         base = t.detach()
         up = torch.randint(0, 2, base.shape, generator=private(base.device), device=base.device).bool()
+        # never out of a range a correct job relies on: an exact 0 only moves up (a ReLU's zeros stay >= 0),
+        # an exact +-1 only toward 0 (a saturated probability or a cosine stays within [-1, 1])
+        up = (up | (base == 0) | (base == -1)) & (base != 1)
         toward = torch.where(up, torch.full_like(base, float("inf")), torch.full_like(base, float("-inf")))
         step = torch.nextafter(base, toward) - base  # one ulp; the gradient of t is unchanged
-        return t + torch.where(torch.isfinite(base) & torch.isfinite(step), step, torch.zeros_like(step))
+        keep = torch.isfinite(base) & torch.isfinite(step)  # an infinity would become NaN
+        return t + torch.where(keep, step, torch.zeros_like(step))
 
     def hook(module: Any, inputs: Any, output: Any) -> Any:
         if isinstance(output, torch.Tensor):

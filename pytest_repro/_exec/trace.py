@@ -28,6 +28,7 @@ TENSOR_BUDGET_BYTES = 64 * 2**20  # keep full tensors (for element-level figures
 MAX_INPUT_TENSORS = 64  # per forward call of the model
 MAX_INPUT_DEPTH = 4  # nesting of lists/tuples/dicts searched for input tensors
 MAX_MODULE_ENTRIES = 2_000_000  # module-call digests per run (a trace line each)
+MAX_DIGEST_ENTRIES = 4_000  # a reference's digests.json: under the 1 MiB a reference's small files may have
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
@@ -79,12 +80,14 @@ class StepTracer:
         self._thread = get_ident()
 
         def traced_call(module: Any, *args: Any, **kwargs: Any) -> Any:
-            if get_ident() != self._thread or compiling():
+            if compiling() or get_ident() != self._thread:  # dynamo traces the original call, never this
                 return module_call(module, *args, **kwargs)
             top = self._depth == 0 and next(module.parameters(), None) is not None
             if top:
                 self._on_model_inputs(module, args, kwargs)
-            recording = self.digest_steps is None or self._step() < self.digest_steps
+            recording = self.digest_steps is None or (
+                self._step() < self.digest_steps and len(self.entries) < MAX_DIGEST_ENTRIES
+            )
             if recording:  # what it computes from: its arguments and its own parameters and buffers
                 own = (*module.parameters(recurse=False), *module.buffers(recurse=False))
                 inputs = (_digest(args, kwargs), _digest((own,), {}))
@@ -230,7 +233,8 @@ class StepTracer:
                 names = self._names()
                 for g, group in enumerate(optimizer.param_groups):
                     for i, param in enumerate(group["params"]):
-                        self._record(step, names.get(id(param), f"param_groups[{g}][{i}]"), "value", param.detach())
+                        name = names.get(id(param), f"param_groups[{g}][{i}]")
+                        self._record(step, name, "value", param.detach(), optional=True)
             return
         if self.probe:
             for name, digest in training_state(optimizer).items():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._exec.ops import MAX_OP_ENTRIES as MAX_OPS
 from .._exec.trace import TENSORS_FILE, TRACE_FILE
 
 DATA_FIX = "seed the augmentation with ctx.seed / ctx.rng, pass a seeded generator and worker_init_fn to the DataLoader"
@@ -181,7 +182,8 @@ def _without_ops(run: Path) -> list[dict[str, Any]]:
     return [e for e in entries if e["kind"] != "op"]
 
 
-# Ops with a nondeterministic default implementation on CUDA that deterministic mode replaces or refuses.
+# Ops whose CUDA implementation is nondeterministic by default and that deterministic mode replaces with a
+# deterministic one (torch.use_deterministic_algorithms docs); others it refuses, naming them.
 DETERMINISTIC_ALTERNATIVE = (
     "scatter_add",
     "scatter_reduce",
@@ -189,22 +191,9 @@ DETERMINISTIC_ALTERNATIVE = (
     "index_put",
     "put_",
     "index_copy",
-    "embedding_dense_backward",
     "cumsum",
-    "bincount",
-    "histc",
-    "kthvalue",
-    "median",
-    "upsample",
-    "grid_sampler",
-    "ctc_loss",
-    "nll_loss2d",
-    "max_pool3d",
-    "avg_pool3d",
-    "adaptive_avg_pool",
-    "adaptive_max_pool",
-    "reflection_pad",
-    "replication_pad",
+    "embedding_dense_backward",
+    "_unsafe_index_put",
 )
 
 
@@ -220,6 +209,8 @@ class FirstOp:
     def describe(self) -> str:
         """One clause for the diagnosis."""
         inside = f" in module `{self.module}`" if self.module else ""
+        if self.name == "(cut)":
+            return f"the op trace was cut at {MAX_OPS} ops of step {self.step} before any op differed"
         hint = ""
         if any(part in self.name for part in DETERMINISTIC_ALTERNATIVE):
             hint = (
@@ -228,6 +219,11 @@ class FirstOp:
             )
         elif "generator" in self.name or any(r in self.name for r in ("rand", "bernoulli", "normal", "multinomial")):
             hint = "; it draws random numbers: seed its generator from ctx.seed"
+        else:
+            hint = (
+                "; with repro_deterministic = true torch uses a deterministic implementation of an op where it has "
+                "one and raises naming the op where it has none"
+            )
         return (
             f"the first op whose output differs while its inputs matched: {self.name}{inside} ({self.where}) at step "
             f"{self.step}{hint}"
@@ -241,6 +237,8 @@ def first_op(run_a: Path, run_b: Path) -> FirstOp | None:
         entries = json.loads((run / TRACE_FILE).read_text(encoding="utf-8"))
         ops.append([e for e in entries if e["kind"] == "op"])
     for a, b in zip(ops[0], ops[1], strict=False):
+        if a["name"] == "(cut)" or b["name"] == "(cut)":
+            return FirstOp("(cut)", "", "", a["step"])
         if a["name"] != b["name"]:
             return None  # the runs took different paths: no op-level answer
         if "empty" in a["name"]:  # allocations: their contents are whatever memory held, never compared

@@ -34,7 +34,7 @@ def _valid(entries: Any) -> bool:
 
 
 def where_it_starts(stored: Any, traced: Sequence[dict[str, Any]]) -> str:
-    """One line: the first module (or initial parameter) of this run that differs from the reference's digests."""
+    """One line: the first module of this run whose output differs from the reference's digests, and why."""
     if not _valid(stored):
         return "the reference's digests.json is not a list of module digests: where the difference starts is unknown"
     mine = compact(traced)
@@ -64,6 +64,12 @@ def where_it_starts(stored: Any, traced: Sequence[dict[str, Any]]) -> str:
             return (
                 f"module `{a['name']}` is the first whose output differs from the reference's (step {a['step']}), and "
                 f"its arguments already differ: the change is in what feeds it: {feeds}"
+            )
+        if a["step"] > 0:  # every step-0 module matched (it would have been found first): the update differs
+            return (
+                "every module's output matched the reference's at step 0: the first update differs (the gradients, "
+                f"the optimizer or the learning rate changed); the first module to differ is `{a['name']}` at step "
+                f"{a['step']}"
             )
         if a.get("own") != b.get("own"):
             state = "its own parameters or buffers differ from the reference's: they changed"

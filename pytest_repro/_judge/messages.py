@@ -431,19 +431,27 @@ def stored_floor_unusable(nodeid: str, where: str, problem: str) -> str:
     """A noise floor stored beside a reference that cannot be used: never silently ignored."""
     return (
         f"{nodeid}: the noise floor stored beside its reference, {where}, cannot be used: {problem}.\n"
-        f"Fix: measure and store it again with: pytest-repro calibrate {nodeid} --store "
-        f"(on the machine that recorded the reference), or delete {where}."
+        f"Fix: delete {where} (then, on the machine that recorded the reference, measure and store it again with: "
+        f"pytest-repro calibrate {nodeid} --store)."
     )
 
 
-def floor_run_failed(nodeid: str, failure: str) -> str:
+def floor_run_failed(nodeid: str, failure: str, streams: bool = True, timed_out: bool = False) -> str:
     """A run that measures the noise floor failed, while the check's own runs passed."""
+    how = "its module outputs moved by one ulp" + (" and other dropout masks" if streams else "")
+    if timed_out:
+        fix = (
+            "Fix: give the runs more time (@pytest.mark.reproducible(timeout=SECONDS), ini repro_timeout; a "
+            "noise-floor run gets 5 x it), or compare without a noise floor: an explicit tolerance."
+        )
+    else:
+        fix = (
+            "Fix: compare without a noise floor: an explicit tolerance, @pytest.mark.reproducible(tolerance=...) "
+            "for this environment's reference, cross_env=\"close\" (or a map) for another environment's; the job "
+            "must give the same structure and finite results under a global forward hook and a TorchDispatchMode "
+            "to be measured."
+        )
     return (
-        f"{nodeid}: a run that measures the noise floor failed (the job ran with its module outputs moved by one "
-        "ulp and other dropout masks; its own runs passed):\n"
-        f"{failure}\n"
-        "Fix: make the job run under a TorchDispatchMode and a global forward hook (with the same structure and "
-        "finite results there), or compare without a noise floor: an explicit tolerance, "
-        "@pytest.mark.reproducible(tolerance=...) for this environment's reference, "
-        'cross_env="close" (or a map) for another environment\'s.'
+        f"{nodeid}: a run that measures the noise floor failed (the job ran with {how}; its own runs passed):\n"
+        f"{failure}\n{fix}"
     )

@@ -290,10 +290,7 @@ def against_reference(found: Found, record: Record, facts: Facts) -> Decision:
         if regen in ("all", "missing"):
             return Decision(Verdict.WRITTEN, f"environment {found.env_key}", reference=target, write=True)
         return _cross_env(found, record, facts)
-    strategy = _with_stored_floor(facts.strategy, stored, found.env_key, nodeid, facts.shown)
-    if isinstance(strategy, Decision):
-        return strategy
-    m = strategy.against(stored.record, record, "reference", nodeid)
+    m = facts.strategy.against(stored.record, record, "reference", nodeid)
     if isinstance(m, Decision):
         if regen == "all":
             return Decision(Verdict.WRITTEN, f"reference updated ({m.detail})", reference=target, write=True)
@@ -351,9 +348,10 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
 
     other_key, stored = min(found.others, key=distance)
     strategy, described = facts.strategy.across_environments(facts.cross_env, record)
-    strategy = _with_stored_floor(strategy, stored, other_key, nodeid, facts.shown)
-    if isinstance(strategy, Decision):
-        return strategy
+    if facts.regen != "all":  # a full regeneration replaces what it finds: a broken stored floor must not block it
+        strategy = _with_stored_floor(strategy, stored, other_key, nodeid, facts.shown)
+        if isinstance(strategy, Decision):
+            return strategy
     m = strategy.against(stored.record, record, f"reference ({other_key})", nodeid)
     if isinstance(m, Decision):
         m.compared_with, m.reference = other_key, stored.path
