@@ -131,3 +131,53 @@ def test_crafted_digests_never_crash_and_never_locate() -> None:
     assert "its arguments already differ" in where_it_starts(same, moved)
     renamed = [{**traced[0], "name": "other"}]
     assert "the model's structure or control flow changed" in where_it_starts(same, renamed)
+
+
+UNSEEDED = """
+import os
+import pytest
+import torch
+
+
+class Jitter(torch.nn.Module):
+    def forward(self, x):
+        return x + (int.from_bytes(os.urandom(2), "little") + 1) * 1e-7  # unseeded noise, from step 0
+
+
+def train(ctx):
+    torch.manual_seed(ctx.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), Jitter(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(4):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "weights": dict(model.state_dict())}
+
+
+@pytest.mark.reproducible
+def test_jitter(repro):
+    repro.check(train)
+"""
+
+
+@pytest.mark.slow
+def test_unseeded_noise_in_a_custom_module_is_located_to_it_and_its_op(
+    heavy_modules: None, pytester: pytest.Pytester
+) -> None:
+    pytester.makeini("[pytest]\nrepro_timeout = 60\n")
+    pytester.makepyfile(test_jitter=UNSEEDED)
+    result = pytester.runpytest("--repro", "--repro-diagnose")
+    result.assert_outcomes(failed=1)
+    line = next(i for i, text in enumerate(UNSEEDED.splitlines()) if "os.urandom" in text)
+    result.stdout.fnmatch_lines(
+        [
+            "Diagnosis (two more runs, *): module `2` output at step 0 differs while its inputs matched: this module "
+            "computes nondeterministically or draws unseeded randomness (*); the first op whose output differs while "
+            f"its inputs matched: aten.add.Tensor in module `2` (test_jitter.py:{line}) at step 0*",
+        ]
+    )
