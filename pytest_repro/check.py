@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._judge import messages, policy, statistical
-from ._judge.noise import NoiseFloor, implausible, with_stored
+from ._judge.noise import NoiseFloor
 from ._judge.policy import Decision, Match
+from ._judge.stored_floor import implausible, with_stored
 from ._judge.tolerances import Noise, Statistical, ToleranceSpec
 from ._judge.verdict import CheckOutcome, Verdict, reconcile
 from .record import Record

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_repro._judge import noise
+from pytest_repro._judge import noise, stored_floor
 from pytest_repro._judge.noise import Floor, NoiseFloor, floor_of, judge
 from pytest_repro._judge.noise_verdict import match_noise
 from pytest_repro._judge.tolerances import Noise, ToleranceError, parse_tolerance
@@ -237,13 +237,13 @@ def test_perturbed_runs_that_break_are_named_not_measured() -> None:
 def test_a_stored_floor_must_fit_its_reference_and_be_plausible() -> None:
     base = record([2.0, 1.0], metric=0.5)
     here = NoiseFloor(("rounding",), 2, 0.1, floor_of(base, [shifted(base, [1e-3, 1e-3], metric_by=1e-3)]))
-    assert noise.stored_floor_problem(here, base) is None and noise.implausible(here, here) is None
+    assert stored_floor.stored_floor_problem(here, base) is None and stored_floor.implausible(here, here) is None
     longer = NoiseFloor(("rounding",), 2, 0.1, Floor((1.0, 1.0, 1.0), {"m": 1.0}, {"w": 1.0}, {}))
-    assert "3 loss steps, the reference has 2" in str(noise.stored_floor_problem(longer, base))
+    assert "3 loss steps, the reference has 2" in str(stored_floor.stored_floor_problem(longer, base))
     other_keys = NoiseFloor(("rounding",), 2, 0.1, Floor((1.0, 1.0), {"x": 1.0}, {"w": 1.0}, {}))
-    assert "metrics are not the reference's" in str(noise.stored_floor_problem(other_keys, base))
+    assert "metrics are not the reference's" in str(stored_floor.stored_floor_problem(other_keys, base))
     huge = NoiseFloor(("rounding",), 2, 0.1, Floor((1e300, 1e300), {"m": 1e300}, {"w": 1e300}, {}))
-    assert "x the" in str(noise.implausible(huge, here))
+    assert "x the" in str(stored_floor.implausible(huge, here))
     with pytest.raises(ValueError, match="at least 2 perturbed runs"):
         NoiseFloor.from_dict({**here.to_dict(), "runs": 1}, "crafted")
 

@@ -204,7 +204,7 @@ def spread(records: Sequence[Record]) -> Floor | None:
     return floor_of(records[0], differing, _scalar_dtype(records[0])) if differing else None
 
 
-def _larger(a: Floor, b: Floor) -> Floor:
+def larger(a: Floor, b: Floor) -> Floor:
     """Value by value, the larger of two floors of the same record."""
 
     def most(x: Mapping[str, float], y: Mapping[str, float]) -> dict[str, float]:
@@ -222,21 +222,13 @@ def measure(
     floor = floor_of(base, perturbed, scalar)
     names = list(parts)
     if own is not None:
-        floor = _larger(floor, own)
+        floor = larger(floor, own)
         names.append("run-to-run")
     ranks = {
         rank: floor_of(part, [o.ranks[rank] for o in perturbed if rank in o.ranks], scalar)
         for rank, part in sorted(base.ranks.items())
     }
     return NoiseFloor(tuple(names), len(perturbed), seconds, floor, ranks)
-
-
-def with_stored(measured: NoiseFloor, stored: NoiseFloor) -> NoiseFloor:
-    """Value by value the larger of this environment's floor and the one stored beside the reference."""
-    parts = tuple(dict.fromkeys([*measured.parts, *stored.parts]))
-    ranks = {r: _larger(f, stored.ranks[r]) if r in stored.ranks else f for r, f in measured.ranks.items()}
-    source = f"{measured.source}, and the one {stored.source} ({stored.runs} runs): the larger of the two per value"
-    return NoiseFloor(parts, measured.runs, measured.seconds, _larger(measured.floor, stored.floor), ranks, source)
 
 
 def differs(a: Record, b: Record) -> bool:
@@ -372,35 +364,4 @@ def floor_run_problem(base: Record, perturbed: Sequence[Record], floor: Floor) -
         for k, v in getattr(floor, section).items():
             if math.isnan(v):
                 return f"a noise-floor run's {section}[{k!r}] is not finite where run 1's is (or cannot be compared)"
-    return None
-
-
-# A stored floor this many times the one measured here (the same parts) was not measured on this job: natural
-# spreads of default GPU modes measured ~10-100 x a rounding floor; a crafted one hides every change.
-IMPLAUSIBLE = 1000.0
-
-
-def stored_floor_problem(stored: NoiseFloor, record: Record) -> str | None:
-    """Why a stored floor does not describe ``record`` (the reference it is stored beside): its shape, per value."""
-    f = stored.floor
-    if len(f.losses) != len(record.losses):
-        return f"it has a floor for {len(f.losses)} loss steps, the reference has {len(record.losses)}"
-    for section in ("metrics", "weights", "outputs"):
-        mine, theirs = set(getattr(f, section)), set(getattr(record, section))
-        if mine != theirs:
-            extra, missing = sorted(mine - theirs), sorted(theirs - mine)
-            return f"its {section} are not the reference's (extra: {extra[:3]}, missing: {missing[:3]})"
-    return None
-
-
-def implausible(stored: NoiseFloor, measured: NoiseFloor) -> str | None:
-    """A stored value over IMPLAUSIBLE x the floor measured here for the same value (a crafted or foreign floor)."""
-    a, b = stored.floor, measured.floor
-    pairs = [(f"the step-{t} loss", x, y) for t, (x, y) in enumerate(zip(a.losses, b.losses, strict=False))]
-    for section in ("metrics", "weights", "outputs"):
-        mine, here = getattr(a, section), getattr(b, section)
-        pairs += [(f"{section}[{k!r}]", v, here[k]) for k, v in mine.items() if k in here]
-    for name, x, y in pairs:
-        if y > 0 and x > IMPLAUSIBLE * y:
-            return f"its floor of {name} is {x:.3g}, {x / y:.3g} x the {y:.3g} measured here"
     return None

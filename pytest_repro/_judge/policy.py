@@ -349,9 +349,10 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     other_key, stored = min(found.others, key=distance)
     strategy, described = facts.strategy.across_environments(facts.cross_env, record)
     if facts.regen != "all":  # a full regeneration replaces what it finds: a broken stored floor must not block it
-        strategy = _with_stored_floor(strategy, stored, other_key, nodeid, facts.shown)
-        if isinstance(strategy, Decision):
-            return strategy
+        unusable = _with_stored_floor(strategy, stored, other_key, facts)
+        if isinstance(unusable, Decision):
+            return unusable
+        strategy = unusable
     m = strategy.against(stored.record, record, f"reference ({other_key})", nodeid)
     if isinstance(m, Decision):
         m.compared_with, m.reference = other_key, stored.path
@@ -388,29 +389,23 @@ def _cross_env(found: Found, record: Record, facts: Facts) -> Decision:
     )
 
 
-def _with_stored_floor(strategy: Any, stored: Any, env_key: str, nodeid: str, shown: Callable[[Path], str]) -> Any:
-    """The strategy, given the noise floor stored beside the reference (if any); a Decision when it is unusable."""
-    from .noise import NoiseFloor, stored_floor_problem
-
-    problem: str | None = getattr(stored, "floor_problem", None)
-    data: Any = getattr(stored, "floor", None)
-    if not strategy.judges_by_floor or (problem is None and data is None):
+def _with_stored_floor(strategy: Any, stored: Any, env_key: str, facts: Facts) -> Any:
+    """The strategy, judging with the floor stored beside the reference too; a Decision when that one is unusable."""
+    if not strategy.judges_by_floor:
         return strategy
-    if problem is None:
-        try:
-            floor = NoiseFloor.from_dict(data, f"stored beside the {env_key} reference")
-            problem = stored_floor_problem(floor, stored.record)
-            if problem is None:
-                return strategy.with_stored_floor(floor)
-        except (ValueError, TypeError) as exc:
-            problem = f"it is not a noise floor ({exc})"
     from ..record import NOISE_FILE
+    from .stored_floor import read_stored_floor
 
-    where = shown(stored.path / NOISE_FILE)
+    floor, problem = read_stored_floor(stored, env_key)
+    if floor is not None:
+        return strategy.with_stored_floor(floor)
+    if problem is None:
+        return strategy
+    where = facts.shown(stored.path / NOISE_FILE)
     return Decision(
         Verdict.ERROR,
         f"the stored noise floor {where} is unusable",
-        messages.stored_floor_unusable(nodeid, where, problem),
+        messages.stored_floor_unusable(facts.nodeid, where, problem),
         reference=stored.path,
     )
 
