@@ -30,8 +30,9 @@ def calibrate(
     It is stored only beside a reference that this check matched or wrote (a floor of a job that no longer
     matches its reference would describe something else).
     """
+    measured = floor.to_dict()
     result: dict[str, Any] = {
-        "floor": floor.to_dict(),
+        "floor": measured,
         "k": DEFAULT_K,
         "resolution": resolution(floor.floor, DEFAULT_K),
         "suggested": suggested(floor),
@@ -41,11 +42,11 @@ def calibrate(
     if not store:
         return result
     try:
-        NoiseFloor.from_dict(floor.to_dict(), "check")  # what a later check would refuse is never stored
+        NoiseFloor.from_dict(measured, "check")  # what a later check would refuse is never stored
     except ValueError as exc:
         result["not_stored"] = f"the floor is not storable ({exc})"
         return result
-    data = dump_json({**floor.to_dict(), "source": "measured on the machine that recorded this reference"})
+    data = dump_json({**measured, "source": "measured on the machine that recorded this reference"})
     try:
         if decision.write and staged is not None:  # a reference written now: the floor goes with it, if it lands
             write_text_atomic(Path(staged) / NOISE_FILE, data)

@@ -192,9 +192,17 @@ class Repro:
         notes.warnings += [f"config audit: {a}" for a in audit]
         digests = runs.digests() if s.regen else None
         facts = policy.Facts(
-            nodeid, s.regen, strategy, s.cross_env, cfg, effective, manifest, audit, self._session.relative
+            nodeid,
+            s.regen,
+            strategy,
+            s.cross_env,
+            cfg,
+            effective,
+            manifest,
+            audit,
+            self._session.relative,
+            digests=digests is not None,
         )
-        facts.digests = digests is not None
         from .manifest import environment_key
 
         env_key = environment_key(manifest, self.device, s.env_key_fields)

@@ -120,8 +120,8 @@ class Runs:
         from ._exec.trace import DIGESTS_FILE
         from ._judge.locate import where_it_starts
 
-        spec = replace(self.spec(seed, 0), digest_steps=DIGEST_STEPS, manifest=False)
-        spec = replace(spec, workdir=str(self._session.next_workdir("locate")))
+        workdir = str(self._session.next_workdir("locate"))
+        spec = replace(self.spec(seed, 0), digest_steps=DIGEST_STEPS, manifest=False, workdir=workdir)
         result = self._session.runner.run(spec, self._traced_timeout, self._settings.base_seed)
         try:
             traced = json.loads((result.workdir / DIGESTS_FILE).read_text(encoding="utf-8"))
@@ -253,14 +253,9 @@ class Runs:
         def diagnose() -> str:
             from ._judge.diagnose import first_divergence
 
-            folders = []
-            for i in range(2):
-                result = self._session.runner.run(
-                    self.spec(seed, i, diagnose=True), self._traced_timeout, self._settings.base_seed
-                )
-                if result.status != "ok":
-                    return f"the traced run {i + 1} did not finish ({result.status}: {result.detail.splitlines()[-1:]})"
-                folders.append(result.workdir)
+            folders = self._traced([self.spec(seed, i, diagnose=True) for i in range(2)])
+            if isinstance(folders, str):
+                return folders
             found = first_divergence(folders[0], folders[1])
             if found is None:
                 return (
@@ -277,13 +272,9 @@ class Runs:
         """Two more traced runs that hash every aten op of ``step``: '; the first op whose output differs ...'."""
         from ._judge.diagnose import first_op
 
-        folders = []
-        for i in range(2):
-            spec = replace(self.spec(seed, i, diagnose=True), ops_step=step)
-            result = self._session.runner.run(spec, self._traced_timeout, self._settings.base_seed)
-            if result.status != "ok":
-                return f"; the op-level runs did not finish ({result.status})"
-            folders.append(result.workdir)
+        folders = self._traced([replace(self.spec(seed, i, diagnose=True), ops_step=step) for i in range(2)])
+        if isinstance(folders, str):
+            return f"; the op-level runs did not finish: {folders}"
         found = first_op(folders[0], folders[1])
         return "" if found is None else f"; {found.describe()}"
 
@@ -331,13 +322,20 @@ class Runs:
         again = replace(
             self.spec(seed, 1, diagnose=True), probe_resume_at=at, resume_from=str(ckpt), run_index=1, manifest=False
         )
+        folders = self._traced([full, again])
+        if isinstance(folders, str):
+            return f"The resume boundary could not be probed: {folders}."
+        return boundary(folders[0], folders[1], at)
+
+    def _traced(self, specs: list[RunSpec]) -> list[Path] | str:
+        """Run traced specs one after the other; their folders, or which one did not finish and why."""
         folders = []
-        for spec in (full, again):
+        for i, spec in enumerate(specs, start=1):
             result = self._session.runner.run(spec, self._traced_timeout, self._settings.base_seed)
             if result.status != "ok":
-                return f"The resume boundary could not be probed: a traced run did not finish ({result.status})."
+                return f"the traced run {i} did not finish ({result.status}: {result.detail.splitlines()[-1:]})"
             folders.append(result.workdir)
-        return boundary(folders[0], folders[1], at)
+        return folders
 
 
 def _read_manifest(workdir: Path) -> dict[str, Any]:

@@ -253,7 +253,7 @@ class StepTracer:
     ) -> None:
         try:
             data = tensor.to("cpu").contiguous()
-            digest = hashlib.sha256(data.reshape(-1).view(_bytes_dtype()).numpy().data).hexdigest()
+            digest = hashlib.sha256(_raw(data)).hexdigest()
         except Exception:  # an exotic input (sparse, nested, meta...) is left out rather than breaking the job
             if not optional:
                 raise
@@ -307,7 +307,7 @@ def training_state(optimizer: Any) -> dict[str, str]:
         digest = hashlib.sha256()
         for part in parts:
             if isinstance(part, torch.Tensor):
-                digest.update(part.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                digest.update(_raw(part.detach().to("cpu").contiguous()))
             else:
                 digest.update(repr(part).encode())
         return digest.hexdigest()
@@ -347,13 +347,14 @@ def _digest(args: Any, kwargs: Mapping[str, Any]) -> str | None:
         for label, tensor in found:
             data = tensor.detach().to("cpu").contiguous()
             digest.update(f"{label}:{data.dtype}:{tuple(data.shape)}".encode())
-            digest.update(data.reshape(-1).view(_bytes_dtype()).numpy().data)
+            digest.update(_raw(data))
     except Exception:  # an exotic tensor (sparse, nested, meta...) is left out rather than breaking the job
         return None
     return digest.hexdigest()
 
 
-def _bytes_dtype() -> Any:
+def _raw(data: Any) -> Any:
+    """A contiguous CPU tensor's bytes, as a buffer hashlib reads (no copy)."""
     import torch
 
-    return torch.uint8
+    return data.reshape(-1).view(torch.uint8).numpy().data
