@@ -1,4 +1,4 @@
-"""The ``pytest-repro`` command: manifests and drift, reports, migrate, bundles (export/verify/accept), bisect, demo.
+"""The ``pytest-repro`` command: manifests, drift, reports, migrate, bundles, bisect, demo, worker daemons.
 
 This module only dispatches. Each command is one row of ``COMMANDS`` (its name and its line in ``pytest-repro
 --help``, in that order) and one module ``_cli/<name>.py`` with two functions: ``add_arguments(parser)`` adds its
@@ -35,6 +35,7 @@ COMMANDS = (
     ("history", "a check's verdicts, environments and final losses across logged runs"),
     ("calibrate", "measure a test's noise floor per value (perturbed runs); --store keeps it beside the reference"),
     ("bisect", "the first commit whose results differ from --good's reference (exit 0 found, 1 not narrowed to one)"),
+    ("worker", "status or stop the warm worker daemon that later sessions fork their runs from"),
 )
 
 

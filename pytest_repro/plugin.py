@@ -305,6 +305,7 @@ class ReproPlugin:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         config, ours = session.config, self.session
         ours.save_preloads(getattr(config, "cache", None))  # for the next session's warm-up
+        ours.worker_lines()
         workeroutput = getattr(config, "workeroutput", None)
         if workeroutput is not None:  # xdist worker: hand what it saw to the controller
             workeroutput["repro_owned"] = sorted(set(ours.owned_nodeids))

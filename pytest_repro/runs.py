@@ -213,9 +213,14 @@ class Runs:
         s = self._settings
         self._session.preload_job(self._ref, self._test_dir)
         parallel = parallel_runs(s.parallel_runs, len(specs), self._device, s.threads)
+        if s.parallel_runs == 0 and self._device != "cpu":
+            parallel = self._session.gpu_parallel(specs)
         if any(getattr(spec, "nproc", 1) > 1 for spec in specs):
             parallel = 1  # each run already uses several processes
-        return self._session.runner.run_many(specs, timeout or s.timeout, s.base_seed, parallel)
+        outcomes = self._session.runner.run_many(specs, timeout or s.timeout, s.base_seed, parallel)
+        if self._device != "cpu":
+            self._session.note_peaks(specs, [o.workdir for o in outcomes if o.status == "ok"])
+        return outcomes
 
     def run_one(self, spec: RunSpec, run: int, notes: Notes) -> Record:
         """Run one extra run (outside the check's N runs) and return its record."""

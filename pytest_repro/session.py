@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._exec.preload import Preloads, load_cached, save_cached
+from ._exec.daemon import DIR_NAME
+from ._exec.gpu_share import load_peaks, save_peaks
+from ._exec.preload import Preloads, distributions_cached, load_cached, save_cached
 from ._exec.runner import Runner
-from .context import JobRef
+from .context import JobRef, RunSpec
 from .scratch import make_scratch, release_scratch
 from .settings import Settings
 
@@ -48,14 +52,31 @@ def thread_env(threads: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
 
+def daemon_wanted(setting: str, environ: Mapping[str, str]) -> bool:
+    """Whether runs come from the worker daemon: ``daemon``; ``auto`` unless CI or PYTEST_REPRO_WORKER=session."""
+    if setting != "auto":
+        return setting == "daemon"
+    chosen = environ.get("PYTEST_REPRO_WORKER", "").strip().lower()
+    if chosen in ("daemon", "session"):
+        return chosen == "daemon"
+    return environ.get("CI", "").strip().lower() in ("", "0", "false", "no")
+
+
 class DeviceUnavailableError(RuntimeError):
     """CUDA was asked for explicitly but this machine cannot provide it."""
 
 
+def no_gpu_driver(dev: Path = Path("/dev")) -> bool:
+    """Linux: no NVIDIA or ROCm device node, so torch cannot see a GPU (known without importing torch)."""
+    if not sys.platform.startswith("linux") or not dev.is_dir():
+        return False
+    return not any(dev.glob("nvidia*")) and not (dev / "kfd").exists() and not (dev / "dxg").exists()
+
+
 def resolve_device(requested: str) -> str:
     """Turn 'auto' into cuda or cpu; raise DeviceUnavailableError when an explicit CUDA device is missing."""
-    if requested == "cpu":
-        return "cpu"
+    if requested == "cpu" or (requested == "auto" and no_gpu_driver()):
+        return "cpu"  # importing torch only to learn that costs the session ~1.5 s
     import torch
 
     available = torch.cuda.is_available()
@@ -71,6 +92,22 @@ def resolve_device(requested: str) -> str:
             "without a GPU: fix the runner's driver/container setup, or run with --repro-device=cpu."
         )
     return requested
+
+
+def import_in_background(name: str) -> None:
+    """Start importing an installed module in a daemon thread (a failure there is left to the real import)."""
+    import importlib
+    import importlib.util
+    import threading
+
+    if name in sys.modules or importlib.util.find_spec(name) is None:
+        return
+
+    def run() -> None:
+        with contextlib.suppress(BaseException):
+            importlib.import_module(name)
+
+    threading.Thread(target=run, name=f"pytest-repro import {name}", daemon=True).start()
 
 
 class ReproSession:
@@ -90,6 +127,8 @@ class ReproSession:
             learn=self.preloads.learned,
         )
         self._cached_preloads: list[str] = []
+        self.gpu_peaks: dict[str, int] = {}  # job key -> peak device memory of a run (see _exec/gpu_share)
+        self._new_peaks: dict[str, int] = {}
         self.outcomes: list[dict[str, Any]] = []  # JSON form, gathered from test reports (all xdist workers)
         # For the unused-reference check: reproducible tests collected/deselected (merged from xdist workers),
         # and what the run could not see (collection errors, module-level skips, ignored paths).
@@ -105,11 +144,30 @@ class ReproSession:
         self._counter = 0
 
     def warm_up(self, cache: Any = None) -> None:
-        """Start the default worker now, with what pytest's cache says jobs import, to overlap with collection."""
+        """Start the default worker now, with what pytest's cache says jobs import, to overlap with collection.
+
+        The worker is the daemon (under pytest's cache) when wanted and a cache is there, else this session's own.
+        """
         if cache is not None:
+            distributions_cached(cache)
+            self.gpu_peaks = load_peaks(cache)
             self._cached_preloads = load_cached(cache)
             self.runner.want(self._cached_preloads)
+            if daemon_wanted(self.settings.worker, os.environ):
+                try:
+                    self.runner.use_daemon(Path(cache.mkdir(DIR_NAME)), self.settings.worker_idle)
+                except OSError as exc:  # e.g. a read-only checkout
+                    self.notes.append(f"no worker daemon: pytest's cache folder is not writable ({exc})")
         self.runner.warm_up(self.settings.deterministic, self.settings.base_seed)
+        if self.runner.found_warm():
+            # The runs need no imports now, but comparing their tensors here needs torch (~1.5 s): import it
+            # while pytest collects and the first runs go, on cores the warm daemon leaves free.
+            import_in_background("torch")
+
+    def worker_lines(self) -> None:
+        """Add the runner's lines about the worker daemon to the session's notes."""
+        self.notes += [line for line in self.runner.lines if line not in self.notes]
+        self.runner.lines.clear()
 
     def preload_tests(self, files: Sequence[Path]) -> None:
         """Send the warm worker what the collected reproducible tests' modules (and their jobs) import."""
@@ -120,8 +178,29 @@ class ReproSession:
         """Before a check's first run: have the worker import what the job's module imports."""
         self.runner.want(self.preloads.for_job(ref, test_dir))
 
+    def gpu_parallel(self, specs: Sequence[RunSpec]) -> int:
+        """repro_parallel_runs=auto on a GPU: as many runs side by side as its free memory holds at their peak."""
+        from ._exec.gpu_share import fit, free_bytes, job_key
+
+        peak = self.gpu_peaks.get(job_key(specs[0]))
+        if peak is None or len(specs) < 2:
+            return 1  # the first runs of a job, one at a time: their peak decides for the next ones
+        visible = self.runner.extra_env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+        return fit(len(specs), free_bytes(visible), peak)
+
+    def note_peaks(self, specs: Sequence[RunSpec], workdirs: Sequence[Path]) -> None:
+        """Remember the largest GPU peak the runs reported, per job and config."""
+        from ._exec.gpu_share import job_key, read_peak
+
+        peaks = [p for p in (read_peak(w) for w in workdirs) if p is not None]
+        if specs and peaks:
+            key = job_key(specs[0])
+            self.gpu_peaks[key] = self._new_peaks[key] = max(peaks)
+
     def save_preloads(self, cache: Any) -> None:
-        """Add what this session found worth preloading to pytest's cache, for the next session's warm-up."""
+        """Add what this session found worth preloading (and GPU peaks) to pytest's cache, for the next session."""
+        if cache is not None and self._new_peaks:
+            save_peaks(cache, self._new_peaks)
         if cache is None or self.runner.isolation != "fork":
             return
         found = self.preloads.keep(self.runner.preloaded())

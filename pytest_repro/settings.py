@@ -196,6 +196,23 @@ class Settings:
         flag_help="fork: warm worker forks a child per run; spawn: fresh interpreter per run",
         flag_kwargs={"choices": ("auto", "fork", "spawn")},
     )
+    worker: str = option(
+        "auto",
+        "where runs are forked from: daemon (a warm worker that outlives the session, so later sessions skip "
+        "the imports), session (a worker of this session's own) or auto (daemon, except when the CI or "
+        "PYTEST_REPRO_WORKER=session environment variable is set)",
+        read.choice("auto", "daemon", "session"),
+        ini="repro_worker",
+        flag="--repro-worker",
+        flag_help="daemon, session or auto (ini repro_worker): fork runs from a warm worker that outlives the session",
+        flag_kwargs={"choices": ("auto", "daemon", "session")},
+    )
+    worker_idle: float = option(
+        "1800",
+        "seconds the worker daemon waits without sessions before it exits",
+        read.seconds,
+        ini="repro_worker_idle",
+    )
     bundle_dir: str | None = option(
         None,
         "write a self-describing bundle (.tar.gz) of every failing check, and of every reference --repro-regen "

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import tempfile
 import textwrap
 from collections.abc import Iterator
 
 import pytest
+
+# The plugin's own tests run hundreds of pytest sessions in throwaway projects: none of them may leave a
+# worker daemon behind (each would hold the imports for half an hour). Daemon tests ask for one explicitly.
+os.environ.setdefault("PYTEST_REPRO_WORKER", "session")
 
 # A small torch-only job whose behaviour is steered by its config: enough to exercise every path
 # of the harness without the cost of transformers/peft.

@@ -21,6 +21,7 @@ ERROR_FILE = "error.json"
 RUN_MANIFEST_FILE = "manifest.json"  # this run's environment manifest (a reference keeps storage.MANIFEST_FILE)
 LOG_FILE = "output.log"
 IMPORTS_FILE = "imports.json"  # modules the run imported beyond those its process started with
+PEAK_FILE = "device.json"  # a GPU run's peak device memory, for running later runs of the job side by side
 
 
 def _new_imports(before: set[str]) -> list[str]:
@@ -177,6 +178,10 @@ def execute(spec: RunSpec, rank: int | None = None) -> int:
         record = normalize_result(result, meta)
         record.meta["dtype"] = _main_dtype(record.weights, spec.config)
         save_record(record, workdir / RECORD_DIR)
+        if torch is not None and torch.cuda.is_initialized():
+            with contextlib.suppress(Exception):
+                peak = {"peak_bytes": int(torch.cuda.max_memory_reserved()), "device": str(torch.cuda.current_device())}
+                (workdir / PEAK_FILE).write_text(json.dumps(peak), encoding="utf-8")
         if spec.manifest:
             manifest = collect_manifest(spec.cwd, spec.manifest_packages, spec.identity)
             if rank is not None:

@@ -1,7 +1,8 @@
 """The pytest process's side of job processes: handles on warm fork workers (kept per process), spawned runs.
 
-A ``Worker`` starts ``python -m pytest_repro._exec.worker`` and talks to it in the ``protocol``: submit
-runs and imports, wait for replies. A spawned run is a fresh ``python -m pytest_repro._exec.child``.
+A ``Worker`` starts ``python -m pytest_repro._exec.worker`` on pipes (this session's own worker), or connects
+to the worker daemon (``daemon``), and talks to it in the ``protocol``: submit runs and imports, wait for
+replies. A spawned run is a fresh ``python -m pytest_repro._exec.child``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from ..context import RunSpec
 from .child import LOG_FILE
+from .daemon import CONNECT_TIMEOUT, IDLE_DEFAULT, DaemonUnavailable, Opened, is_daemon, open_daemon
 from .procs import kill_group, reap_group
 from .protocol import ImportRequest, RunReply, RunRequest, decode, encode
 
@@ -32,25 +34,45 @@ _INLINE_LIMIT = 16384  # bytes: longer import lists go through a file
 
 
 class Worker:
-    """The parent's handle on one warm fork worker."""
+    """The parent's handle on one warm fork worker: this session's own, or a connection to the daemon."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, preload: tuple[str, ...]) -> None:
-        self.log_path = log_path
-        log = open(log_path, "ab")  # noqa: SIM115 - owned by the worker process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest_repro._exec.worker", *preload],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            env=env,
-            start_new_session=True,
-        )
-        log.close()
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        preload: tuple[str, ...],
+        daemon_folder: Path | None = None,
+        idle: float = IDLE_DEFAULT,
+    ) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon: Opened | None = None
+        if daemon_folder is not None:
+            self.daemon = open_daemon(daemon_folder, env, preload, idle)  # DaemonUnavailable: the caller decides
+            self.pid = self.daemon.pid
+            self.log_path = self.daemon.place.log
+            self._rfd = self.daemon.sock.fileno()
+        else:
+            self.log_path = log_path
+            log = open(log_path, "ab")  # noqa: SIM115 - owned by the worker process
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pytest_repro._exec.worker", *preload],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+            log.close()
+            assert self.proc.stdout is not None
+            self.pid = self.proc.pid
+            self._rfd = self.proc.stdout.fileno()
+        self._closed = False
         self._buffer = b""
         self._ids = itertools.count(1)
         self._lists = 0
         self._replies: dict[int, RunReply] = {}
         self.ready = False
+        self.served_before = 0  # runs the daemon had forked before this session connected
         self.requested: set[str] = set(preload)  # every entry it was asked to import
         self.failed: dict[str, str] = {}  # entry -> why importing it failed
         self.missing: set[str] = set()  # entries not installed
@@ -58,8 +80,7 @@ class Worker:
         self.culprit = ""  # the entry whose import made it unsafe
 
     def _read_line(self, deadline: float) -> dict[str, Any] | None:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
+        fd = self._rfd
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -67,24 +88,43 @@ class Worker:
             readable, _, _ = select.select([fd], [], [], remaining)
             if not readable:
                 return None
-            chunk = os.read(fd, 65536)
+            try:
+                chunk = os.read(fd, 65536)
+            except ConnectionError:
+                chunk = b""
             if not chunk:
-                raise EOFError("worker exited")
+                raise EOFError("the worker daemon went away" if self.daemon else "worker exited")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         return decode(line)
 
+    def wait_ready(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Wait for the worker's greeting (a daemon that is already running answers at once unless busy)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            msg = self._read_line(deadline)
+            if msg is None:
+                raise TimeoutError(f"the worker (pid {self.pid}) did not answer within {timeout:g} s")
+            self._dispatch(msg)
+
     def _send(self, msg: RunRequest | ImportRequest) -> None:
-        assert self.proc.stdin is not None
+        data = encode(msg).encode()
         try:
-            self.proc.stdin.write(encode(msg).encode())
-            self.proc.stdin.flush()
-        except BrokenPipeError as exc:
-            raise EOFError("worker exited") from exc
+            if self.daemon is not None:
+                self.daemon.sock.sendall(data)
+            else:
+                assert self.proc is not None and self.proc.stdin is not None
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+        except (BrokenPipeError, ConnectionError) as exc:
+            raise EOFError("the worker daemon went away" if self.daemon else "worker exited") from exc
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         if msg.get("ready") or msg.get("op") == "import":  # a ReadyMessage or an ImportReply
-            self.ready = self.ready or bool(msg.get("ready"))
+            if msg.get("ready"):
+                self.ready = True
+                self.requested.update(msg.get("requested") or ())
+                self.served_before = int(msg.get("served") or 0)
             self.failed.update(msg.get("errors") or {})
             self.missing.update(msg.get("missing") or ())
             if msg.get("tainted") and not self.tainted:
@@ -93,12 +133,18 @@ class Worker:
             self._replies[int(msg.get("id", 0))] = msg  # type: ignore[assignment]  # a RunReply
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return not self._closed and is_daemon(self.pid)
 
     def submit(self, spec: RunSpec, timeout: float, env: dict[str, str]) -> int:
         """Ask for one run; return its request id (the reply comes through wait)."""
         rid = next(self._ids)
-        self._send({"op": "run", "id": rid, "spec": json.loads(spec.to_json()), "timeout": timeout, "env": env})
+        spec_dict = json.loads(spec.to_json())
+        request: RunRequest = {"op": "run", "id": rid, "spec": spec_dict, "timeout": timeout, "env": env}
+        if self.daemon is not None:
+            request["cwd"] = os.getcwd()
+        self._send(request)
         return rid
 
     def submit_import(self, entries: Sequence[str]) -> None:
@@ -107,7 +153,7 @@ class Worker:
         msg: ImportRequest = {"op": "import", "modules": list(entries)}
         if len(json.dumps(msg)) > _INLINE_LIMIT:  # a long list could fill the pipe while the worker is busy
             self._lists += 1
-            path = self.log_path.with_name(f"{self.log_path.stem}-import-{self._lists}.json")
+            path = _log_dir() / f"import-{self.pid}-{id(self)}-{self._lists}.json"
             path.write_text(json.dumps(list(entries)), encoding="utf-8")
             msg = {"op": "import", "file": str(path)}
         self._send(msg)
@@ -124,8 +170,14 @@ class Worker:
             self._dispatch(msg)
 
     def close(self) -> None:
+        self._closed = True
+        if self.daemon is not None:  # it stays for later sessions; runs this session left behind are killed
+            with contextlib.suppress(OSError):
+                self.daemon.sock.close()
+            return
         # The worker holds nothing worth flushing (its children are already reaped), and a graceful
         # interpreter shutdown with torch loaded takes seconds: kill it.
+        assert self.proc is not None
         if self.alive():
             kill_group(self.proc.pid)
         self.proc.wait()
@@ -181,12 +233,34 @@ def shutdown_workers() -> None:
         _LOG_DIR = None
 
 
-def warm_worker(key: tuple[Any, ...], env: dict[str, str], preload: tuple[str, ...]) -> Worker:
-    """The live worker of this process for ``key`` (its start-up environment and preload), started if need be."""
+def warm_worker(
+    key: tuple[Any, ...],
+    env: dict[str, str],
+    preload: tuple[str, ...],
+    daemon_folder: Path | None = None,
+    idle: float = IDLE_DEFAULT,
+) -> Worker:
+    """The live worker of this process for ``key`` (its start-up environment and preload), started if need be.
+
+    With ``daemon_folder``: a connection to the daemon there (started if need be); DaemonUnavailable when it
+    cannot be had, or a running one does not greet within CONNECT_TIMEOUT.
+    """
+    key = (*key, str(daemon_folder or ""))
     worker = _WORKERS.get(key)
-    if worker is None or not worker.alive():
+    if worker is not None and not worker.alive():
+        forget(worker)
+        worker = None
+    if worker is None:
         log = _log_dir() / f"worker-{len(_WORKERS)}-{os.getpid()}.log"
-        worker = _WORKERS[key] = Worker(env, log, preload)
+        worker = Worker(env, log, preload, daemon_folder, idle)
+        if worker.daemon is not None and not worker.daemon.started:
+            try:
+                worker.wait_ready()
+            except (EOFError, TimeoutError, OSError) as exc:
+                worker.close()
+                why = f"the worker daemon pid {worker.pid} did not greet this session ({exc})"
+                raise DaemonUnavailable(why) from None
+        _WORKERS[key] = worker
     return worker
 
 

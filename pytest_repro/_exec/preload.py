@@ -14,6 +14,7 @@ in site-packages, or not from an installed distribution), the job's own package,
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import importlib.util
 import sys
@@ -32,12 +33,37 @@ _MAX_FILES = 200  # user modules followed per scan
 _MAX_DEPTH = 4  # how far imports of user modules are followed
 
 
-@functools.cache
-def _distributions() -> frozenset[str]:
-    """Top-level import names provided by installed distributions."""
-    import importlib.metadata
+DISTRIBUTIONS_KEY = "repro/distributions"
+_DISTS: frozenset[str] | None = None
 
-    return frozenset(importlib.metadata.packages_distributions())
+
+def _distributions() -> frozenset[str]:
+    """Top-level import names provided by installed distributions (reading them all takes ~1 s)."""
+    global _DISTS
+    if _DISTS is None:
+        import importlib.metadata
+
+        _DISTS = frozenset(importlib.metadata.packages_distributions())
+    return _DISTS
+
+
+def distributions_cached(cache: Any) -> None:
+    """Take the distributions' import names from pytest's cache while the packages are unchanged; else store them."""
+    global _DISTS
+    from .daemon import packages_digest
+
+    digest = packages_digest()
+    try:
+        value = cache.get(DISTRIBUTIONS_KEY, None)
+    except Exception:  # an unreadable cache costs only speed
+        value = None
+    names = value.get("names") if isinstance(value, dict) and value.get("digest") == digest else None
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        _DISTS = frozenset(names)
+        return
+    _DISTS = None
+    with contextlib.suppress(Exception):
+        cache.set(DISTRIBUTIONS_KEY, {"digest": digest, "names": sorted(_distributions())})
 
 
 @functools.cache

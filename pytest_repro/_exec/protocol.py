@@ -23,11 +23,17 @@ class PreloadResult(TypedDict):
     culprit: str  # the entry whose import made it unsafe
 
 
-class ReadyMessage(PreloadResult):
-    """The worker's first line: it has imported its start-up list."""
-
+class _Ready(PreloadResult):
     ready: Literal[True]
     pid: int
+
+
+class ReadyMessage(_Ready, total=False):
+    """The worker's first line to a session: it has imported its start-up list (a daemon: and what else it has)."""
+
+    requested: list[str]  # every entry it was asked to import so far (errors and missing: of all of them)
+    served: int  # runs forked so far
+    started: float  # when it started (time.time())
 
 
 class ImportReply(PreloadResult):
@@ -36,14 +42,18 @@ class ImportReply(PreloadResult):
     op: Literal["import"]
 
 
-class RunRequest(TypedDict):
-    """Fork a child that runs one job; its reply carries the same id."""
-
+class _Run(TypedDict):
     op: Literal["run"]
     id: int
     spec: dict[str, Any]  # a RunSpec as a dict
     timeout: float  # seconds before the child is killed
     env: dict[str, str]  # the child's whole environment
+
+
+class RunRequest(_Run, total=False):
+    """Fork a child that runs one job; its reply carries the same id."""
+
+    cwd: str  # the session's folder: first on the child's sys.path, as for a worker the session started
 
 
 class ImportRequest(TypedDict, total=False):
@@ -55,9 +65,33 @@ class ImportRequest(TypedDict, total=False):
 
 
 class ExitRequest(TypedDict):
-    """Stop the worker (its running children are killed)."""
+    """Stop the worker (its running children are killed): a daemon for every session."""
 
     op: Literal["exit"]
+
+
+class OtherRequest(TypedDict):
+    """``status`` (answered with a StatusReply) or ``retire`` (a daemon takes no new sessions)."""
+
+    op: Literal["status", "retire"]
+
+
+class StatusReply(TypedDict):
+    """What a worker is doing: for ``pytest-repro worker status``."""
+
+    op: Literal["status"]
+    pid: int
+    key: str  # a daemon's key ("" for a session's own worker)
+    python: str
+    started: float
+    idle_s: float  # it exits after this long without sessions or runs (0: never)
+    idle_for_s: float
+    sessions: int  # connected now
+    sessions_served: int
+    running: int  # runs in progress
+    served: int  # runs forked so far
+    modules: int  # modules in its sys.modules
+    retired: bool
 
 
 class _ReplyStatus(TypedDict):
@@ -77,7 +111,7 @@ class RunReply(_ReplyStatus, total=False):
     log: str  # worker-died: the tail of the worker's log
 
 
-Request = RunRequest | ImportRequest | ExitRequest
+Request = RunRequest | ImportRequest | ExitRequest | OtherRequest
 
 
 def encode(msg: Mapping[str, Any]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ from typing import Any
 from ..context import RunSpec
 from ..seeding import determinism_env
 from .child import ERROR_FILE, IMPORTS_FILE, LOG_FILE, RECORD_DIR
+from .daemon import IDLE_DEFAULT, DaemonUnavailable
 from .pool import (
     GRACE,
     WORKER_START_TIMEOUT,
@@ -126,6 +128,8 @@ class Runner:
         preload: tuple[str, ...] = BASE_PRELOAD,
         extra_env: dict[str, str] | None = None,
         learn: LearnFilter | None = None,
+        daemon_folder: Path | None = None,
+        idle: float = IDLE_DEFAULT,
     ) -> None:
         if isolation not in ("auto", "fork", "spawn"):
             raise ValueError(f"isolation must be auto, fork or spawn, got {isolation!r}")
@@ -139,6 +143,10 @@ class Runner:
         self._warnings: list[str] = []
         self._warm: Worker | None = None
         self._retired: list[Worker] = []  # workers this runner dropped (what they failed to import still counts)
+        self.daemon_folder = daemon_folder if self.isolation == "fork" else None  # None: a worker of its own
+        self.idle = idle
+        self.lines: list[str] = []  # session-level lines: which worker served, what went wrong with the daemon
+        self._announced: set[int] = set()
 
     def env(self, deterministic: bool, hash_seed: int) -> dict[str, str]:
         """The environment of job processes (and of the worker that forks them)."""
@@ -224,13 +232,55 @@ class Runner:
 
     def _worker(self, env: dict[str, str]) -> Worker:
         key = (sys.executable, tuple((k, env.get(k)) for k in STARTUP_ENV), self.preload)
+        if self.daemon_folder is not None:
+            try:
+                worker = warm_worker(key, env, self.preload, self.daemon_folder, self.idle)
+            except (DaemonUnavailable, OSError) as exc:
+                self.daemon_folder = None
+                self.lines.append(
+                    f"the worker daemon could not be used ({exc}), so this session runs a worker of its own "
+                    "(same results; later sessions pay the imports again). Fix: see the daemon's log in "
+                    ".pytest_cache/d/repro-worker, or set repro_worker = session to stop trying"
+                )
+            else:
+                self._announce(worker)
+                return worker
         return warm_worker(key, env, self.preload)
+
+    def _announce(self, worker: Worker) -> None:
+        """One line per daemon this session used: started by it, or found warm."""
+        opened = worker.daemon
+        if opened is None or worker.pid in self._announced:
+            return
+        self._announced.add(worker.pid)
+        self.lines += opened.retired
+        idle = f"{self.idle / 60:g} min" if self.idle >= 60 else f"{self.idle:g} s"
+        if opened.started:
+            self.lines.append(
+                f"started the worker daemon pid {worker.pid}: later sessions fork their runs from it and skip the "
+                f"imports; it exits after {idle} without sessions (`pytest-repro worker status` shows it, "
+                "`pytest-repro worker stop` ends it; repro_worker = session: none)"
+            )
+        else:
+            self.lines.append(
+                f"runs forked by the warm worker daemon pid {worker.pid} ({worker.served_before} run(s) before "
+                "this session; `pytest-repro worker stop` ends it)"
+            )
 
     def _drop(self, worker: Worker) -> None:
         forget(worker)
         self._retired.append(worker)
         if self._warm is worker:
             self._warm = None
+
+    def use_daemon(self, folder: Path, idle: float) -> None:
+        """Fork runs from the worker daemon kept under ``folder`` (started when none is running there)."""
+        if self.isolation == "fork":
+            self.daemon_folder, self.idle = folder, idle
+
+    def found_warm(self) -> bool:
+        """Whether warm_up connected to a daemon that was already running (its imports are done)."""
+        return self._warm is not None and self._warm.daemon is not None and not self._warm.daemon.started
 
     def warm_up(self, deterministic: bool, hash_seed: int) -> None:
         """Start a worker early (and send it what is wanted) so that its imports overlap with collection."""
@@ -293,6 +343,8 @@ class Runner:
                     failed = True
         except (EOFError, TimeoutError, OSError) as exc:
             self._drop(worker)
+            if worker.daemon is not None and self.daemon_folder is not None:
+                return self._after_daemon_died(worker, exc, specs, outcomes, timeout, hash_seed, parallel)
             died: RunReply = {"status": "worker-died", "detail": str(exc), "log": read_tail(worker.log_path)}
             for index, _ in in_flight.values():
                 outcomes[index] = self._outcome(died, Path(specs[index].workdir), timeout)
@@ -301,6 +353,34 @@ class Runner:
         for index in spawn_later:
             outcomes[index] = self._run_spawned([specs[index]], timeout, hash_seed, 1)[0]
         return [outcomes[i] for i in sorted(outcomes)]
+
+    def _after_daemon_died(
+        self,
+        worker: Worker,
+        exc: BaseException,
+        specs: Sequence[RunSpec],
+        done: dict[int, RunOutcome],
+        timeout: float,
+        hash_seed: int,
+        parallel: int,
+    ) -> list[RunOutcome]:
+        """The daemon went away mid-batch: repeat the unfinished runs in a worker of this session, say so once."""
+        self.daemon_folder = None
+        self.lines.append(
+            f"the worker daemon pid {worker.pid} went away mid-session ({exc}); the runs it had not finished were "
+            "repeated in a worker of this session, which serves the rest of it (same results, slower); the next "
+            "session starts a new daemon"
+        )
+        todo = [i for i in range(len(specs)) if i not in done]
+        for index in todo:  # whatever the killed run left is not trusted
+            workdir = Path(specs[index].workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(parents=True, exist_ok=True)
+        if any(o.status != "ok" for o in done.values()):
+            return [done[i] for i in sorted(done)]
+        again = self._run_forked([specs[i] for i in todo], timeout, hash_seed, parallel)
+        done.update({todo[n]: outcome for n, outcome in enumerate(again)})
+        return [done[i] for i in sorted(done)]
 
     def _run_spawned(self, specs: Sequence[RunSpec], timeout: float, hash_seed: int, parallel: int) -> list[RunOutcome]:
         env = self.env(specs[0].deterministic, hash_seed)
