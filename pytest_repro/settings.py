@@ -180,7 +180,8 @@ class Settings:
     )
     parallel_runs: int = option(
         "auto",
-        "runs of one check that run side by side: auto (CPU: free cores // repro_threads; GPU: 1) or N",
+        "runs of one check that run side by side: auto (CPU: free cores // repro_threads; GPU: what its free "
+        "memory holds at the job's measured peak) or N",
         read.parallel,
         ini="repro_parallel_runs",
         flag="--repro-parallel-runs",

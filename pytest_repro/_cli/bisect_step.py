@@ -149,6 +149,9 @@ def step_env(worktree: Path, toplevel: Path, base: dict[str, str]) -> dict[str, 
         if entry and not _inside(Path(entry), toplevel):
             paths.append(entry)
     env["PYTHONPATH"] = os.pathsep.join(paths)
+    # Each step's worktree is temporary (and PYTHONPATH differs per commit): a worker daemon started there would
+    # serve no later session and idle for half an hour.
+    env["PYTEST_REPRO_WORKER"] = "session"
     return env
 
 

@@ -95,7 +95,7 @@ def parallel_runs(
     """How many runs of one check run side by side: ``setting`` (>= 1), or for auto (0) what free cores allow.
 
     Auto: on the CPU with a fixed thread count, ``cores // (threads * xdist workers)`` (at most ``runs``);
-    on a GPU, or with torch's default thread count (``threads == 0``, all cores), one at a time.
+    on a GPU (see ``session.gpu_parallel``), or with torch's default thread count (all cores), one at a time.
     """
     if setting >= 1:
         return max(1, min(setting, runs))

@@ -10,7 +10,7 @@ peers of another uid are refused); the daemon ends after ``--idle`` seconds with
 ``stop`` request (its runs killed), or once retired (no new sessions; it ends when its last one leaves).
 
 Like pytest-xdist's remote side, this module imports nothing of the package but ``pytest_repro.context``
-and, from ``_exec``, ``child``, ``procs`` and ``protocol`` (the job process's side, which may add
+and, from ``_exec``, ``child``, ``preimport``, ``procs`` and ``protocol`` (the job process's side, which may add
 ``record`` and ``seeding``), and the stdlib: grep its imports to check. The pytest process never imports it.
 """
 
