@@ -15,7 +15,7 @@ from typing import Any
 
 from ._exec.child import RECORD_DIR, RUN_MANIFEST_FILE
 from ._exec.distributed import rank_dir
-from ._exec.runner import RunOutcome
+from ._exec.outcome import RunOutcome
 from ._judge import messages, policy, runfail
 from ._judge.noise import Floor, NoiseFloor
 from ._judge.policy import Decision

@@ -177,6 +177,15 @@ class ReproSession:
     def preload_job(self, ref: JobRef, test_dir: Path | None = None) -> None:
         """Before a check's first run: have the worker import what the job's module imports."""
         self.runner.want(self.preloads.for_job(ref, test_dir))
+        if self.runner.daemon_folder is not None:  # the daemon skips a job's own list: it may name the user's code
+            tops = {e: e.partition(":")[0].partition(".")[0] for e in ref.preload}
+            self.runner.want(
+                [
+                    e
+                    for e, top in tops.items()
+                    if top not in self.preloads.job_packages and self.preloads.third_party(top)
+                ]
+            )
 
     def gpu_parallel(self, specs: Sequence[RunSpec]) -> int:
         """repro_parallel_runs=auto on a GPU: as many runs side by side as its free memory holds at their peak."""

@@ -21,6 +21,7 @@ import pytest
 from conftest import USER_JOBS
 
 from pytest_repro._exec import daemon as daemon_mod
+from pytest_repro._exec import daemon_key
 from pytest_repro._exec.daemon import DIR_NAME, DaemonUnavailable, Place, daemons, is_daemon, stop
 from pytest_repro.session import daemon_wanted
 
@@ -165,11 +166,14 @@ def test_a_daemon_killed_mid_session_is_replaced_and_said_once(project: Path) ->
 
 
 def test_a_package_change_retires_the_stale_daemon(project: Path) -> None:
+    infos = [p for site in daemon_key._site_dirs() for p in sorted(site.iterdir()) if p.name.endswith(".dist-info")]
+    if not infos or not os.access(infos[0], os.W_OK):
+        pytest.skip("no writable *.dist-info folder to touch in site-packages")
     first = _run(project, "--repro", DAEMON)
+    assert first.returncode == 0, first.stdout + first.stderr
     old = _pid(STARTED, first.stdout)
     # A `pip install` touches a *.dist-info folder in site-packages: do that to one (restored afterwards).
-    site = daemon_mod._site_dirs()[0]
-    info = next(p for p in sorted(site.iterdir()) if p.name.endswith(".dist-info"))
+    info = infos[0]
     before = info.stat()
     try:
         os.utime(info, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
@@ -181,6 +185,37 @@ def test_a_package_change_retires_the_stale_daemon(project: Path) -> None:
     new = _pid(STARTED, second.stdout)
     assert new != old
     assert _wait_for(lambda: not is_daemon(old)), "the retired daemon did not end"
+
+
+def test_a_changed_imported_file_retires_the_daemon_and_user_code_never_enters_it(project: Path) -> None:
+    # A library outside site-packages (an editable install, say) that the daemon was asked to preload.
+    lib = project / "lib"
+    lib.mkdir()
+    (lib / "thirdmod.py").write_text("VALUE = 1\n")
+    env = {**os.environ, "PYTHONPATH": str(lib)}
+    (project / "log.txt").write_text("")
+    # The job names the user's own module in its preload list and records which processes import it.
+    (project / "userjobs.py").write_text(
+        USER_JOBS + "\nimport os as _os\nwith open('log.txt', 'a') as _f:\n    _f.write(f'{_os.getpid()} ')\n"
+        "train.__repro_preload__ = ['userjobs', 'thirdmod']\n"
+    )
+    first = _run(project, "--repro", DAEMON, "-k", "3", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    old = _pid(STARTED, first.stdout)
+    cache = project / ".pytest_cache" / "v" / "repro" / "preload"
+    cache.write_text(json.dumps({"modules": ["thirdmod"]}))  # as if a run had taught it
+    second = _run(project, "--repro", DAEMON, "-k", "3", env=env)
+    assert second.returncode == 0 and _pid(WARM, second.stdout) == old  # it imported thirdmod when asked
+    [log] = _folder(project).glob("*.log")
+    assert "preloaded 1 of 1 requested module(s) on request" in log.read_text()
+    assert str(old) not in (project / "log.txt").read_text().split()  # never imported the user's module
+    (lib / "thirdmod.py").write_text("VALUE = 2  # edited\n")
+    third = _run(project, "--repro", DAEMON, "-k", "3", env=env)
+    assert third.returncode == 0, third.stdout + third.stderr
+    changed = f"retired the worker daemon pid {old}: {lib / 'thirdmod.py'} changed since the daemon imported it"
+    assert changed in third.stdout
+    assert _pid(STARTED, third.stdout) != old
+    assert _wait_for(lambda: not is_daemon(old))
 
 
 def test_two_sessions_at_once_share_one_daemon(project: Path) -> None:
@@ -249,10 +284,13 @@ def test_another_venv_gets_its_own_daemon(project: Path, tmp_path: Path) -> None
 
 
 def test_an_idle_daemon_exits_and_removes_its_files(project: Path) -> None:
-    (project / "pytest.ini").write_text("[pytest]\nrepro_timeout = 120\nrepro_worker_idle = 1\n")
+    # An idle time far shorter than its start-up imports: it must still serve the session that started it.
+    (project / "pytest.ini").write_text("[pytest]\nrepro_timeout = 120\nrepro_worker_idle = 0.5\n")
     proc = _run(project, "--repro", DAEMON, "-k", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     pid = _pid(STARTED, proc.stdout)
-    assert "exits after 1 s without sessions" in proc.stdout
+    assert "exits after 0.5 s without sessions" in proc.stdout
+    assert "went away" not in proc.stdout and "could not be used" not in proc.stdout
     assert _wait_for(lambda: not is_daemon(pid), 20)
     assert not list(_folder(project).glob("*.sock")) and not list(_folder(project).glob("*.json"))
 
@@ -294,6 +332,29 @@ def test_an_unsafe_folder_means_no_daemon_and_one_line(project: Path, tmp_path: 
     assert "the worker daemon could not be used" in proc.stdout
     assert "not a folder only this user can open" in proc.stdout
     assert not list(elsewhere.iterdir())
+
+
+def test_sources_notice_a_changed_or_removed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pytest_repro._exec.daemon_files import Sources
+
+    (tmp_path / "srcmod_a.py").write_text("A = 1\n")
+    (tmp_path / "srcmod_b.py").write_text("B = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import srcmod_a  # noqa: F401
+
+    sources = Sources()
+    sources.note()
+    assert sources.changed() == ""
+    import srcmod_b  # noqa: F401
+
+    sources.note()  # files of modules imported since
+    (tmp_path / "srcmod_b.py").write_text("B = 22\n")
+    assert sources.changed() == str(tmp_path / "srcmod_b.py")
+    (tmp_path / "srcmod_b.py").write_text("B = 1\n")
+    os.utime(tmp_path / "srcmod_b.py", ns=(1, 1))
+    assert sources.changed() == str(tmp_path / "srcmod_b.py")  # same size, other time: changed too
+    for name in ("srcmod_a", "srcmod_b"):
+        sys.modules.pop(name)
 
 
 def test_private_folders_and_state_files_naming_another_process(tmp_path: Path) -> None:

@@ -231,6 +231,66 @@ def test_the_first_nondeterministic_op_is_named_with_its_module_and_line(tmp_pat
     assert ops and {e["step"] for e in ops} == {0}  # only the step asked for
 
 
+class _NoisyBackward(torch.autograd.Function):
+    """Identity forward; the backward adds unseeded noise from ``start`` on (a nondeterministic backward kernel)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Any, noisy: bool) -> Any:
+        ctx.noisy = noisy
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        return (grad + _noise() * 1e-3 if ctx.noisy else grad), None
+
+
+class BackwardJitter(torch.nn.Module):
+    def __init__(self, start: int) -> None:
+        super().__init__()
+        self.start, self.calls = start, 0
+
+    def forward(self, x: Any) -> Any:
+        self.calls += 1
+        return _NoisyBackward.apply(x, self.calls > self.start)
+
+
+def _backward_run(folder: Path, ops_step: int | None = None) -> None:
+    torch.manual_seed(0)
+    tracer = StepTracer(ops_step=ops_step).install()
+    try:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), BackwardJitter(2), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+        )
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for _ in range(4):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        tracer.uninstall()
+    tracer.save(folder)
+
+
+def test_a_nondeterministic_backward_names_its_module_not_the_first_gradient(tmp_path: Path) -> None:
+    from pytest_repro._judge.diagnose import first_op
+
+    # The forward of every step matches; the backward of module `2` at step 2 does not.
+    assert _twice(tmp_path / "modules", _backward_run) == (
+        "every module's output and the loss at step 2 matched, but the gradient flowing back into module `1`'s "
+        "output differs while the gradient at module `2`'s output matched: the backward of module `2` is "
+        "nondeterministic (find its op with --repro-diagnose's op trace below, or "
+        "torch.use_deterministic_algorithms(True))"
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        _backward_run(folder, ops_step=2)
+    found = first_op(a, b)
+    assert found is not None
+    assert found.module == "2" and found.step == 2  # the backward's op, attributed to the module whose backward ran
+
+
 def test_identical_runs_agree(tmp_path: Path) -> None:
     assert _twice(tmp_path, _plain_run) is None
 

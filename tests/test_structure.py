@@ -29,6 +29,8 @@ JOB_SIDE_MAY_IMPORT = (
     "pytest_repro._exec.procs",
     "pytest_repro._exec.protocol",
     "pytest_repro._exec.preimport",  # the worker: importing its preload list
+    "pytest_repro._exec.serve",  # the worker: its server loop
+    "pytest_repro._exec.daemon_files",  # the daemon: its files, the sources it imported
     "pytest_repro._exec.trace",
     "pytest_repro._exec.perturb",  # noise-floor runs: perturbed rounding and random streams
     "pytest_repro._exec.ops",  # diagnosis: the op tracer

@@ -45,7 +45,7 @@ def _ago(seconds: float) -> str:
 
 def _freshness(state: dict[str, Any]) -> str:
     """Whether a daemon still matches this interpreter's packages and pytest-repro ('' for another venv)."""
-    from .._exec.daemon import own_digest, packages_digest
+    from .._exec.daemon_key import own_digest, packages_digest
 
     if state.get("python") != os.path.realpath(sys.executable) or state.get("prefix") != sys.prefix:
         return f"for {state.get('python')}"

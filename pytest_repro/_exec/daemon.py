@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import stat
+import struct
 import sys
 import tempfile
 import time
@@ -28,112 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .daemon_key import Identity, identity
 from .protocol import StatusReply, decode, encode
 
 DIR_NAME = "repro-worker"  # under pytest's cache (cache.mkdir)
 IDLE_DEFAULT = 1800.0
-CONNECT_TIMEOUT = 30.0  # seconds a running daemon may take to greet a session before the session goes without
+CONNECT_TIMEOUT = 300.0  # seconds a daemon (still importing, or busy) may take to greet a session
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes on Linux
-# Environment variables that may change what importing torch & co. does (read at import, not per run).
-_IMPORT_ENV_PREFIXES = (
-    "ATEN_",
-    "CUBLAS_",
-    "CUDA_",
-    "HF_",
-    "KMP_",
-    "LD_",
-    "MKL_",
-    "NCCL_",
-    "NVIDIA_",
-    "OMP_",
-    "OPENBLAS_",
-    "PYTHON",
-    "PYTORCH_",
-    "TOKENIZERS_",
-    "TORCH",
-    "TRANSFORMERS_",
-    "XLA_",
-)
-_VOLATILE = ("PYTHONBREAKPOINT",)
 
 
 class DaemonUnavailable(RuntimeError):
     """The daemon cannot be used here (the session uses a worker of its own instead and says why)."""
-
-
-# ---------------------------------------------------------------- the key
-
-
-def _site_dirs() -> list[Path]:
-    import site
-    import sysconfig
-
-    dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
-    dirs |= set(site.getsitepackages())
-    user = site.getusersitepackages()
-    if site.ENABLE_USER_SITE and user:
-        dirs.add(user)
-    return sorted(Path(d) for d in dirs if d and Path(d).is_dir())
-
-
-def packages_digest() -> str:
-    """A digest of the installed distributions: every ``*.dist-info``/``*.egg-info``/``*.pth`` and when it changed."""
-    h = hashlib.sha256()
-    for folder in _site_dirs():
-        h.update(str(folder).encode())
-        with contextlib.suppress(OSError):
-            for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-                if entry.name.endswith((".dist-info", ".egg-info", ".pth", ".egg-link")):
-                    with contextlib.suppress(OSError):
-                        h.update(f"{entry.name}:{entry.stat().st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def own_digest() -> str:
-    """A digest of pytest-repro's own source files (an edited checkout makes a new daemon)."""
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256(str(root).encode())
-    for path in sorted(root.rglob("*.py")):
-        with contextlib.suppress(OSError):
-            st = path.stat()
-            h.update(f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def import_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The variables of ``env`` that importing torch, transformers & co. may read."""
-    return {k: v for k, v in sorted(env.items()) if k.startswith(_IMPORT_ENV_PREFIXES) and k not in _VOLATILE}
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What a daemon must share with a session to serve it."""
-
-    python: str
-    prefix: str
-    packages: str
-    own: str
-    env: str  # digest of import_env
-    preload: str  # digest of the start-up preload list
-
-    @property
-    def key(self) -> str:
-        """The daemon's name: a digest of everything above."""
-        text = json.dumps([self.python, self.prefix, self.packages, self.own, self.env, self.preload])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def identity(env: Mapping[str, str], preload: Sequence[str]) -> Identity:
-    """This interpreter's identity for a daemon started with ``env`` and ``preload``."""
-    env_text = json.dumps(import_env(env), sort_keys=True)
-    return Identity(
-        python=os.path.realpath(sys.executable),  # `pytest` and `python -m pytest` may name it differently
-        prefix=sys.prefix,
-        packages=packages_digest(),
-        own=own_digest(),
-        env=hashlib.sha256(env_text.encode()).hexdigest()[:16],
-        preload=hashlib.sha256("\n".join(preload).encode()).hexdigest()[:16],
-    )
 
 
 # ---------------------------------------------------------------- files
@@ -201,6 +107,9 @@ def _write_state(place: Place, state: dict[str, Any]) -> None:
     os.replace(tmp, place.state)
 
 
+_SPAWNED: set[int] = set()  # daemons this process started (only those may be reaped here)
+
+
 @contextlib.contextmanager
 def _locked(place: Place) -> Iterator[None]:
     fd = os.open(place.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -211,38 +120,62 @@ def _locked(place: Place) -> Iterator[None]:
         os.close(fd)
 
 
-def is_daemon(pid: int) -> bool:
-    """Whether ``pid`` is a live pytest-repro worker daemon of this user (not a zombie, not a reused pid)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it was our child and has ended
+def is_daemon(pid: int, key: str | None = None) -> bool:
+    """Whether ``pid`` is a live worker daemon of this user (with ``key``): not a zombie, not a reused pid."""
+    if pid in _SPAWNED:
+        with contextlib.suppress(ChildProcessError, OSError):
+            if os.waitpid(pid, os.WNOHANG)[0]:  # our child, and it has ended
+                _SPAWNED.discard(pid)
+                return False
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             if fh.read().rsplit(b")", 1)[1].split()[0] == b"Z":
                 return False
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return os.stat(f"/proc/{pid}").st_uid == os.getuid() and b"pytest_repro._exec.worker" in cmdline
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        ours = os.stat(f"/proc/{pid}").st_uid == os.getuid()
     except (OSError, IndexError):
         return False
+    daemon = b"pytest_repro._exec.worker" in args and b"--listen-fd" in args
+    return ours and daemon and (key is None or key.encode() in args)
 
 
 # ---------------------------------------------------------------- talking to one
 
 
 def _connect(path: Path, timeout: float = 5.0) -> socket.socket | None:
+    """A connection to the daemon at ``path`` (None: nobody listens there, or it is not this user's)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
+        sock.close()
+        return None
+    if struct.unpack("3i", creds)[1] != os.getuid():  # the session's environment goes to it: never to another user
         sock.close()
         return None
     sock.settimeout(None)
     return sock
 
 
-def ask(place: Place, op: str, timeout: float = 5.0) -> StatusReply | None:
+def _socket_of(place: Place, state: Mapping[str, Any]) -> Path:
+    """Where a running daemon listens: its state file says (this session's temp dir may differ), if it is ours."""
+    recorded = state.get("socket")
+    if isinstance(recorded, str):
+        path = Path(recorded)
+        try:
+            st, folder = os.lstat(path), os.lstat(path.parent)
+        except OSError:
+            return place.socket
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == folder.st_uid == os.getuid() and not folder.st_mode & 0o077:
+            return path
+    return place.socket
+
+
+def ask(place: Place, op: str, state: Mapping[str, Any], timeout: float = 5.0) -> StatusReply | None:
     """Send one request (status, retire, exit) to a daemon; its status reply, or None (no answer expected/got)."""
-    sock = _connect(place.socket, timeout)
+    sock = _connect(_socket_of(place, state), timeout)
     if sock is None:
         return None
     with sock:
@@ -296,10 +229,12 @@ def _spawn(place: Place, listener: socket.socket, env: Mapping[str, str], preloa
         f"{idle:g}",
         "--key",
         place.key,
-        "--file",
+        "--socket",
         str(place.socket),
-        "--file",
+        "--state",
         str(place.state),
+        "--lock",
+        str(place.lock),
         "--",
         *preload,
     ]
@@ -312,7 +247,9 @@ def _spawn(place: Place, listener: socket.socket, env: Mapping[str, str], preloa
             (os.POSIX_SPAWN_DUP2, listener.fileno(), 3),
         ]
         # posix_spawn, not subprocess: nothing waits for the daemon, and it must not be a Popen left running.
-        return os.posix_spawn(sys.executable, argv, dict(env), file_actions=actions, setsid=True)
+        pid = os.posix_spawn(sys.executable, argv, dict(env), file_actions=actions, setsid=True)
+        _SPAWNED.add(pid)
+        return pid
     finally:
         os.close(log)
 
@@ -345,16 +282,18 @@ def retire_stale(folder: Path, me: Identity) -> list[str]:
         if not why:
             continue  # other import-time variables (e.g. deterministic vs default mode): both stay
         place = Place(folder, state["key"])
-        if is_daemon(int(state["pid"])):
-            ask(place, "retire")  # it removes its own files
+        if is_daemon(int(state["pid"]), state["key"]):
+            ask(place, "retire", state)  # it removes its own files
             lines.append(
                 f"retired the worker daemon pid {state['pid']}: the {' and '.join(why)} changed since it started "
                 "(it ends once its current sessions do)"
             )
         else:
-            for stale in (place.state, place.socket):
-                with contextlib.suppress(OSError):
-                    stale.unlink()
+            with _locked(place):
+                if read_state(place.state) == state:
+                    for stale in (place.state, place.socket):
+                        with contextlib.suppress(OSError):
+                            stale.unlink()
     return lines
 
 
@@ -368,10 +307,11 @@ def open_daemon(folder: Path, env: Mapping[str, str], preload: Sequence[str], id
     retired = retire_stale(folder, me)
     with _locked(place):
         state = read_state(place.state)
-        if state is not None and is_daemon(int(state["pid"])):
-            sock = _connect(place.socket)
-            if sock is not None:
-                return Opened(sock, int(state["pid"]), place, False, retired)
+        if state is not None and is_daemon(int(state["pid"]), me.key):
+            sock = _connect(_socket_of(place, state))
+            if sock is None:  # never a second daemon beside a live one
+                raise DaemonUnavailable(f"the worker daemon pid {state['pid']} does not accept connections")
+            return Opened(sock, int(state["pid"]), place, False, retired)
         listener = _bind(place.socket)
         try:
             pid = _spawn(place, listener, env, preload, idle)
@@ -407,25 +347,27 @@ def daemons(folder: Path) -> list[tuple[Place, dict[str, Any], StatusReply | Non
         if state is None:
             continue
         place = Place(folder, state["key"])
-        alive = is_daemon(int(state["pid"]))
-        out.append((place, state, ask(place, "status") if alive else None))
+        alive = is_daemon(int(state["pid"]), state["key"])
+        out.append((place, state, ask(place, "status", state) if alive else None))
     return out
 
 
 def stop(place: Place, state: Mapping[str, Any], grace: float = 5.0) -> bool:
     """Stop a daemon (its running runs are killed) and remove its files; whether it was running."""
-    pid = int(state["pid"])
-    running = is_daemon(pid)
+    pid, key = int(state["pid"]), str(state["key"])
+    running = is_daemon(pid, key)
     if running:
-        ask(place, "exit")
+        ask(place, "exit", state)
         deadline = time.monotonic() + grace
-        while is_daemon(pid) and time.monotonic() < deadline:
+        while is_daemon(pid, key) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if is_daemon(pid):
+        if is_daemon(pid, key):
             from .procs import kill_group
 
             kill_group(pid)
-    for path in (place.state, place.socket):
-        with contextlib.suppress(OSError):
-            path.unlink()
+    with _locked(place):
+        if read_state(place.state) == state:
+            for path in (place.state, _socket_of(place, state)):
+                with contextlib.suppress(OSError):
+                    path.unlink()
     return running

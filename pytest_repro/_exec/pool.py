@@ -26,7 +26,7 @@ from ..context import RunSpec
 from .child import LOG_FILE
 from .daemon import CONNECT_TIMEOUT, IDLE_DEFAULT, DaemonUnavailable, Opened, is_daemon, open_daemon
 from .procs import kill_group, reap_group
-from .protocol import ImportRequest, RunReply, RunRequest, decode, encode
+from .protocol import ImportRequest, OtherRequest, RunReply, RunRequest, decode, encode
 
 WORKER_START_TIMEOUT = 600.0
 GRACE = 30.0  # seconds a run's reply may come after its timeout (the worker kills and reaps it first)
@@ -73,6 +73,7 @@ class Worker:
         self._replies: dict[int, RunReply] = {}
         self.ready = False
         self.served_before = 0  # runs the daemon had forked before this session connected
+        self.stale = ""  # a daemon that greeted with "do not use me": which of its files changed
         self.requested: set[str] = set(preload)  # every entry it was asked to import
         self.failed: dict[str, str] = {}  # entry -> why importing it failed
         self.missing: set[str] = set()  # entries not installed
@@ -107,7 +108,7 @@ class Worker:
                 raise TimeoutError(f"the worker (pid {self.pid}) did not answer within {timeout:g} s")
             self._dispatch(msg)
 
-    def _send(self, msg: RunRequest | ImportRequest) -> None:
+    def _send(self, msg: RunRequest | ImportRequest | OtherRequest) -> None:
         data = encode(msg).encode()
         try:
             if self.daemon is not None:
@@ -125,6 +126,7 @@ class Worker:
                 self.ready = True
                 self.requested.update(msg.get("requested") or ())
                 self.served_before = int(msg.get("served") or 0)
+                self.stale = str(msg.get("stale") or "")
             self.failed.update(msg.get("errors") or {})
             self.missing.update(msg.get("missing") or ())
             if msg.get("tainted") and not self.tainted:
@@ -135,7 +137,7 @@ class Worker:
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return not self._closed and is_daemon(self.pid)
+        return not self._closed and self.daemon is not None and is_daemon(self.pid, self.daemon.place.key)
 
     def submit(self, spec: RunSpec, timeout: float, env: dict[str, str]) -> int:
         """Ask for one run; return its request id (the reply comes through wait)."""
@@ -144,19 +146,36 @@ class Worker:
         request: RunRequest = {"op": "run", "id": rid, "spec": spec_dict, "timeout": timeout, "env": env}
         if self.daemon is not None:
             request["cwd"] = os.getcwd()
+            request["umask"] = _umask()
         self._send(request)
         return rid
+
+    def retire(self) -> None:
+        """Ask a daemon to take no new sessions (it ends once the current ones leave)."""
+        self._send({"op": "retire"})
 
     def submit_import(self, entries: Sequence[str]) -> None:
         """Ask the worker to import more modules before the runs that follow."""
         self.requested.update(entries)
         msg: ImportRequest = {"op": "import", "modules": list(entries)}
-        if len(json.dumps(msg)) > _INLINE_LIMIT:  # a long list could fill the pipe while the worker is busy
+        # A long list could fill the pipe while the worker is busy (a daemon's socket is read as it comes).
+        if self.daemon is None and len(json.dumps(msg)) > _INLINE_LIMIT:
             self._lists += 1
             path = _log_dir() / f"import-{self.pid}-{id(self)}-{self._lists}.json"
             path.write_text(json.dumps(list(entries)), encoding="utf-8")
             msg = {"op": "import", "file": str(path)}
         self._send(msg)
+
+    def drain(self, rids: Sequence[int], seconds: float = 2.0) -> dict[int, RunReply]:
+        """After the worker went away: the replies to ``rids`` it sent before (nothing is lost that was said)."""
+        deadline = time.monotonic() + seconds
+        with contextlib.suppress(EOFError, OSError, ValueError):
+            while any(rid not in self._replies for rid in rids):
+                msg = self._read_line(deadline)
+                if msg is None:
+                    break
+                self._dispatch(msg)
+        return {rid: self._replies.pop(rid) for rid in rids if rid in self._replies}
 
     def wait(self, rids: Sequence[int], deadline: float) -> tuple[int, RunReply]:
         """Wait for the first reply to one of ``rids`` (raises EOFError/TimeoutError if the worker fails)."""
@@ -185,6 +204,19 @@ class Worker:
             if pipe is not None and not pipe.closed:
                 with contextlib.suppress(OSError):
                     pipe.close()
+
+
+def _umask() -> int:
+    """This process's umask (read without changing it where /proc says)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/self/status", encoding="ascii") as fh:
+        return int(next(line for line in fh if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class DaemonStale(DaemonUnavailable):
+    """The daemon greeted with 'do not use me' (its imported files changed); it has retired."""
 
 
 def read_tail(path: Path, limit: int = 4000) -> str:
@@ -256,10 +288,13 @@ def warm_worker(
         if worker.daemon is not None and not worker.daemon.started:
             try:
                 worker.wait_ready()
-            except (EOFError, TimeoutError, OSError) as exc:
+            except (EOFError, TimeoutError, OSError, ValueError) as exc:
                 worker.close()
                 why = f"the worker daemon pid {worker.pid} did not greet this session ({exc})"
                 raise DaemonUnavailable(why) from None
+            if worker.stale:
+                worker.close()
+                raise DaemonStale(f"retired the worker daemon pid {worker.pid}: {worker.stale}")
         _WORKERS[key] = worker
     return worker
 

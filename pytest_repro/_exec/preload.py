@@ -50,7 +50,7 @@ def _distributions() -> frozenset[str]:
 def distributions_cached(cache: Any) -> None:
     """Take the distributions' import names from pytest's cache while the packages are unchanged; else store them."""
     global _DISTS
-    from .daemon import packages_digest
+    from .daemon_key import packages_digest
 
     digest = packages_digest()
     try:

@@ -34,6 +34,7 @@ class ReadyMessage(_Ready, total=False):
     requested: list[str]  # every entry it was asked to import so far (errors and missing: of all of them)
     served: int  # runs forked so far
     started: float  # when it started (time.time())
+    stale: str  # a daemon that must not serve: which of its imported files changed (it has retired)
 
 
 class ImportReply(PreloadResult):
@@ -54,6 +55,7 @@ class RunRequest(_Run, total=False):
     """Fork a child that runs one job; its reply carries the same id."""
 
     cwd: str  # the session's folder: first on the child's sys.path, as for a worker the session started
+    umask: int  # the session's umask (a daemon's child takes it)
 
 
 class ImportRequest(TypedDict, total=False):

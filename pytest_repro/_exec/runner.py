@@ -14,21 +14,21 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from ..context import RunSpec
 from ..seeding import determinism_env
-from .child import ERROR_FILE, IMPORTS_FILE, LOG_FILE, RECORD_DIR
+from .child import IMPORTS_FILE
 from .daemon import IDLE_DEFAULT, DaemonUnavailable
+from .daemon import stop as stop_daemon
+from .outcome import RunOutcome, outcome
 from .pool import (
     GRACE,
     WORKER_START_TIMEOUT,
+    DaemonStale,
     Spawned,
     Worker,
     finish_spawned,
@@ -68,25 +68,6 @@ STARTUP_ENV = (
     "CUBLAS_WORKSPACE_CONFIG",
     "TOKENIZERS_PARALLELISM",
 )
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """How one run ended: ok, error (the job raised), timeout, or crashed."""
-
-    status: str
-    wall_s: float
-    workdir: Path
-    detail: str = ""
-    log_tail: str = ""
-    stage: str = ""  # where an error happened: setup, import, job, record
-    orphans: int = 0  # processes the job left behind (killed when the run ended)
-    config_audit: dict[str, Any] | None = None  # a failed job's config reads when it failed (the child's audit)
-
-    @property
-    def record_dir(self) -> Path:
-        """Where the child wrote its record."""
-        return self.workdir / RECORD_DIR
 
 
 def parallel_runs(
@@ -200,6 +181,9 @@ class Runner:
                     "itself (slower). Fix: make the package importable in this environment, or remove it from "
                     "the pytest cache entry repro/preload (`pytest --cache-clear`)"
                 )
+        if worker.tainted and worker.daemon is not None:
+            with contextlib.suppress(EOFError, OSError):
+                worker.retire()  # unsafe for every session: the next one starts a daemon without the culprit
         if worker.tainted and (not worker.culprit or worker.culprit in self.preload):
             self._drop(worker)  # a module every worker needs: forking cannot work in this environment
             self.isolation = "spawn"
@@ -234,7 +218,11 @@ class Runner:
         key = (sys.executable, tuple((k, env.get(k)) for k in STARTUP_ENV), self.preload)
         if self.daemon_folder is not None:
             try:
-                worker = warm_worker(key, env, self.preload, self.daemon_folder, self.idle)
+                try:
+                    worker = warm_worker(key, env, self.preload, self.daemon_folder, self.idle)
+                except DaemonStale as stale:  # it has retired: the next one starts with the new code
+                    self.lines.append(f"{stale}; a new one was started")
+                    worker = warm_worker(key, env, self.preload, self.daemon_folder, self.idle)
             except (DaemonUnavailable, OSError) as exc:
                 self.daemon_folder = None
                 self.lines.append(
@@ -336,7 +324,7 @@ class Runner:
                 if reply.get("status") == "unforkable":
                     spawn_later.append(index)
                     continue
-                outcomes[index] = self._outcome(reply, Path(specs[index].workdir), timeout)
+                outcomes[index] = outcome(reply, Path(specs[index].workdir), timeout)
                 if outcomes[index].status == "ok":
                     self._learn_from(specs[index])
                 else:
@@ -344,10 +332,15 @@ class Runner:
         except (EOFError, TimeoutError, OSError) as exc:
             self._drop(worker)
             if worker.daemon is not None and self.daemon_folder is not None:
+                for rid, reply in worker.drain(list(in_flight)).items():  # what it said before it went away counts
+                    index = in_flight.pop(rid)[0]
+                    outcomes[index] = outcome(reply, Path(specs[index].workdir), timeout)
+                if isinstance(exc, TimeoutError):  # alive but not answering: its runs must not write on
+                    stop_daemon(worker.daemon.place, {"pid": worker.pid, "key": worker.daemon.place.key})
                 return self._after_daemon_died(worker, exc, specs, outcomes, timeout, hash_seed, parallel)
             died: RunReply = {"status": "worker-died", "detail": str(exc), "log": read_tail(worker.log_path)}
             for index, _ in in_flight.values():
-                outcomes[index] = self._outcome(died, Path(specs[index].workdir), timeout)
+                outcomes[index] = outcome(died, Path(specs[index].workdir), timeout)
         else:
             self._review(worker)
         for index in spawn_later:
@@ -398,7 +391,7 @@ class Runner:
                     reply = finish_spawned(running[index], now)
                     if reply is not None:
                         del running[index]
-                        outcomes[index] = self._outcome(reply, Path(specs[index].workdir), timeout)
+                        outcomes[index] = outcome(reply, Path(specs[index].workdir), timeout)
                         failed = failed or outcomes[index].status != "ok"
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
@@ -406,44 +399,3 @@ class Runner:
             for run in running.values():  # interrupted: leave nothing behind
                 stop_spawned(run)
         return [outcomes[i] for i in sorted(outcomes)]
-
-    @staticmethod
-    def _outcome(reply: RunReply, workdir: Path, timeout: float) -> RunOutcome:
-        outcome = Runner._classify(reply, workdir, timeout)
-        orphans = int(reply.get("orphans") or 0)
-        return replace(outcome, orphans=orphans) if orphans else outcome
-
-    @staticmethod
-    def _classify(reply: RunReply, workdir: Path, timeout: float) -> RunOutcome:
-        wall = float(reply.get("wall_s", 0.0))
-        tail = read_tail(workdir / LOG_FILE)
-        status = reply.get("status")
-        if status == "timeout":
-            return RunOutcome("timeout", wall, workdir, f"killed after {timeout:g} s without finishing", tail)
-        if status == "worker-died":
-            return RunOutcome(
-                "crashed", wall, workdir, f"the fork worker failed: {reply.get('detail')}", reply.get("log", "") or tail
-            )
-        error_file = workdir / ERROR_FILE
-        if error_file.exists():
-            stage, audit = "job", None
-            try:
-                err = json.loads(error_file.read_text(encoding="utf-8"))
-                detail = str(err["traceback"])
-                stage = str(err.get("stage", "job"))
-                audit = err.get("config_audit") if isinstance(err.get("config_audit"), dict) else None
-            except (OSError, ValueError, KeyError, TypeError):
-                detail = "the job raised, and its error report is unreadable"
-            return RunOutcome("error", wall, workdir, detail, tail, stage=stage, config_audit=audit)
-        if status == "signaled":
-            name = signal.Signals(int(reply["signal"])).name
-            return RunOutcome("crashed", wall, workdir, f"the job process was killed by {name}", tail)
-        if reply.get("returncode") != 0 or not (workdir / RECORD_DIR).is_dir():
-            return RunOutcome(
-                "crashed",
-                wall,
-                workdir,
-                f"the job process exited with code {reply.get('returncode')} and wrote no record",
-                tail,
-            )
-        return RunOutcome("ok", wall, workdir, "", tail)
