@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -94,22 +93,6 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def import_in_background(name: str) -> None:
-    """Start importing an installed module in a daemon thread (a failure there is left to the real import)."""
-    import importlib
-    import importlib.util
-    import threading
-
-    if name in sys.modules or importlib.util.find_spec(name) is None:
-        return
-
-    def run() -> None:
-        with contextlib.suppress(BaseException):
-            importlib.import_module(name)
-
-    threading.Thread(target=run, name=f"pytest-repro import {name}", daemon=True).start()
-
-
 class ReproSession:
     """Session-wide state: the runner (warm workers), the outcomes, and a scratch folder."""
 
@@ -159,10 +142,6 @@ class ReproSession:
                 except OSError as exc:  # e.g. a read-only checkout
                     self.notes.append(f"no worker daemon: pytest's cache folder is not writable ({exc})")
         self.runner.warm_up(self.settings.deterministic, self.settings.base_seed)
-        if self.runner.found_warm():
-            # The runs need no imports now, but comparing their tensors here needs torch (~1.5 s): import it
-            # while pytest collects and the first runs go, on cores the warm daemon leaves free.
-            import_in_background("torch")
 
     def worker_lines(self) -> None:
         """Add the runner's lines about the worker daemon to the session's notes."""

@@ -56,6 +56,17 @@ _DTYPES = {
     "F8_E8M0": "float8_e8m0fnu",
     "C64": "complex64",
 }
+# bytes per element of each safetensors dtype (known without importing torch)
+_ITEMSIZE = {code: 1 for code in ("I8", "U8", "BOOL", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0")}
+_ITEMSIZE.update({"F16": 2, "BF16": 2, "I16": 2, "U16": 2, "F32": 4, "I32": 4, "U32": 4})
+_ITEMSIZE.update({"F64": 8, "I64": 8, "U64": 8, "C64": 8})
+# floating dtypes whose non-finite elements numpy finds from the bytes: numpy type, or (uint type, exponent mask)
+_NUMPY_FLOAT = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "C64": "<c8", "BF16": "<u2"}
+_BF16_EXPONENT = 0x7F80  # all exponent bits of a bfloat16 set: inf or NaN
+_FLOATING = {"F64", "F32", "F16", "BF16", "C64", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0"}
+_SAME_BYTES_CHUNK = 1 << 22
+# dtypes every torch this package supports has; the others (newer) are checked against this torch when loaded
+_ALWAYS = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "C64"}
 _MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 
@@ -161,11 +172,7 @@ class TensorFile:
                 ok = False
             if not ok:
                 raise bad(f"malformed entry for {name!r}")
-            try:
-                itemsize = _torch_dtype(dtype).itemsize
-            except RecordError as exc:
-                raise CorruptRecordError(self.path, f"{name!r}: {exc}") from None
-            if stop - begin != math.prod(shape) * itemsize:
+            if stop - begin != math.prod(shape) * _ITEMSIZE[dtype]:
                 raise bad(f"{name!r}: {stop - begin} bytes for shape {list(shape)} of {dtype}")
             entries[name] = (dtype, shape, data + begin)
             spans.append((begin, stop))
@@ -220,10 +227,79 @@ class StoredTensor:
     def __init__(self, file: TensorFile, name: str) -> None:
         dtype, shape, offset = file.entries[name]
         self.name = name
-        self.dtype = _torch_dtype(dtype)
+        self.dtype_code = dtype  # the safetensors name: comparing and checking bytes needs no torch
         self.shape = shape
         self._file = file
         self._offset = offset
+        self._dtype: torch.dtype | None = None
+        if dtype not in _ALWAYS:
+            try:
+                self._dtype = _torch_dtype(dtype)  # at load, if this torch lacks it
+            except RecordError as exc:
+                raise RecordError(f"{name!r}: {exc}") from None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (torch is imported on first use: a passing bitwise check never needs it)."""
+        if self._dtype is None:
+            self._dtype = _torch_dtype(self.dtype_code)
+        return self._dtype
+
+    @property
+    def floating(self) -> bool:
+        """Whether it holds floating or complex numbers (where NaN and inf can be)."""
+        return self.dtype_code in _FLOATING
+
+    def _raw(self, start: int, nbytes: int, buf: bytearray) -> memoryview:
+        view = memoryview(buf)[:nbytes]
+        self._file.read_into(self._offset + start, view)
+        return view
+
+    def same_bytes(self, other: StoredTensor) -> bool:
+        """Whether both hold the same dtype, shape and bytes (bitwise equal), read in bounded chunks."""
+        if (self.dtype_code, self.shape) != (other.dtype_code, other.shape):
+            return False
+        total = self.numel() * _ITEMSIZE[self.dtype_code]
+        if not total or (self._file is other._file and self._offset == other._offset):
+            return True
+        size = min(total, _SAME_BYTES_CHUNK)
+        a, b = bytearray(size), bytearray(size)
+        for start in range(0, total, size):
+            n = min(size, total - start)
+            if self._raw(start, n, a) != other._raw(start, n, b):
+                return False
+        return True
+
+    def non_finite(self) -> tuple[int, int, complex] | None:
+        """(count, first flat index, its value) of NaN/inf elements from the bytes, with numpy; None: ask torch."""
+        kind = _NUMPY_FLOAT.get(self.dtype_code)
+        if kind is None:
+            return None
+        import numpy
+
+        size = _ITEMSIZE[self.dtype_code]
+        numel, chunk = self.numel(), max(1, _SAME_BYTES_CHUNK // size)
+        buf = bytearray(min(numel, chunk) * size)
+        count, first, value, start = 0, -1, 0j, 0
+        while start < numel:
+            m = min(chunk, numel - start)
+            view = self._raw(start * size, m * size, buf)
+            if self.dtype_code == "BF16":
+                bad = (numpy.frombuffer(view, dtype=kind) & _BF16_EXPONENT) == _BF16_EXPONENT
+            else:
+                bad = ~numpy.isfinite(numpy.frombuffer(view, dtype=kind))
+            n = int(bad.sum())
+            if n and first < 0:
+                at = int(bad.argmax())
+                first = start + at
+                if self.dtype_code == "BF16":  # the top half of a float32
+                    word = int(numpy.frombuffer(view, dtype=kind)[at])
+                    value = complex(numpy.frombuffer((word << 16).to_bytes(4, "little"), dtype="<f4")[0])
+                else:
+                    value = complex(numpy.frombuffer(view, dtype=kind)[at])
+            count += n
+            start += m
+        return count, first, value
 
     @property
     def file(self) -> TensorFile:
@@ -240,7 +316,7 @@ class StoredTensor:
 
     def element_size(self) -> int:
         """Return the bytes per element."""
-        return int(self.dtype.itemsize)
+        return _ITEMSIZE[self.dtype_code]
 
     def read(self, start: int, count: int) -> torch.Tensor:
         """Return flat elements ``start .. start+count`` as a new 1-D tensor."""
@@ -271,7 +347,7 @@ class StoredTensor:
         return self.read(0, self.numel()).reshape(self.shape)
 
     def __repr__(self) -> str:
-        return f"StoredTensor({self.name!r}, shape={list(self.shape)}, dtype={self.dtype}, file={self._file.path})"
+        return f"StoredTensor({self.name!r}, shape={list(self.shape)}, dtype={self.dtype_code}, file={self._file.path})"
 
 
 TensorLike = Union["torch.Tensor", StoredTensor]

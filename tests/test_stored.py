@@ -295,10 +295,11 @@ def test_a_tensor_file_that_cannot_be_opened_is_an_os_error_not_corruption(
 def test_a_dtype_this_torch_lacks_is_a_clear_corrupt_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pytest_repro import tensorfile as tensorfile_module
 
-    save_record(Record(weights={"w": torch.ones(2, dtype=torch.uint8)}), tmp_path)
-    monkeypatch.setitem(tensorfile_module._DTYPES, "U8", "uint8_from_the_future")
+    # float8 (and unsigned 16-64 bit) dtypes are newer than some supported torch releases: checked at load
+    save_record(Record(weights={"w": torch.ones(2).to(torch.float8_e5m2)}), tmp_path)
+    monkeypatch.setitem(tensorfile_module._DTYPES, "F8_E5M2", "float8_from_the_future")
     with pytest.raises(
-        CorruptRecordError, match=r"'w': holds dtype uint8_from_the_future \(safetensors U8\), which torch"
+        CorruptRecordError, match=r"'w': holds dtype float8_from_the_future \(safetensors F8_E5M2\), which torch"
     ):
         load_record(tmp_path)
 

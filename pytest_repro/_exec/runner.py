@@ -266,10 +266,6 @@ class Runner:
         if self.isolation == "fork":
             self.daemon_folder, self.idle = folder, idle
 
-    def found_warm(self) -> bool:
-        """Whether warm_up connected to a daemon that was already running (its imports are done)."""
-        return self._warm is not None and self._warm.daemon is not None and not self._warm.daemon.started
-
     def warm_up(self, deterministic: bool, hash_seed: int) -> None:
         """Start a worker early (and send it what is wanted) so that its imports overlap with collection."""
         if self.isolation == "fork":

@@ -42,8 +42,6 @@ def find_non_finite(record: Record, allowed: Callable[[str, str | None], bool]) 
 
 
 def _non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> list[NonFinite]:
-    import torch
-
     found: list[NonFinite] = []
     bad = [i for i, v in enumerate(record.losses) if not math.isfinite(v)]
     if bad and not allowed("losses", None):
@@ -58,23 +56,25 @@ def _non_finite(record: Record, allowed: Callable[[str, str | None], bool]) -> l
     for section in TENSOR_SECTIONS:
         tensors: Mapping[str, TensorLike] = getattr(record, section)
         for key, t in tensors.items():
-            if not (t.dtype.is_floating_point or t.dtype.is_complex) or allowed(section, key):
+            floating = t.floating if isinstance(t, StoredTensor) else (t.dtype.is_floating_point or t.dtype.is_complex)
+            if not floating or allowed(section, key):
                 continue
-            count, first = _count_non_finite(t)
+            fast = t.non_finite() if isinstance(t, StoredTensor) else None  # from the bytes: no torch needed
+            count, first, value = fast if fast is not None else _count_non_finite(t)
             if not count:
                 continue
             index = tuple(int(i) for i in _unravel(first, tuple(t.shape)))
-            item = t.read(first, 1)[0] if isinstance(t, StoredTensor) else t.reshape(-1)[first]
-            value = complex(item) if t.dtype.is_complex else float(item.to(torch.float64))
-            found.append(NonFinite(section, key, count, f"at index {index}", value))  # type: ignore[arg-type]
+            is_complex = t.dtype_code == "C64" if isinstance(t, StoredTensor) else t.dtype.is_complex
+            number = value if is_complex else value.real
+            found.append(NonFinite(section, key, count, f"at index {index}", number))  # type: ignore[arg-type]
     return found
 
 
 _CHUNK = 1 << 20  # elements checked at a time: isfinite's temporaries stay small for a tensor of any size
 
 
-def _count_non_finite(t: TensorLike) -> tuple[int, int]:
-    """Return how many elements are NaN/inf and the flat index of the first one (chunked, bounded memory)."""
+def _count_non_finite(t: TensorLike) -> tuple[int, int, complex]:
+    """Return how many elements are NaN/inf, the flat index of the first one and its value (chunked, bounded memory)."""
     import torch
 
     count, first, start = 0, -1, 0
@@ -88,7 +88,10 @@ def _count_non_finite(t: TensorLike) -> tuple[int, int]:
             first = start + int(bad.nonzero()[0, 0])
         count += n
         start += chunk.numel()
-    return count, first
+    if count == 0:
+        return 0, -1, 0j
+    item = t.read(first, 1)[0] if isinstance(t, StoredTensor) else t.reshape(-1)[first]
+    return count, first, complex(item) if t.dtype.is_complex else complex(float(item.to(torch.float64)))
 
 
 def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:

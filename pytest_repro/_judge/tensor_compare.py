@@ -218,6 +218,15 @@ def compare_tensor(
     chunk_elements: int | None = None,
 ) -> Difference | None:
     """Compare two tensors under a tolerance, chunk by chunk in bounded memory; return None when they agree."""
+    from ..tensorfile import StoredTensor
+
+    if (
+        tol.kind == "bitwise"
+        and isinstance(expected, StoredTensor)
+        and isinstance(actual, StoredTensor)
+        and expected.same_bytes(actual)
+    ):
+        return None  # same dtype, shape and bytes: bitwise equal, decided without torch
     import numpy
     import torch
 
@@ -337,6 +346,10 @@ def compare_tensor(
 
 def max_abs_diff(expected: TensorLike, actual: TensorLike, chunk_elements: int | None = None) -> float:
     """Return max |actual - expected| (float64, complex modulus), NaN if any difference is NaN; chunked."""
+    from ..tensorfile import StoredTensor
+
+    if isinstance(expected, StoredTensor) and isinstance(actual, StoredTensor) and expected.same_bytes(actual):
+        return 0.0  # equal bits count as no difference (as below), decided without torch
     import numpy
 
     expected, actual = _plain(expected), _plain(actual)
