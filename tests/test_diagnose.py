@@ -329,6 +329,10 @@ def test_trace_holds_top_level_inputs_losses_then_parameters(tmp_path: Path) -> 
         (0, "loss", "loss"),
         (0, "module", "(MSELoss)"),  # not part of the model: named by its class
         (0, "loss", "backward"),
+        (0, "grad_out", "(model)"),  # the gradient into each module's output, in backward order
+        (0, "grad_out", "inner.1"),
+        (0, "grad_out", "inner"),
+        (0, "grad_out", "inner.0"),
         (0, "value", "inner.0.weight"),
         (0, "grad", "inner.0.weight"),
         (0, "value", "inner.0.bias"),
@@ -353,4 +357,8 @@ def test_loss_backward_on_the_output_loss_is_recorded_once(tmp_path: Path) -> No
         ("module", "body"),
         ("module", "(model)"),
         ("loss", "loss"),
+        ("grad_out", "body.2"),  # the gradient into each module's output, in backward order
+        ("grad_out", "body"),  # (the same tensor as its last child's)
+        ("grad_out", "body.1"),
+        ("grad_out", "body.0"),
     ]

@@ -63,7 +63,7 @@ def op_mode(tracer: Any, step: int) -> Any:
                 "step": step,
                 "kind": "op",
                 "name": str(func),
-                "module": tracer.module_stack[-1] if tracer.module_stack else "",
+                "module": tracer.module_stack[-1] if tracer.module_stack else tracer.backward_module,
                 "where": _where(),
                 "sha256": _digest((out,), {}) or "",
                 "in": inputs or "",

@@ -67,6 +67,7 @@ class StepTracer:
         self._forward_names: dict[type, tuple[str, ...]] = {}
         self._last_loss: weakref.ref[Any] | None = None
         self._module_names: dict[int, str] = {}
+        self.backward_module = ""  # the module whose backward runs now (its output's gradient was just computed)
 
     def install(self) -> StepTracer:
         """Wrap ``Module.__call__`` and ``torch.autograd.backward`` and register the optimizer-step hook."""
@@ -102,6 +103,8 @@ class StepTracer:
                     self.module_stack.pop()
             if recording:
                 self._on_module(module, inputs, output)
+                if self.digest_steps is None:
+                    self._watch_gradient(module, output)
             if top and self.digest_steps is None:
                 self._on_model_output(output)
             return output
@@ -195,6 +198,30 @@ class StepTracer:
         entry = {"step": self._step(), "name": name, "kind": "module", "sha256": out, "key": key}
         self.entries.append({**entry, "in": f"{args}:{own}", "args": args, "own": own})
 
+    def _watch_gradient(self, module: Any, output: Any) -> None:
+        """Hash the gradient that flows back into the module's output tensors (backward order: last module first)."""
+        import torch
+
+        found: list[tuple[str, Any]] = []
+        _find_tensors("output", output, found, 0)
+        outputs = [t for _, t in found if isinstance(t, torch.Tensor) and t.requires_grad and t.grad_fn is not None]
+        if not outputs or len(self.entries) >= MAX_MODULE_ENTRIES:
+            return
+        name, step = self._name_of(module), self._step()
+
+        def hook(grad: Any) -> None:
+            digest = _digest((grad,), {})
+            if digest is not None and len(self.entries) < MAX_MODULE_ENTRIES:
+                key = f"{len(self.entries)}/{step}/{name}/grad_out"
+                self.entries.append({"step": step, "name": name, "kind": "grad_out", "sha256": digest, "key": key})
+            self.backward_module = name  # the ops that follow compute this module's backward
+
+        for tensor in outputs[:MAX_INPUT_TENSORS]:
+            try:
+                tensor.register_hook(hook)  # type: ignore[no-untyped-call]
+            except RuntimeError:  # e.g. a tensor that will not get a gradient after all
+                continue
+
     def _roots(self) -> list[Any]:
         return [m for m in (r() for r in self._modules) if m is not None]
 
@@ -226,6 +253,7 @@ class StepTracer:
         return {id(p): name for name, p in root.named_parameters()}
 
     def _on_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.backward_module = ""
         step = self._offset + self._steps.get(id(optimizer), 0)
         self._steps[id(optimizer)] = self._steps.get(id(optimizer), 0) + 1
         if self.digest_steps is not None:  # the parameters at initialisation, by digest

@@ -23,7 +23,7 @@ class FirstDivergence:
 
     step: int
     name: str
-    kind: str  # "input", "module" (a module's output), "loss", "value" (a parameter before the step) or "grad"
+    kind: str  # "input", "module" (a module's output), "loss", "backward", "value" (before the step) or "grad"
     detail: str  # value/grad: element-level figures when both tensors were kept; input/loss: what differs
     context: str = ""  # input/loss: what was identical
     same_path: bool = True  # False when the runs recorded different entries here
@@ -40,6 +40,17 @@ class FirstDivergence:
                 f"module `{self.name}` output at step {self.step} differs while its inputs matched: this module "
                 "computes nondeterministically or draws unseeded randomness (seed what it draws from ctx.seed, or "
                 "find its nondeterministic op with torch.use_deterministic_algorithms(True))"
+            )
+        if self.kind == "backward" and self.same_path:
+            culprit = f"module `{self.context}`" if self.context else "the loss computation"
+            matched = (
+                f"the gradient at module `{self.context}`'s output matched" if self.context else "the loss matched"
+            )
+            return (
+                f"every module's output and the loss at step {self.step} matched, but the gradient flowing back into "
+                f"module `{self.name}`'s output differs while {matched}: the backward of {culprit} is "
+                "nondeterministic (find its op with --repro-diagnose's op trace below, or "
+                "torch.use_deterministic_algorithms(True))"
             )
         if self.kind == "loss" and self.same_path:
             where = "the forward pass" if self.name == "loss" else "the forward pass or the loss computation"
@@ -81,11 +92,21 @@ def first_divergence(run_a: Path, run_b: Path) -> FirstDivergence | None:
     trace_a, trace_b = (_without_ops(run) for run in (run_a, run_b))
     tensors = _Tensors(run_a, run_b)
     modules = True  # module outputs decide until the first that differs (leaves complete before their parents)
+    last_matched = last_digest = ""  # the module whose output's gradient matched last: its backward comes next
     for i, (a, b) in enumerate(zip(trace_a, trace_b, strict=False)):
         if (a["step"], a["name"], a["kind"]) != (b["step"], b["name"], b["kind"]):
             return FirstDivergence(
                 a["step"], a["name"], a["kind"], " (the runs took different paths here)", same_path=False
             )
+        if a["kind"] == "grad_out":
+            if a["sha256"] == b["sha256"]:
+                if a["sha256"] != last_digest:  # the same gradient again is a parent sharing its last child's output
+                    last_matched, last_digest = a["name"], a["sha256"]
+                continue
+            if modules:  # the forward matched: the backward of what consumed this output made the difference
+                return FirstDivergence(a["step"], a["name"], "backward", "", context=last_matched)
+            continue
+        last_matched = last_digest = ""  # a new backward starts from the loss
         if a["sha256"] == b["sha256"]:
             continue
         if a["kind"] == "module":
