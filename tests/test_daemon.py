@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -77,16 +78,24 @@ def _run(project: Path, *args: str, env: dict[str, str] | None = None) -> subpro
     )
 
 
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project with two reproducible tests and their references (written once, without a daemon)."""
+    path = tmp_path_factory.mktemp("daemon-template")
+    (path / "userjobs.py").write_text(USER_JOBS)
+    (path / "pytest.ini").write_text("[pytest]\nrepro_timeout = 120\n")
+    (path / "test_a.py").write_text(TEST.replace("**CONFIG", ""))
+    proc = _run(path, "--repro", "--repro-regen", "--repro-worker=session", "-q", "-p", "no:cacheprovider")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return path
+
+
 @pytest.fixture
-def project(heavy_modules: None, pytester: pytest.Pytester) -> Iterator[Path]:
-    """A project with two reproducible tests and their references (written without a daemon)."""
-    pytester.makepyfile(userjobs=USER_JOBS)
-    pytester.makeini("[pytest]\nrepro_timeout = 120\n")
-    pytester.makepyfile(test_a=TEST.replace("**CONFIG", ""))
-    path = pytester.path
+def project(template: Path, tmp_path: Path) -> Iterator[Path]:
+    """A copy of the template project of its own; every daemon started in it is stopped afterwards."""
+    path = tmp_path / "p"
+    shutil.copytree(template, path)
     try:
-        proc = _run(path, "--repro", "--repro-regen", "--repro-worker=session", "-q")
-        assert proc.returncode == 0, proc.stdout + proc.stderr
         yield path
     finally:
         for place, state, _ in daemons(_folder(path)):
