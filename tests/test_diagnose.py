@@ -278,9 +278,10 @@ def test_a_nondeterministic_backward_names_its_module_not_the_first_gradient(tmp
     # The forward of every step matches; the backward of module `2` at step 2 does not.
     assert _twice(tmp_path / "modules", _backward_run) == (
         "every module's output and the loss at step 2 matched, but the gradient flowing back into module `1`'s "
-        "output differs while the gradient at module `2`'s output matched: the backward of module `2` is "
-        "nondeterministic (find its op with --repro-diagnose's op trace below, or "
-        "torch.use_deterministic_algorithms(True))"
+        "output differs while the gradient at module `2`'s output matched: the nondeterministic backward lies "
+        "between them: module `2`'s own backward, or code outside modules in the model (e.g. an attention or "
+        "scatter kernel called as a function) (the op trace below names the op; "
+        "torch.use_deterministic_algorithms(True) replaces or refuses it)"
     )
     a, b = tmp_path / "a", tmp_path / "b"
     for folder in (a, b):
@@ -362,3 +363,11 @@ def test_loss_backward_on_the_output_loss_is_recorded_once(tmp_path: Path) -> No
         ("grad_out", "body.1"),
         ("grad_out", "body.0"),
     ]
+
+
+def test_the_span_of_a_backward_difference_names_the_common_parent() -> None:
+    from pytest_repro._judge.diagnose import _common_parent
+
+    assert _common_parent("layers.0.mlp.up_proj", "layers.0.mlp.act") == "module `layers.0.mlp`"
+    assert _common_parent("body", "body.1") == "module `body`"
+    assert _common_parent("1", "2") == "the model"

@@ -55,8 +55,9 @@ def test_same_bytes_is_bitwise_equality(
     bitwise = t.shape == other.shape and torch.equal(t.view(-1).view(torch.uint8), other.view(-1).view(torch.uint8))
     assert a.same_bytes(b) is bitwise
     assert (compare_tensor("weights", "t", a, b, BITWISE) is None) is bitwise
-    if bitwise:
-        assert max_abs_diff(a, b) == 0.0
+    if bitwise:  # the figure is the one the torch path gives (a stored tensor against a tensor in memory)
+        fast, slow = max_abs_diff(a, b), max_abs_diff(a, other)
+        assert fast == slow or (math.isnan(fast) and math.isnan(slow))
 
 
 @settings(max_examples=150, deadline=None)

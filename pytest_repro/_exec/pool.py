@@ -288,7 +288,10 @@ def warm_worker(
         if worker.daemon is not None and not worker.daemon.started:
             try:
                 worker.wait_ready()
-            except (EOFError, TimeoutError, OSError, ValueError) as exc:
+            except EOFError:  # it closed the connection: it was retiring, ending idle, or died (a retry starts anew)
+                worker.close()
+                raise DaemonStale(f"the worker daemon pid {worker.pid} closed the connection before greeting") from None
+            except (TimeoutError, OSError, ValueError) as exc:
                 worker.close()
                 why = f"the worker daemon pid {worker.pid} did not greet this session ({exc})"
                 raise DaemonUnavailable(why) from None

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..context import RunSpec
 from ..seeding import determinism_env
 from .child import IMPORTS_FILE
-from .daemon import IDLE_DEFAULT, DaemonUnavailable
+from .daemon import IDLE_DEFAULT, DaemonUnavailable, read_state
 from .daemon import stop as stop_daemon
 from .outcome import RunOutcome, outcome
 from .pool import (
@@ -326,14 +326,16 @@ class Runner:
                 else:
                     failed = True
         except (EOFError, TimeoutError, OSError) as exc:
-            self._drop(worker)
             if worker.daemon is not None and self.daemon_folder is not None:
                 for rid, reply in worker.drain(list(in_flight)).items():  # what it said before it went away counts
                     index = in_flight.pop(rid)[0]
                     outcomes[index] = outcome(reply, Path(specs[index].workdir), timeout)
+                self._drop(worker)
                 if isinstance(exc, TimeoutError):  # alive but not answering: its runs must not write on
-                    stop_daemon(worker.daemon.place, {"pid": worker.pid, "key": worker.daemon.place.key})
+                    place = worker.daemon.place
+                    stop_daemon(place, read_state(place.state) or {"pid": worker.pid, "key": place.key})
                 return self._after_daemon_died(worker, exc, specs, outcomes, timeout, hash_seed, parallel)
+            self._drop(worker)
             died: RunReply = {"status": "worker-died", "detail": str(exc), "log": read_tail(worker.log_path)}
             for index, _ in in_flight.values():
                 outcomes[index] = outcome(died, Path(specs[index].workdir), timeout)

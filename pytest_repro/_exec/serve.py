@@ -188,6 +188,7 @@ class Server:
         """Fork a child for one run request (the child never returns); or say why forking is unsafe."""
         rid = int(request.get("id", 0))
         spec = RunSpec.from_dict(request["spec"])
+        timeout = float(request["timeout"])  # before forking: a bad request must not leave a child behind
         # A daemon imports only what sessions ask for (third-party packages); a job's own preload list may
         # name the user's code, which must not outlive the session: the run imports it itself.
         errors = preload(spec.job.preload)["errors"] if self.files is None else {}
@@ -218,7 +219,7 @@ class Server:
         pidfd = None
         with contextlib.suppress(OSError, AttributeError):
             pidfd = os.pidfd_open(pid)  # readable when the child exits: no polling
-        deadline = time.monotonic() + float(request["timeout"])
+        deadline = time.monotonic() + timeout
         return _Child(rid, pid, conn.rfd, started, deadline, pidfd, errors)
 
     def _as_the_session(self, request: dict[str, Any]) -> None:
@@ -269,15 +270,31 @@ class Server:
         """A request the worker could not carry out: the session still gets an answer (a run: spawn it instead)."""
         log(f"a {request.get('op', 'run')} request failed: {type(exc).__name__}: {exc}")
         if request.get("op", "run") == "run":
-            conn.send({"id": int(request.get("id", 0)), "status": "unforkable", "detail": f"the worker failed: {exc}"})
+            rid = request.get("id")
+            if not isinstance(rid, int):
+                self._drop_conn(conn)  # no id to answer to: not a session of ours
+                return
+            conn.send({"id": rid, "status": "unforkable", "detail": f"the worker failed: {exc}"})
         elif request.get("op") == "import":
             conn.send({"op": "import", "errors": {}, "missing": [], "tainted": "", "culprit": ""})
 
     def retire(self, why: str) -> None:
-        """Take no new sessions (a newer daemon replaces this one); end once the last session leaves."""
+        """Take no new sessions (a newer daemon replaces this one); end once the last session leaves.
+
+        Sessions already waiting in the backlog are greeted with "do not use me" (they start a new daemon).
+        """
         if self.listener is not None and self.files is not None:
             log(f"retired ({why}): no new sessions; ending when the last one leaves")
             with self.files.locked():
+                while select.select([self.listener], [], [], 0)[0]:
+                    try:
+                        sock, _ = self.listener.accept()
+                    except OSError:
+                        break
+                    with sock:
+                        sock.settimeout(SEND_TIMEOUT)
+                        with contextlib.suppress(OSError):
+                            sock.sendall(encode(self.ready(f"the daemon retired: {why}")).encode())
                 self.listener.close()
                 self.listener = None
                 self.files.remove()

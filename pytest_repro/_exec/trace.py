@@ -68,6 +68,7 @@ class StepTracer:
         self._last_loss: weakref.ref[Any] | None = None
         self._module_names: dict[int, str] = {}
         self.backward_module = ""  # the module whose backward runs now (its output's gradient was just computed)
+        self._last_grad: str | None = None
 
     def install(self) -> StepTracer:
         """Wrap ``Module.__call__`` and ``torch.autograd.backward`` and register the optimizer-step hook."""
@@ -85,6 +86,7 @@ class StepTracer:
                 return module_call(module, *args, **kwargs)
             top = self._depth == 0 and next(module.parameters(), None) is not None
             if top:
+                self.backward_module = ""  # a new forward: ops outside modules belong to no module's backward
                 self._on_model_inputs(module, args, kwargs)
             recording = self.digest_steps is None or (
                 self._step() < self.digest_steps and len(self.entries) < MAX_DIGEST_ENTRIES
@@ -113,6 +115,7 @@ class StepTracer:
             if self._in_backward or get_ident() != self._thread or compiling() or self.digest_steps is not None:
                 return backward(tensors, *args, **kwargs)
             self._in_backward = True  # a backward inside backward (reentrant checkpointing) is not a loss
+            self.backward_module, self._last_grad = "", None
             try:
                 self._on_backward(tensors)
                 return backward(tensors, *args, **kwargs)
@@ -214,7 +217,8 @@ class StepTracer:
             if digest is not None and len(self.entries) < MAX_MODULE_ENTRIES:
                 key = f"{len(self.entries)}/{step}/{name}/grad_out"
                 self.entries.append({"step": step, "name": name, "kind": "grad_out", "sha256": digest, "key": key})
-            self.backward_module = name  # the ops that follow compute this module's backward
+            if digest != self._last_grad:  # a parent sharing its last child's output: the child's backward runs next
+                self.backward_module, self._last_grad = name, digest
 
         for tensor in outputs[:MAX_INPUT_TENSORS]:
             try:

@@ -42,15 +42,19 @@ class FirstDivergence:
                 "find its nondeterministic op with torch.use_deterministic_algorithms(True))"
             )
         if self.kind == "backward" and self.same_path:
-            culprit = f"module `{self.context}`" if self.context else "the loss computation"
-            matched = (
-                f"the gradient at module `{self.context}`'s output matched" if self.context else "the loss matched"
-            )
+            if not self.context:
+                where = "the backward of the loss computation (or of code after the last module) is nondeterministic"
+            else:
+                parent = _common_parent(self.name, self.context)
+                where = (
+                    f"the nondeterministic backward lies between them: module `{self.context}`'s own backward, or "
+                    f"code outside modules in {parent} (e.g. an attention or scatter kernel called as a function)"
+                )
+            matched = f"the gradient at module `{self.context}`'s output" if self.context else "the loss"
             return (
                 f"every module's output and the loss at step {self.step} matched, but the gradient flowing back into "
-                f"module `{self.name}`'s output differs while {matched}: the backward of {culprit} is "
-                "nondeterministic (find its op with --repro-diagnose's op trace below, or "
-                "torch.use_deterministic_algorithms(True))"
+                f"module `{self.name}`'s output differs while {matched} matched: {where} (the op trace below names "
+                "the op; torch.use_deterministic_algorithms(True) replaces or refuses it)"
             )
         if self.kind == "loss" and self.same_path:
             where = "the forward pass" if self.name == "loss" else "the forward pass or the loss computation"
@@ -60,6 +64,16 @@ class FirstDivergence:
             self.kind, "value before the optimizer step"
         )
         return f"first divergence at step {self.step}, `{self.name}` {what}{self.detail}"
+
+
+def _common_parent(a: str, b: str) -> str:
+    """'module `x.y`' for the innermost module holding both dotted names, or 'the model'."""
+    common = []
+    for x, y in zip(a.split("."), b.split("."), strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return f"module `{'.'.join(common)}`" if common else "the model"
 
 
 class _Tensors:
@@ -106,7 +120,8 @@ def first_divergence(run_a: Path, run_b: Path) -> FirstDivergence | None:
             if modules:  # the forward matched: the backward of what consumed this output made the difference
                 return FirstDivergence(a["step"], a["name"], "backward", "", context=last_matched)
             continue
-        last_matched = last_digest = ""  # a new backward starts from the loss
+        if a["kind"] == "loss" or a["step"] != b.get("step"):
+            last_matched = last_digest = ""  # a new backward starts from the loss (not at a recomputed module)
         if a["sha256"] == b["sha256"]:
             continue
         if a["kind"] == "module":

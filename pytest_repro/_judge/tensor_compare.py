@@ -349,7 +349,9 @@ def max_abs_diff(expected: TensorLike, actual: TensorLike, chunk_elements: int |
     from ..tensorfile import StoredTensor
 
     if isinstance(expected, StoredTensor) and isinstance(actual, StoredTensor) and expected.same_bytes(actual):
-        return 0.0  # equal bits count as no difference (as below), decided without torch
+        found = expected.non_finite() if expected.floating else (0, -1, 0j)
+        if found is not None:  # decided without torch: equal bits are no difference, except NaN/inf (as below)
+            return math.nan if found[0] else 0.0
     import numpy
 
     expected, actual = _plain(expected), _plain(actual)
