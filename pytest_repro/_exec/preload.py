@@ -35,6 +35,7 @@ _MAX_DEPTH = 4  # how far imports of user modules are followed
 
 DISTRIBUTIONS_KEY = "repro/distributions"
 _DISTS: frozenset[str] | None = None
+_DISTS_DIGEST = ""  # the packages digest _DISTS was read under ("" when unknown)
 
 
 def _distributions() -> frozenset[str]:
@@ -49,7 +50,7 @@ def _distributions() -> frozenset[str]:
 
 def distributions_cached(cache: Any) -> None:
     """Take the distributions' import names from pytest's cache while the packages are unchanged; else store them."""
-    global _DISTS
+    global _DISTS, _DISTS_DIGEST
     from .daemon_key import packages_digest
 
     digest = packages_digest()
@@ -59,9 +60,11 @@ def distributions_cached(cache: Any) -> None:
         value = None
     names = value.get("names") if isinstance(value, dict) and value.get("digest") == digest else None
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        _DISTS = frozenset(names)
+        _DISTS, _DISTS_DIGEST = frozenset(names), digest
         return
-    _DISTS = None
+    if digest != _DISTS_DIGEST:  # read them again (once per process while the packages stay as they are)
+        _DISTS = None
+    _DISTS_DIGEST = digest
     with contextlib.suppress(Exception):
         cache.set(DISTRIBUTIONS_KEY, {"digest": digest, "names": sorted(_distributions())})
 
