@@ -141,6 +141,11 @@ class ReproSession:
                     self.runner.use_daemon(Path(cache.mkdir(DIR_NAME)), self.settings.worker_idle)
                 except OSError as exc:  # e.g. a read-only checkout
                     self.notes.append(f"no worker daemon: pytest's cache folder is not writable ({exc})")
+        elif self.settings.worker == "daemon":
+            self.notes.append(
+                "no worker daemon: it lives in pytest's cache, which is disabled (-p no:cacheprovider); "
+                "this session used a worker of its own"
+            )
         self.runner.warm_up(self.settings.deterministic, self.settings.base_seed)
 
     def worker_lines(self) -> None:

@@ -336,6 +336,9 @@ def test_an_unsafe_folder_means_no_daemon_and_one_line(project: Path, tmp_path: 
     assert "the worker daemon could not be used" in proc.stdout
     assert "not a folder only this user can open" in proc.stdout
     assert not list(elsewhere.iterdir())
+    nocache = _run(project, "--repro", DAEMON, "-k", "3", "-p", "no:cacheprovider")
+    assert nocache.returncode == 0, nocache.stdout + nocache.stderr
+    assert "no worker daemon: it lives in pytest's cache, which is disabled" in nocache.stdout
 
 
 def test_sources_notice_a_changed_or_removed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
