@@ -141,7 +141,12 @@ class Runs:
             finding = self.locate(seed, stored.digests)
         line = f"Where it starts (this run's first {DIGEST_STEPS} steps against the reference's module digests): "
         before, sep, after = decision.message.partition("\nIf the change is intended")
-        return replace(decision, message=f"{before}\n{line}{finding}{sep}{after}", details=[*decision.details, finding])
+        return replace(
+            decision,
+            message=f"{before}\n{line}{finding}{sep}{after}",
+            details=[*decision.details, finding],
+            origin=finding,
+        )
 
     def keep_spread(self) -> None:
         """Keep how far the check's own runs moved from run 1 (before their files are closed), for the floor."""
@@ -317,7 +322,7 @@ class Runs:
             return decided  # a difference before the checkpoint is not the resume's: nothing to probe
         finding = self._probe_resume(seed, at, ckpt)
         head, _, rest = decided.message.partition("\n")
-        return replace(decided, message=f"{head}\n{finding}\n{rest}", details=[finding])
+        return replace(decided, message=f"{head}\n{finding}\n{rest}", details=[finding], origin=finding)
 
     def _probe_resume(self, seed: int, at: int, ckpt: Path) -> str:
         """Trace the uninterrupted run and a resume from ``ckpt`` again; say what differs at the boundary."""

@@ -77,7 +77,7 @@ def test_a_one_ulp_change_of_a_parameter_is_located_to_its_module(project: pytes
     ]
     assert len(json.dumps(stored)) < 8000  # a few KB
     project.makepyfile(test_loc=job(nudge=True))
-    result = project.runpytest("--repro", "--repro-report=r.json")
+    result = project.runpytest("--repro", "--repro-report=r.json", "--repro-html=r.html")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -88,8 +88,10 @@ def test_a_one_ulp_change_of_a_parameter_is_located_to_its_module(project: pytes
             "pytest --repro --repro-regen test_loc.py::test_loc",
         ]
     )
-    details = json.loads((project.path / "r.json").read_text())["tests"][0]["details"]
-    assert details[-1].startswith("module `4` output at step 0 differs")
+    test = json.loads((project.path / "r.json").read_text())["tests"][0]
+    assert test["details"][-1].startswith("module `4` output at step 0 differs")
+    assert test["origin"] == test["details"][-1]  # its own field in the JSON report (schema), and in the HTML
+    assert 'data-origin="1">module `4` output at step 0 differs' in (project.path / "r.html").read_text()
 
 
 @pytest.mark.slow

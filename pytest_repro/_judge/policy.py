@@ -43,6 +43,7 @@ class Decision:
     reference_statistical: dict[str, Any] | None = None
     max_abs: dict[str, float] = field(default_factory=dict)
     noise: dict[str, Any] | None = None  # a noise-aware comparison: k, the floor, ratios, resolution
+    origin: str = ""  # where the difference starts (module, op, backward, piece of state), when it was traced
 
 
 @dataclass
@@ -190,11 +191,13 @@ def run_to_run(
         if cmp.ok:
             continue
         head = headline(cmp, f"runs 1 and {k} diverge")
+        origin = ""
         if diagnose is not None:
+            origin = diagnose()
             diagnosis = (
                 "Diagnosis (two more runs, tracing the model's inputs, every module's inputs and output, the loss, "
                 "every parameter and gradient): "
-                f"{diagnose()}\n"
+                f"{origin}\n"
             )
         else:
             diagnosis = (
@@ -210,7 +213,7 @@ def run_to_run(
             deterministic,
             diagnosis,
         )
-        return Decision(Verdict.DIVERGED, head, text, differences=[asdict(d) for d in cmp.differences])
+        return Decision(Verdict.DIVERGED, head, text, differences=[asdict(d) for d in cmp.differences], origin=origin)
     return None
 
 

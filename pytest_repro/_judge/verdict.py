@@ -93,6 +93,7 @@ class CheckOutcome:
     statistical: dict[str, Any] | None = None
     noise: dict[str, Any] | None = None  # noise-aware comparisons: k, the measured floor, ratios, resolution
     calibration: dict[str, Any] | None = None  # --repro-calibrate: the floor per value, resolution, where stored
+    origin: str = ""  # where the difference starts (module, op, backward, piece of state), when it was traced
     effective_config: dict[str, dict[str, Any]] = field(default_factory=dict)  # this run's, with provenance
     test_outcome: str = "failed"  # pytest's outcome of the test, filled in when the test has ended
     message: str = ""  # the full failure text (not in reports: pytest shows it)

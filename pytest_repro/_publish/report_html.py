@@ -170,6 +170,8 @@ def _section(test: Mapping[str, Any]) -> str:
                 f"<td class=num>{_fmt(d.get('max_rel'))}</td></tr>"
             )
         parts.append(f'<table data-table="differences"><tr>{head}</tr>{"".join(rows)}</table>')
+    if test.get("origin"):
+        parts.append(f'<h3>where it starts</h3><p data-origin="1">{html.escape(str(test["origin"]))}</p>')
     for title, lines in (
         ("details", test.get("details")),
         ("environment drift since the reference", test.get("drift")),
