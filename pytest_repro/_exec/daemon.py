@@ -14,7 +14,6 @@ session never sees a half-started daemon; a daemon whose packages or code are ou
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -24,11 +23,12 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .daemon_files import flocked
 from .daemon_key import Identity, identity
 from .protocol import StatusReply, decode, encode
 
@@ -110,14 +110,8 @@ def _write_state(place: Place, state: dict[str, Any]) -> None:
 _SPAWNED: set[int] = set()  # daemons this process started (only those may be reaped here)
 
 
-@contextlib.contextmanager
-def _locked(place: Place) -> Iterator[None]:
-    fd = os.open(place.lock, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def _locked(place: Place) -> contextlib.AbstractContextManager[None]:
+    return flocked(place.lock)
 
 
 def is_daemon(pid: int, key: str | None = None) -> bool:

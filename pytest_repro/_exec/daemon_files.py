@@ -23,6 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+@contextlib.contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created owner-only): the per-key lock of daemons and sessions."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class Files:
     """The daemon's socket, state file and lock (paths given by the session that started it)."""
 
@@ -30,15 +41,9 @@ class Files:
         self.socket, self.state, self.lock = Path(sock), Path(state), Path(lock)
         self.removed = False
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the lock sessions take while they connect (or start a daemon)."""
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        return flocked(self.lock)
 
     def remove(self) -> None:
         """Remove the state file, then the socket (call with the lock), unless a newer daemon owns them."""
