@@ -19,7 +19,6 @@ import json
 import os
 import socket
 import stat
-import struct
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .daemon_files import flocked
+from .daemon_files import flocked, peer_uid
 from .daemon_key import Identity, identity
 from .protocol import StatusReply, decode, encode
 
@@ -142,11 +141,10 @@ def _connect(path: Path, timeout: float = 5.0) -> socket.socket | None:
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         sock.close()
         return None
-    if struct.unpack("3i", creds)[1] != os.getuid():  # the session's environment goes to it: never to another user
+    if peer_uid(sock) != os.getuid():  # the session's environment goes to it: never to another user (or unknown)
         sock.close()
         return None
     sock.settimeout(None)
